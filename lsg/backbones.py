@@ -1,0 +1,266 @@
+"""Backbones: a Hugging Face LLaVA-style model with its processor, behind one object.
+
+`load_backbone(name)` returns a `Backbone` for one of the registered backbones:
+
+- `llava-1.5-7b`: `llava-hf/llava-1.5-7b-hf` from the hub, bf16 (the paper's target).
+- `smol-llava`: the embedded default (SmolLM2-135M-Instruct + a small CLIP tower), see
+  `lsg.embedded`.
+- `tiny-random`: a tiny random LLaVA built in-process in about a second, for unit tests.
+
+All three go through `LlavaForConditionalGeneration`, so every other code path is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from lsg import embedded
+
+IGNORE_INDEX = -100  # labels ignored by the next-token loss (HF convention)
+
+
+@dataclass
+class SinkDims:
+    """Massive-activation dimensions of a backbone (SPEC section 2). Empty = unknown / absent."""
+
+    vit: list[int] = field(default_factory=list)
+    llm: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Backbone:
+    """A loaded LVLM: HF model + processor + what the project needs to know about it.
+
+    Attributes:
+        name: registry name, written into every checkpoint's metadata.
+        model: `LlavaForConditionalGeneration` (frozen by the caller when training gates).
+        processor: the matching `LlavaProcessor`.
+        system_prompt: system turn used by `build_batch` (None = the template's default).
+        padding_side: "left" or "right"; segments and gates are identical under both.
+    """
+
+    name: str
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+    system_prompt: str | None = None
+    padding_side: str = "right"
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_layer(self, layer: int) -> int:
+        """Return `layer` if it is a valid 0-based decoder layer, else raise ValueError."""
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(
+                f"layer={layer!r} is out of range for backbone '{self.name}', which has "
+                f"{self.num_layers} decoder layers: use 0..{self.num_layers - 1}."
+            )
+        return layer
+
+    def prompt_text(self, prompt: str) -> str:
+        """Chat-formatted prompt with the image first and the generation prompt appended."""
+        messages = []
+        if self.system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def build_batch(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        answers: Sequence[str] | None = None,
+        padding_side: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise a batch of (image, prompt[, answer]) into model inputs.
+
+        Args:
+            images: B PIL images, one per prompt.
+            prompts: B user questions without the `<image>` tag (the template places it).
+            answers: optional B answers; appended after the prompt with the end-of-turn
+                token, and the only positions with labels.
+            padding_side: overrides `self.padding_side`.
+
+        Returns:
+            dict with `input_ids (B, T)`, `attention_mask (B, T)`, `pixel_values (B, 3, H, W)`
+            and, with answers, `labels (B, T)` equal to `input_ids` on answer tokens and
+            -100 elsewhere.
+
+        Raises:
+            ValueError: lengths differ or a batch is empty.
+        """
+        if len(images) != len(prompts) or (answers is not None and len(answers) != len(prompts)) or not prompts:
+            raise ValueError(
+                f"build_batch needs one image and one prompt per sample (and one answer if given); "
+                f"got {len(images)} images, {len(prompts)} prompts, {None if answers is None else len(answers)} answers."
+            )
+        side = padding_side or self.padding_side
+        texts = [self.prompt_text(p) for p in prompts]
+        enc = self.processor(images=list(images), text=texts, return_tensors=None, padding=False)
+        prompt_ids = enc["input_ids"]
+        answer_ids = [[] for _ in prompts]
+        if answers is not None:
+            eot = self.tokenizer.eos_token or ""
+            answer_ids = [self.tokenizer(a + eot, add_special_tokens=False)["input_ids"] for a in answers]
+        seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]
+        width = max(len(s) for s in seqs)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        for b, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
+            n = len(p) + len(a)
+            start = width - n if side == "left" else 0
+            input_ids[b, start : start + n] = torch.tensor(p + a)
+            attention_mask[b, start : start + n] = 1
+            labels[b, start + len(p) : start + n] = torch.tensor(a, dtype=torch.long)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.as_tensor(enc["pixel_values"]).to(self.model.dtype),
+        }
+        if answers is not None:
+            batch["labels"] = labels
+        return batch
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int = 16, **kwargs) -> list[str]:
+        """Greedy generation through the KV cache; returns the decoded new text per sample."""
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        new = out[:, batch["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _build_llava_hub(hf_id: str, dtype: str = "bfloat16", attn_implementation: str = "sdpa", **_) -> tuple:
+    processor = LlavaProcessor.from_pretrained(hf_id)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    )
+    return model, processor
+
+
+def _build_smol_llava(dtype: str = "float32", attn_implementation: str = "sdpa", **_) -> tuple:
+    model, processor = embedded.load_embedded(dtype=getattr(torch, dtype))
+    model.set_attn_implementation(attn_implementation)
+    return model, processor
+
+
+TINY_VOCAB = (
+    "<pad> <|im_start|> <|im_end|> <unk> <image> system user assistant \n ( ) . ? : , A B C D E F "
+    "Yes No How many objects are in the image is there a which what colour shape closer to of "
+    "left right above below camera red green blue yellow purple orange white black circle square "
+    "triangle diamond 1 2 3 4 5 6 Options Answer with option's letter from given choices directly"
+).split(" ")
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in-process (no download) for the tiny random backbone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(TINY_VOCAB))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit(),
+         pre_tokenizers.Punctuation()]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>", "<|im_start|>", "<|im_end|>"]})
+    return fast
+
+
+def _build_tiny_random(
+    num_layers: int = 4, hidden_size: int = 64, image_size: int = 32, patch_size: int = 8,
+    attn_implementation: str = "sdpa", seed: int = 0, dtype: str = "float32", **_,
+) -> tuple:
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer()
+    vision = CLIPVisionConfig(
+        image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    model = LlavaForConditionalGeneration(config).to(getattr(torch, dtype))
+    model.set_attn_implementation(attn_implementation)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
+        chat_template=embedded.CHATML_TEMPLATE, num_additional_image_tokens=1,
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+BUILDERS: dict[str, Callable[..., tuple]] = {
+    "llava-1.5-7b": lambda **kw: _build_llava_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
+    "smol-llava": _build_smol_llava,
+    "tiny-random": _build_tiny_random,
+}
+
+
+def load_backbone(name: str, system_prompt: str | None = None, padding_side: str = "right", **kwargs) -> Backbone:
+    """Load a registered backbone by name, in eval mode with every parameter frozen.
+
+    Args:
+        name: one of `BUILDERS` ("llava-1.5-7b", "smol-llava", "tiny-random").
+        system_prompt: system turn for `build_batch` (None = the chat template's default).
+        padding_side: "left" or "right".
+        **kwargs: builder options (dtype, attn_implementation, hf_id, sizes for tiny-random).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones) or bad padding side.
+    """
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(sorted(BUILDERS))}.")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    model, processor = BUILDERS[name](**kwargs)
+    model.eval().requires_grad_(False)
+    return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt, padding_side=padding_side)

@@ -1,0 +1,86 @@
+"""Losses and multiple-choice scoring that compute logits only where they are needed.
+
+The LM head of a 7B LLaVA maps 4096 -> 32K; on a 600-token sequence that is the
+largest tensor of the forward. Training needs logits only at positions that predict
+an answer token, and multiple-choice evaluation only at the last prompt token, so
+both run the decoder without its head and project just those rows (SPEC section 3,
+"next-token loss on answer tokens"; section 6, "score the option letter").
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+import torch.nn.functional as F
+
+from lsg.backbones import IGNORE_INDEX, Backbone
+
+LETTERS = string.ascii_uppercase
+
+
+def _decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states `(B, T, D)` of the LLM (after its final norm), no LM head."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return backbone.model.model(**inputs, use_cache=False).last_hidden_state
+
+
+def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens only (scalar, nats/token).
+
+    Position t predicts token t+1, so the hidden state at t is projected only where
+    `labels[:, t+1] != -100`.
+
+    Raises:
+        ValueError: the batch has no labels or no answer token.
+    """
+    labels = batch.get("labels")
+    if labels is None or not (labels != IGNORE_INDEX).any():
+        raise ValueError("answer_loss needs `labels` with at least one answer token (build_batch(..., answers=...)).")
+    hidden = _decoder_hidden(backbone, batch)
+    target = labels[:, 1:]
+    where = target != IGNORE_INDEX
+    logits = backbone.model.lm_head(hidden[:, :-1][where])  # (N_answer, V)
+    return F.cross_entropy(logits.float(), target[where])
+
+
+def last_prompt_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Index `(B,)` of the last prompt token: just before the first answer token if
+    labels are present, else the last non-padding token (SPEC section 1)."""
+    mask = batch["attention_mask"].bool()
+    if "labels" in batch:
+        is_answer = batch["labels"] != IGNORE_INDEX
+        has = is_answer.any(1)
+        first = torch.where(has, is_answer.float().argmax(1), torch.zeros_like(has, dtype=torch.long))
+        last_real = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
+        return torch.where(has, first - 1, last_real)
+    return mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
+
+
+def option_letter_ids(backbone: Backbone, n_options: int) -> torch.Tensor:
+    """Token ids `(n_options,)` of the letters A, B, ... as the first answer token.
+
+    Raises:
+        ValueError: a letter is not a single token for this tokenizer.
+    """
+    ids = []
+    for letter in LETTERS[:n_options]:
+        tok = backbone.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(tok) != 1:
+            raise ValueError(f"Option letter {letter!r} is {len(tok)} tokens for backbone '{backbone.name}'.")
+        ids.append(tok[0])
+    return torch.tensor(ids)
+
+
+@torch.no_grad()
+def option_scores(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: int) -> torch.Tensor:
+    """Logits `(B, n_options)` of the option letters at the last prompt token.
+
+    The prediction is their argmax: a closed-set reading of the first answer token,
+    as lm-evaluation-harness scores multiple choice.
+    """
+    hidden = _decoder_hidden(backbone, batch)
+    pos = last_prompt_positions(batch).to(hidden.device)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
+    letter_ids = option_letter_ids(backbone, n_options).to(hidden.device)
+    return backbone.model.lm_head(last)[:, letter_ids].float()

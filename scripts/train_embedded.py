@@ -1,0 +1,185 @@
+"""Train the vision side of the embedded backbone `smol-llava` and commit its weights.
+
+    python scripts/train_embedded.py                      # the committed recipe
+    python scripts/train_embedded.py --stage-b-minutes 5  # a shorter run
+
+Two stages on the synthetic `shapes` train split, SmolLM2 weights frozen throughout:
+
+A. The CLIP ViT alone, on the generator's own per-patch labels (colour, shape, size,
+   row, column) read from its feature layer, plus the object count from the mean
+   token. Fast (no LM), and it gives the tower features worth aligning.
+B. LLaVA stage-1 style alignment through the frozen LM: projector at `--lr-projector`
+   from the start, a LoRA adapter on the LM's attention at `--lr-lora`, and the ViT
+   unfrozen after `--unfreeze-vit-after` steps at `--lr-vit`. Loss: next-token loss
+   on the answer letter only. Constant learning rates.
+
+Writes `checkpoints/smol-llava/{vision,lora}.safetensors` and `embedded.json`
+(recipe, steps, per-sub-task validation accuracy), and saves them every
+`--save-every` steps so an interrupted run keeps its progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lsg import embedded  # noqa: E402
+from lsg.backbones import Backbone  # noqa: E402
+from lsg.data import SUBTASKS, generate_scene_sample  # noqa: E402
+from lsg.scoring import LETTERS, answer_loss, option_scores  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=embedded.EMBEDDED_DIR)
+    p.add_argument("--stage-a-steps", type=int, default=1500)
+    p.add_argument("--stage-a-batch", type=int, default=64)
+    p.add_argument("--lr-stage-a", type=float, default=1e-3)
+    p.add_argument("--stage-b-minutes", type=float, default=40.0)
+    p.add_argument("--stage-b-batch", type=int, default=16)
+    p.add_argument("--lr-projector", type=float, default=1e-3)
+    p.add_argument("--lr-lora", type=float, default=3e-4)
+    p.add_argument("--lr-vit", type=float, default=1e-4)
+    p.add_argument("--unfreeze-vit-after", type=int, default=100)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    p.add_argument("--val-samples", type=int, default=350)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    return p.parse_args()
+
+
+def stage_a(model, processor, args) -> float:
+    """Pretrain the ViT on per-patch labels; returns the final per-patch colour accuracy."""
+    tower = model.model.vision_tower
+    d = tower.config.hidden_size
+    grid = tower.config.image_size // tower.config.patch_size
+    heads = nn.ModuleDict({
+        "colour": nn.Linear(d, 9), "shape": nn.Linear(d, 5), "size": nn.Linear(d, 3),
+        "row": nn.Linear(d, grid), "col": nn.Linear(d, grid), "count": nn.Linear(d, 7),
+    })
+    rows = torch.arange(grid * grid) // grid
+    cols = torch.arange(grid * grid) % grid
+    tower.train().requires_grad_(True)
+    opt = torch.optim.Adam(list(tower.parameters()) + list(heads.parameters()), lr=args.lr_stage_a)
+    layer = model.config.vision_feature_layer
+    t0, acc = time.time(), 0.0
+    for step in range(args.stage_a_steps):
+        samples = [generate_scene_sample("train", step * args.stage_a_batch + b) for b in range(args.stage_a_batch)]
+        pixels = torch.as_tensor(np.stack(processor.image_processor([s[0] for s in samples])["pixel_values"]))
+        feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # (B, P, d)
+        loss = 0.0
+        for key in ("colour", "shape", "size"):
+            target = torch.as_tensor(np.stack([s[2][key] for s in samples])).long()
+            logits = heads[key](feats)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            if key == "colour":
+                acc = (logits.argmax(-1) == target).float().mean().item()
+        loss = loss + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.repeat(len(samples)))
+        loss = loss + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.repeat(len(samples)))
+        count = torch.tensor([int(s[2]["count"]) for s in samples])
+        loss = loss + F.cross_entropy(heads["count"](feats.mean(1)), count)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == args.stage_a_steps - 1:
+            rate = (step + 1) * args.stage_a_batch / (time.time() - t0)
+            print(f"[stage A] step {step} loss {loss.item():.3f} patch-colour acc {acc:.3f} ({rate:.0f} samples/s)",
+                  flush=True)
+    tower.eval().requires_grad_(False)
+    return acc
+
+
+def record_to_sample(record: dict) -> tuple[str, str, int]:
+    prompt = record["conversations"][0]["value"].replace("<image>\n", "", 1)
+    return prompt, record["conversations"][1]["value"], len(record["options"])
+
+
+@torch.no_grad()
+def evaluate(bb: Backbone, n: int, batch_size: int = 32) -> dict[str, float]:
+    """Per-sub-task accuracy on the first n validation samples (option-letter argmax)."""
+    correct, total = defaultdict(int), defaultdict(int)
+    for start in range(0, n, batch_size):
+        samples = [generate_scene_sample("val", i) for i in range(start, min(n, start + batch_size))]
+        prompts = [record_to_sample(s[1]) for s in samples]
+        batch = bb.build_batch([s[0] for s in samples], [p[0] for p in prompts])
+        n_opt = max(p[2] for p in prompts)
+        scores = option_scores(bb, batch, n_opt)
+        for b, (s, (_, letter, k)) in enumerate(zip(samples, prompts)):
+            pred = LETTERS[scores[b, :k].argmax().item()]
+            total[s[1]["subtask"]] += 1
+            correct[s[1]["subtask"]] += int(pred == letter)
+    return {t: correct[t] / total[t] for t in SUBTASKS if total[t]}
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vision = embedded.VisionTowerConfig()
+    lm, tokenizer = embedded.load_smollm2()
+    model, processor = embedded.assemble_llava(lm, tokenizer, vision)
+    model.requires_grad_(False)
+    acc_a = stage_a(model, processor, args)
+
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    lora = {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_targets}
+    peft_lm = get_peft_model(model.model.language_model, embedded.lora_config(lora))
+    model.model.language_model = peft_lm
+    bb = Backbone("smol-llava", model, processor)
+    projector = model.model.multi_modal_projector.requires_grad_(True)
+    lora_params = [p for p in peft_lm.parameters() if p.requires_grad]
+    vit_params = list(model.model.vision_tower.parameters())
+    opt = torch.optim.Adam([
+        {"params": projector.parameters(), "lr": args.lr_projector},
+        {"params": lora_params, "lr": args.lr_lora},
+        {"params": vit_params, "lr": args.lr_vit},
+    ])
+
+    def save(step: int, metrics: dict | None = None):
+        # Save a merged-free copy: peft state for the LoRA, plain weights for the vision side.
+        extra = {"recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                 "stage_a_patch_colour_acc": acc_a, "stage_b_steps": step, "val_accuracy": metrics}
+        embedded.save_embedded(model, args.out, vision, lora, get_peft_model_state_dict(peft_lm), extra)
+
+    model.train()
+    t0, step, seen = time.time(), 0, 0
+    offset = args.stage_a_steps * args.stage_a_batch  # fresh samples for stage B
+    while time.time() - t0 < args.stage_b_minutes * 60:
+        if step == args.unfreeze_vit_after:
+            model.model.vision_tower.requires_grad_(True).train()
+        samples = [generate_scene_sample("train", offset + seen + b) for b in range(args.stage_b_batch)]
+        seen += len(samples)
+        prompts = [record_to_sample(s[1]) for s in samples]
+        batch = bb.build_batch([s[0] for s in samples], [p[0] for p in prompts], [p[1] for p in prompts])
+        loss = answer_loss(bb, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 25 == 0:
+            print(f"[stage B] step {step} samples {seen} loss {loss.item():.3f} "
+                  f"({seen / (time.time() - t0):.1f} samples/s)", flush=True)
+        if step % args.save_every == 0:
+            save(step)
+    model.eval()
+    metrics = evaluate(bb, args.val_samples)
+    print("[val] " + json.dumps({k: round(v, 3) for k, v in metrics.items()}), flush=True)
+    save(step, metrics)
+
+
+if __name__ == "__main__":
+    main()
