@@ -1,0 +1,7 @@
+"""lsg: Layer-wise Sink Gating and training-free attention-sink interventions for LVLMs."""
+from lsg import attention as _attention  # noqa: F401  (registers the `lsg` attention function)
+from lsg import gates
+from lsg.attach import attach
+from lsg.backbones import Backbone, load_backbone
+
+__all__ = ["Backbone", "attach", "gates", "load_backbone"]

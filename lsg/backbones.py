@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import (
@@ -28,6 +29,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from lsg import embedded
+from lsg.sinks import SinkConfig
 
 IGNORE_INDEX = -100  # labels ignored by the next-token loss (HF convention)
 
@@ -57,6 +59,7 @@ class Backbone:
     processor: LlavaProcessor
     system_prompt: str | None = None
     padding_side: str = "right"
+    sinks: SinkConfig = field(default_factory=SinkConfig)
 
     @property
     def num_layers(self) -> int:
@@ -147,7 +150,7 @@ class Backbone:
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": torch.as_tensor(enc["pixel_values"]).to(self.model.dtype),
+            "pixel_values": torch.as_tensor(np.stack(enc["pixel_values"])).to(self.model.dtype),
         }
         if answers is not None:
             batch["labels"] = labels
@@ -245,22 +248,43 @@ BUILDERS: dict[str, Callable[..., tuple]] = {
 }
 
 
-def load_backbone(name: str, system_prompt: str | None = None, padding_side: str = "right", **kwargs) -> Backbone:
+CONF_DIR = embedded.REPO_ROOT / "conf" / "model"
+
+
+def backbone_config(name: str) -> dict:
+    """The `conf/model/<name>.yaml` of a registered backbone, as a plain dict.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / f"{name}.yaml"
+    if name not in BUILDERS or not path.exists():
+        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(sorted(BUILDERS))}.")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def load_backbone(name: str, **overrides) -> Backbone:
     """Load a registered backbone by name, in eval mode with every parameter frozen.
 
-    Args:
-        name: one of `BUILDERS` ("llava-1.5-7b", "smol-llava", "tiny-random").
-        system_prompt: system turn for `build_batch` (None = the chat template's default).
-        padding_side: "left" or "right".
-        **kwargs: builder options (dtype, attn_implementation, hf_id, sizes for tiny-random).
+    Defaults come from `conf/model/<name>.yaml` (the same file Hydra's `model=` uses);
+    keyword arguments override them (e.g. `attn_implementation="eager"`,
+    `padding_side="left"`, `sinks={...}`).
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad padding side.
     """
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(sorted(BUILDERS))}.")
+    cfg = {**backbone_config(name), **overrides}
+    cfg.pop("name", None)
+    cfg.pop("lsg_grouping", None)
+    sinks = cfg.pop("sinks", None) or {}
+    sinks = sinks if isinstance(sinks, SinkConfig) else SinkConfig(**sinks)
+    system_prompt = cfg.pop("system_prompt", None)
+    padding_side = cfg.pop("padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    model, processor = BUILDERS[name](**kwargs)
+    model, processor = BUILDERS[name](**cfg)
     model.eval().requires_grad_(False)
-    return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt, padding_side=padding_side)
+    return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt,
+                    padding_side=padding_side, sinks=sinks)

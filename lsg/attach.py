@@ -1,0 +1,171 @@
+"""`lsg.attach`: install gates on a loaded backbone for the duration of a `with` block.
+
+    with lsg.attach(backbone, {10: gate}):
+        loss = answer_loss(backbone, batch)      # or backbone.generate(batch, 8)
+
+Hooks (all removed on exit, even on error):
+- a pre-hook on the top-level model keeps `labels` of the call, so teacher-forced
+  answers never move the last prompt token;
+- a pre-hook on `LlavaModel` builds the `ForwardContext` (segments; on decode steps it
+  extends the prompt's context with the new `out` tokens);
+- a forward hook on the vision tower reads the ViT feature layer for V-sinks;
+- pre-hooks on decoder layers 0..max(gated layer) record sink values of the hidden
+  state entering the layer and let gates `prepare` (LSG reads `x_last` here);
+- each gated layer's attention module gets a `LayerBinding`, and the text model's
+  attention implementation is switched to the registered `lsg` function.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from lsg import attention
+from lsg.backbones import Backbone
+from lsg.context import ForwardContext, LayerView
+from lsg.gates.base import Gate
+from lsg.segments import Segments
+from lsg.sinks import SinkConfig, sink_value
+
+
+@dataclass
+class AttachedRun:
+    """Live state of one `attach` block: the current forward context and settings."""
+
+    backbone: Backbone
+    sinks: SinkConfig
+    gates: dict[int, list[Gate]]
+    base_implementation: str
+    ctx: ForwardContext | None = None
+    pending_labels: torch.Tensor | None = None
+    pending_vit_flags: torch.Tensor | None = None
+    _handles: list = field(default_factory=list)
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    return model.model.language_model.layers
+
+
+def _normalise(gates: Mapping[int, Gate | Sequence[Gate]], backbone: Backbone) -> dict[int, list[Gate]]:
+    out = {}
+    for layer, g in gates.items():
+        backbone.check_layer(layer)
+        group = [g] if isinstance(g, Gate) else list(g)
+        if not all(isinstance(x, Gate) for x in group):
+            raise TypeError(f"attach expects Gate objects per layer, got {[type(x).__name__ for x in group]}.")
+        out[layer] = group
+    return out
+
+
+@contextmanager
+def attach(
+    backbone: Backbone,
+    gates: Mapping[int, Gate | Sequence[Gate]],
+    sinks: SinkConfig | None = None,
+) -> Iterator[AttachedRun]:
+    """Install `gates` (`{layer: gate or [gates]}`) on `backbone`; always removes them.
+
+    Works for training forwards, scoring, and `generate` with the KV cache (gate state
+    is computed at prefill and reused at every decode step).
+
+    Args:
+        backbone: a loaded `Backbone`.
+        gates: decoder layer (0-based) -> gate(s) applied in that layer.
+        sinks: sink configuration (default: `backbone.sinks`).
+
+    Raises:
+        ValueError: a layer out of range.
+        TypeError: something other than a `Gate` was given.
+    """
+    model = backbone.model
+    layer_gates = _normalise(gates, backbone)
+    sinks = sinks if sinks is not None else backbone.sinks
+    text_config = model.config.text_config
+    base = text_config._attn_implementation or "sdpa"
+    if base == attention.ATTN_IMPLEMENTATION:
+        raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone.")
+    run = AttachedRun(backbone, sinks, layer_gates, "eager" if base == "eager" else "sdpa")
+    last_hooked = max(layer_gates, default=-1)
+    feature_layer = model.config.vision_feature_layer
+    drop_cls = model.config.vision_feature_select_strategy == "default"
+
+    def stash_labels(module, args, kwargs):
+        run.pending_labels = kwargs.get("labels")
+
+    def build_context(module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise ValueError("lsg.attach needs `input_ids` (not inputs_embeds) to locate the image tokens.")
+        mask = kwargs.get("attention_mask")
+        past = kwargs.get("past_key_values")
+        labels = kwargs.pop("labels", None)
+        labels = labels if labels is not None else run.pending_labels
+        run.pending_labels = None
+        if past is None or past.get_seq_length() == 0:
+            run.ctx = ForwardContext(Segments.from_batch(input_ids, mask, backbone.image_token_id, labels), sinks,
+                                     n_prefill=input_ids.shape[1])
+            if run.pending_vit_flags is not None:  # generate() encodes images before the first forward
+                set_vsinks(run.pending_vit_flags)
+                run.pending_vit_flags = None
+        else:
+            run.ctx.segments = run.ctx.segments.extend(input_ids.shape[1])
+            if mask is not None and mask.shape[1] != run.ctx.total_len:
+                raise RuntimeError(f"Decode step sees {mask.shape[1]} positions, the gate context "
+                                   f"{run.ctx.total_len}; was the KV cache reset without a new prefill?")
+        return args, kwargs
+
+    def set_vsinks(flags: torch.Tensor):
+        vis = run.ctx.segments.vis
+        if int(vis.sum()) != flags.numel():
+            raise RuntimeError(f"{flags.numel()} ViT patches but {int(vis.sum())} image tokens in the batch.")
+        vsink = torch.zeros_like(vis)
+        vsink[vis] = flags.to(vis.device)
+        run.ctx.vsink = vsink
+
+    def record_vsinks(module, args, output):
+        feats = output.hidden_states[feature_layer]
+        feats = feats[:, 1:] if drop_cls else feats
+        flags = (sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit).flatten()
+        ctx = run.ctx
+        if ctx is not None and ctx.vsink is None and ctx.n_prefill == ctx.total_len:
+            set_vsinks(flags)  # called from inside the forward whose context was just built
+        else:
+            run.pending_vit_flags = flags
+
+    def layer_prehook(layer: int):
+        def hook(module, args, kwargs):
+            ctx = run.ctx
+            if ctx.n_prefill != ctx.total_len:  # decode step: sinks and gate state come from prefill
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if sinks.has_llm_sinks:
+                ctx.sink_phi[layer] = sink_value(hidden, sinks.llm_dims, sinks.normalisation)
+            view = LayerView(layer, ctx, 0, hidden.shape[1], is_prefill=True)
+            for i, gate in enumerate(layer_gates.get(layer, ())):
+                ctx.gate_state[(layer, i)] = gate.prepare(view, hidden)
+        return hook
+
+    handles = run._handles
+    decoder_layers = _decoder_layers(model)
+    try:
+        handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
+        handles.append(model.model.register_forward_pre_hook(build_context, with_kwargs=True))
+        if sinks.has_vsinks:
+            handles.append(model.model.vision_tower.register_forward_hook(record_vsinks))
+        for layer in range(last_hooked + 1):
+            handles.append(decoder_layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
+        for layer, group in layer_gates.items():
+            setattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR, attention.LayerBinding(layer, group, run))
+        model.model.language_model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        yield run
+    finally:
+        model.model.language_model.set_attn_implementation(base)
+        for handle in handles:
+            handle.remove()
+        for layer in layer_gates:
+            if hasattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR):
+                delattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR)
+        run.ctx = None

@@ -1,0 +1,6 @@
+"""Gates: trainable (LSG) and training-free interventions behind one interface and registry."""
+from lsg.gates.base import Gate, HookPoint, get, known, register
+from lsg.gates.keyscale import KeyScaleGate
+from lsg.gates.lsg import LSGGate
+
+__all__ = ["Gate", "HookPoint", "KeyScaleGate", "LSGGate", "get", "known", "register"]
