@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lsg.backbones import IGNORE_INDEX, Backbone
+from lsg.segments import last_prompt_positions
 
 LETTERS = string.ascii_uppercase
 
@@ -44,19 +45,6 @@ def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Ten
     return F.cross_entropy(logits.float(), target[where])
 
 
-def last_prompt_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Index `(B,)` of the last prompt token: just before the first answer token if
-    labels are present, else the last non-padding token (SPEC section 1)."""
-    mask = batch["attention_mask"].bool()
-    if "labels" in batch:
-        is_answer = batch["labels"] != IGNORE_INDEX
-        has = is_answer.any(1)
-        first = torch.where(has, is_answer.float().argmax(1), torch.zeros_like(has, dtype=torch.long))
-        last_real = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
-        return torch.where(has, first - 1, last_real)
-    return mask.shape[1] - 1 - mask.flip(1).float().argmax(1)
-
-
 def option_letter_ids(backbone: Backbone, n_options: int) -> torch.Tensor:
     """Token ids `(n_options,)` of the letters A, B, ... as the first answer token.
 
@@ -80,7 +68,7 @@ def option_scores(backbone: Backbone, batch: dict[str, torch.Tensor], n_options:
     as lm-evaluation-harness scores multiple choice.
     """
     hidden = _decoder_hidden(backbone, batch)
-    pos = last_prompt_positions(batch).to(hidden.device)
+    pos = last_prompt_positions(batch["attention_mask"], batch.get("labels")).to(hidden.device)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
     letter_ids = option_letter_ids(backbone, n_options).to(hidden.device)
     return backbone.model.lm_head(last)[:, letter_ids].float()

@@ -1,0 +1,200 @@
+"""Gate training with PyTorch Lightning: one gate at one decoder layer, backbone frozen.
+
+SPEC section 3: Adam, constant learning rate, next-token loss on answer tokens only,
+only gate parameters optimised. Lightning's own checkpoints are written as
+safetensors (tensors) plus a JSON header (everything else) by `SafetensorsCheckpointIO`,
+never as pickles, so an interrupted run resumes from `last.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lsg.attach import attach
+from lsg.backbones import Backbone
+from lsg.gates.base import Gate
+from lsg.scoring import LETTERS, answer_loss, option_scores
+
+TENSOR_TAG = "__tensor__"
+
+
+# ----------------------------------------------------------------- checkpoint format
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """JSON-able copy of `obj` with every tensor moved into `tensors` under its path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {TENSOR_TAG: path}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"Cannot store a dict with keys {list(obj)[:3]} at {path!r} in a checkpoint.")
+        return {"__dict__": [[k, _flatten(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__seq__": type(obj).__name__, "items": [_flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"Cannot store {type(obj).__name__} at {path!r} in a safetensors checkpoint.")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if TENSOR_TAG in obj:
+            return tensors[obj[TENSOR_TAG]]
+        if "__dict__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__seq__" in obj:
+            items = [_unflatten(v, tensors) for v in obj["items"]]
+            return tuple(items) if obj["__seq__"] == "tuple" else items
+    return obj
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning checkpoint I/O without pickle: tensors in safetensors, the rest as JSON."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        header = _flatten(checkpoint, tensors)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata={"lightning": json.dumps(header)})
+        tmp.replace(path)  # atomic: a crash while saving never corrupts the previous checkpoint
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            header = json.loads(f.metadata()["lightning"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return _unflatten(header, tensors)
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+class SafetensorsModelCheckpoint(ModelCheckpoint):
+    FILE_EXTENSION = ".safetensors"
+
+
+class SaveOnException(Callback):
+    """Write `last.safetensors` when training dies (Ctrl-C included), so re-running resumes."""
+
+    def __init__(self, dirpath: Path):
+        self.path = Path(dirpath) / "last.safetensors"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+
+
+# ----------------------------------------------------------------- the module
+class GateTrainingModule(L.LightningModule):
+    """Trains `gate` at decoder `layer` of a frozen `backbone`.
+
+    The backbone is held outside the module's parameters (it is not saved in
+    checkpoints and never receives gradients); only `gate` is optimised.
+
+    Args:
+        backbone: a loaded `Backbone` (frozen by `load_backbone`).
+        gate: a trainable `Gate`.
+        layer: 0-based decoder layer.
+        lr: Adam learning rate, constant (the paper gives none; default 1e-3).
+    """
+
+    def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3):
+        super().__init__()
+        if not gate.trainable:
+            raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
+        self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
+        self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
+        self.gate.float()
+        self._val = defaultdict(lambda: [0, 0])
+
+    identity: dict = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lsg_identity"] = self.identity
+
+    def on_fit_start(self) -> None:
+        self.backbone.model.to(self.device)
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        # records are metadata; only tensors move
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "records"}
+        with attach(self.backbone, {self.layer: self.gate}):
+            return answer_loss(self.backbone, inputs)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["records"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        inputs = {k: v for k, v in batch.items() if k != "records"}
+        records = batch["records"]
+        with attach(self.backbone, {self.layer: self.gate}):
+            loss = answer_loss(self.backbone, inputs)
+            scores = option_scores(self.backbone, inputs, max(max(len(r.options) for r in records), 1))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
+        for row, r in zip(scores, records):
+            if r.options and r.answer_letter:
+                hit = LETTERS[int(row[: len(r.options)].argmax())] == r.answer_letter
+                self._val[r.subtask][0] += int(hit)
+                self._val[r.subtask][1] += 1
+
+    def on_validation_epoch_end(self) -> None:
+        hits = sum(c for c, _ in self._val.values())
+        total = sum(n for _, n in self._val.values())
+        for task, (c, n) in self._val.items():
+            self.log(f"val/acc_{task}", c / n)
+        if total:
+            self.log("val/acc", hits / total, prog_bar=True)
+        self._val.clear()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.gate.parameters(), lr=self.lr)
+
+
+class EpochGateExport(Callback):
+    """After every training epoch, save the gate alone as `run_dir/gate-epoch{e}.safetensors`
+    with its metadata (backbone, layer, gate config, sinks, data, steps)."""
+
+    def __init__(self, run_dir: Path, identity: dict):
+        self.run_dir, self.identity = Path(run_dir), identity
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            epoch = trainer.current_epoch + 1
+            pl_module.gate.save(self.run_dir / f"gate-epoch{epoch}.safetensors", **self.identity,
+                                epoch=epoch, steps=trainer.global_step)
+
+
+def check_resumable(path: Path, identity: dict) -> str | None:
+    """`str(path)` if a resumable checkpoint of the same setup exists, else None.
+
+    Raises:
+        ValueError: the checkpoint belongs to another backbone, layer, gate, sink or data setup.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    saved = SafetensorsCheckpointIO().load_checkpoint(path).get("lsg_identity")
+    if saved is not None and json.loads(json.dumps(saved)) != json.loads(json.dumps(identity)):
+        diff = [k for k in identity if saved.get(k) != json.loads(json.dumps(identity[k]))]
+        raise ValueError(
+            f"{path} holds an unfinished run with a different {', '.join(diff)}. Resume it with its own settings, "
+            f"or move it away / set run_dir=... to start a new run."
+        )
+    return str(path)
