@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> dict:
     module = GateTrainingModule(backbone, gate, layer, cfg.lr)
 
     run_dir = Path(cfg.run_dir)
-    identity = {"backbone": backbone.name, "layer": layer, "gate": gate.config(), "sinks": backbone.sinks.to_dict(),
+    identity = {"backbone": backbone.name, "layer": layer, "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(),
                 "data": data_cfg}
     module.identity = identity
     resume = check_resumable(run_dir / "last.safetensors", identity)
@@ -70,7 +70,7 @@ def main(cfg: DictConfig) -> dict:
     print_comparison(baseline, {f"LSG L{layer} (epoch {cfg.export_epoch})": gated})
     metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}
     meta = export.metadata
-    export.save(cfg.export_path, **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit")},
+    export.save(cfg.export_path, **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")},
                 metrics=metrics)
     if logger:
         logger.log_metrics({f"final/{name}_acc_{t}": a for name, r in (("baseline", baseline), ("gated", gated))

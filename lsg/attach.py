@@ -31,6 +31,9 @@ from lsg.segments import Segments
 from lsg.sinks import SinkConfig, sink_value
 
 
+RUN_ATTR = "_lsg_run"
+
+
 @dataclass
 class AttachedRun:
     """Live state of one `attach` block: the current forward context and settings."""
@@ -85,8 +88,8 @@ def attach(
     sinks = sinks if sinks is not None else backbone.sinks
     text_config = model.config.text_config
     base = text_config._attn_implementation or "sdpa"
-    if base == attention.ATTN_IMPLEMENTATION:
-        raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone.")
+    if getattr(model, RUN_ATTR, None) is not None or base == attention.ATTN_IMPLEMENTATION:
+        raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone: pass all gates at once.")
     run = AttachedRun(backbone, sinks, layer_gates, "eager" if base == "eager" else "sdpa")
     last_hooked = max(layer_gates, default=-1)
     feature_layer = model.config.vision_feature_layer
@@ -160,6 +163,7 @@ def attach(
         for layer, group in layer_gates.items():
             setattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR, attention.LayerBinding(layer, group, run))
         model.model.language_model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        setattr(model, RUN_ATTR, run)
         yield run
     finally:
         model.model.language_model.set_attn_implementation(base)
@@ -169,3 +173,12 @@ def attach(
             if hasattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR):
                 delattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR)
         run.ctx = None
+        if getattr(model, RUN_ATTR, None) is run:
+            delattr(model, RUN_ATTR)
+
+
+def is_attached(model) -> bool:
+    """True inside an `attach` block on this model: `LlavaModel` then accepts `labels`
+    (consumed by the context hook, so teacher-forced answers never move the last
+    prompt token)."""
+    return getattr(model, RUN_ATTR, None) is not None

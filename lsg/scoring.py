@@ -22,7 +22,11 @@ LETTERS = string.ascii_uppercase
 
 def _decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states `(B, T, D)` of the LLM (after its final norm), no LM head."""
+    from lsg.attach import is_attached
+
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if is_attached(backbone.model) and batch.get("labels") is not None:
+        inputs["labels"] = batch["labels"]  # read (and removed) by the gate context hook
     return backbone.model.model(**inputs, use_cache=False).last_hidden_state
 
 

@@ -194,7 +194,7 @@ def check_resumable(path: Path, identity: dict) -> str | None:
     if saved is not None and json.loads(json.dumps(saved)) != json.loads(json.dumps(identity)):
         diff = [k for k in identity if saved.get(k) != json.loads(json.dumps(identity[k]))]
         raise ValueError(
-            f"{path} holds an unfinished run with a different {', '.join(diff)}. Resume it with its own settings, "
+            f"{path} holds a run with a different {', '.join(diff)}. Resume it with its own settings, "
             f"or move it away / set run_dir=... to start a new run."
         )
     return str(path)

@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny random backbone and a small batch of synthetic samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lsg
+from lsg.data import generate_scene_sample
+
+PROMPTS_PER_BATCH = 4
+
+
+def samples(n: int = PROMPTS_PER_BATCH, split: str = "val", offset: int = 0):
+    """(images, questions, answers) of the first n shapes samples of a split."""
+    out = [generate_scene_sample(split, offset + i) for i in range(n)]
+    images = [o[0] for o in out]
+    questions = [o[1]["conversations"][0]["value"].replace("<image>\n", "", 1) for o in out]
+    answers = [o[1]["conversations"][1]["value"] for o in out]
+    return images, questions, answers
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    torch.manual_seed(0)
+    return lsg.load_backbone("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def tiny_eager():
+    return lsg.load_backbone("tiny-random", attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def batch(tiny):
+    """A right-padded teacher-forced batch (labels on answers) of 4 samples."""
+    images, questions, answers = samples()
+    # Vary the prompt lengths so padding really happens.
+    questions = [q + " ?" * i for i, q in enumerate(questions)]
+    return tiny.build_batch(images, questions, answers, padding_side="right")

@@ -1,0 +1,228 @@
+"""Gates against attention computed by hand (SPEC sections 1-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import lsg
+from lsg.gates import KeyScaleGate, LSGGate
+from lsg.segments import Segments
+from lsg.scoring import answer_loss
+from tests.conftest import samples
+
+LAYER = 2
+
+
+def hand_groups(bb, batch, layer):
+    """V-sink / L-sink / ordinary group per token, recomputed from raw hidden states.
+
+    Independent of lsg.sinks and lsg.context: V-sinks from the ViT feature layer,
+    L-sinks from the hidden state entering `layer`, both with the rms criterion.
+    """
+    cfg = bb.sinks
+    with torch.no_grad():
+        vit = bb.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        feats = vit.hidden_states[bb.model.config.vision_feature_layer][:, 1:]
+        out = bb.model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+    x = out.hidden_states[layer]
+
+    def rms_phi(h):
+        return h[..., cfg.vit_dims if h is feats else cfg.llm_dims].abs().amax(-1) / h.pow(2).mean(-1).sqrt()
+
+    vis = (batch["input_ids"] == bb.image_token_id) & batch["attention_mask"].bool()
+    groups = torch.full(vis.shape, -1)
+    vflags = (rms_phi(feats) >= cfg.tau_vit).flatten()
+    vsink = torch.zeros_like(vis)
+    vsink[vis] = vflags
+    lsink = (rms_phi(x) >= cfg.tau_llm) & vis & ~vsink
+    groups[vis] = 2
+    groups[lsink] = 1
+    groups[vsink] = 0
+    return groups, x
+
+
+def hand_attention(bb, x, layer, key_scale, attention_mask):
+    """Output `(B, T, D)` of decoder layer `layer`'s self-attention with keys scaled by hand."""
+    layer_mod = bb.model.model.language_model.layers[layer]
+    attn = layer_mod.self_attn
+    B, T, _ = x.shape
+    h = layer_mod.input_layernorm(x)
+    d = attn.head_dim
+    q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
+    k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(B, T, -1, d).transpose(1, 2)
+    pos = torch.arange(T)[None].expand(B, -1)
+    cos, sin = bb.model.model.language_model.rotary_emb(h, pos)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k * key_scale[:, None, :, None]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    logits = q @ k.transpose(-1, -2) / d**0.5
+    allowed = torch.ones(T, T).tril().bool()[None, None] & attention_mask.bool()[:, None, None, :]
+    weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return attn.o_proj((weights @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+def gated_attention_output(bb, batch, gates):
+    captured = {}
+    attn = bb.model.model.language_model.layers[LAYER].self_attn
+
+    def keep(module, args, output):
+        captured["out"] = output[0]
+
+    handle = attn.register_forward_hook(keep)
+    try:
+        with torch.no_grad(), lsg.attach(bb, gates):
+            bb.model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.remove()
+    return captured["out"]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_key_scale_gate_equals_attention_with_hand_scaled_keys(impl, tiny, tiny_eager, batch):
+    bb = tiny if impl == "sdpa" else tiny_eager
+    coefficients = torch.tensor([0.3, 1.7, 0.6])
+    groups, x = hand_groups(bb, batch, LAYER)
+    assert all((groups == g).any() for g in range(3)), "test data must contain every group"
+    scale = torch.where(groups >= 0, coefficients[groups.clamp_min(0)], torch.ones(()))
+    expected = hand_attention(bb, x, LAYER, scale, batch["attention_mask"])
+    got = gated_attention_output(bb, batch, {LAYER: KeyScaleGate(coefficients.tolist(), "vsink-lsink-ordinary")})
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+    # and the gate really changed something
+    assert not torch.allclose(got[real], hand_attention(bb, x, LAYER, torch.ones_like(scale),
+                                                         batch["attention_mask"])[real], atol=1e-4)
+
+
+def test_lsg_gate_with_gain_1_halves_visual_keys(tiny, batch):
+    groups, x = hand_groups(tiny, batch, LAYER)
+    scale = torch.where(groups >= 0, torch.tensor(0.5), torch.tensor(1.0))
+    expected = hand_attention(tiny, x, LAYER, scale, batch["attention_mask"])
+    got = gated_attention_output(tiny, batch, {LAYER: LSGGate(tiny.hidden_size, "vsink-rest", gain=1.0)})
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grouping", ["vsink-rest", "vsink-lsink-ordinary", "lsink-rest"])
+def test_lsg_gate_with_gain_G_is_identity_at_init(tiny, batch, grouping):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        base = tiny.model(**inputs).logits
+        with lsg.attach(tiny, {LAYER: LSGGate(tiny.hidden_size, grouping, gain="G")}):
+            gated = tiny.model(**inputs).logits
+    assert torch.equal(base, gated) or torch.allclose(base, gated, atol=1e-6)
+    with torch.no_grad(), lsg.attach(tiny, {LAYER: LSGGate(tiny.hidden_size, grouping, gain=1.0)}):
+        halved = tiny.model(**inputs).logits
+    assert (halved - base).abs().max() > 1e-4
+
+
+def gate_ratios(bb, batch, gate, layer=LAYER):
+    with torch.no_grad(), lsg.attach(bb, {layer: gate}) as run:
+        loss = answer_loss(bb, batch)
+        ratios = run.ctx.gate_state[(layer, 0)][0]
+    return ratios, loss
+
+
+def trained_like_gate(hidden_size):
+    """An LSG gate with random (non-uniform) output, so ratios depend on the input."""
+    torch.manual_seed(1)
+    gate = LSGGate(hidden_size, "vsink-lsink-ordinary")
+    torch.nn.init.normal_(gate.fc2.weight, std=0.1)
+    return gate
+
+
+def test_answer_tokens_do_not_change_gate_ratio(tiny):
+    images, questions, answers = samples()
+    gate = trained_like_gate(tiny.hidden_size)
+    r1, _ = gate_ratios(tiny, tiny.build_batch(images, questions, answers), gate)
+    other = ["Z " + a + " ( A B C" for a in answers]
+    r2, _ = gate_ratios(tiny, tiny.build_batch(images, questions, other), gate)
+    assert r1.std(0).max() > 1e-3, "ratios should vary across samples"
+    torch.testing.assert_close(r1, r2, atol=0, rtol=0)
+
+
+def test_left_and_right_padding_give_same_ratios_and_loss(tiny):
+    images, questions, answers = samples()
+    questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
+    gate = trained_like_gate(tiny.hidden_size)
+    right = tiny.build_batch(images, questions, answers, padding_side="right")
+    left = tiny.build_batch(images, questions, answers, padding_side="left")
+    assert not torch.equal(right["attention_mask"], left["attention_mask"])
+    seg_r = Segments.from_batch(right["input_ids"], right["attention_mask"], tiny.image_token_id, right["labels"])
+    seg_l = Segments.from_batch(left["input_ids"], left["attention_mask"], tiny.image_token_id, left["labels"])
+    for name in ("sys", "vis", "user", "out"):
+        assert getattr(seg_r, name).sum(1).tolist() == getattr(seg_l, name).sum(1).tolist()
+    r_right, loss_right = gate_ratios(tiny, right, gate)
+    # Left padding shifts positions; give the model the same RoPE positions as right padding.
+    r_left, loss_left = gate_ratios(tiny, {**left, "position_ids": (left["attention_mask"].cumsum(1) - 1).clamp_min(0)},
+                                    gate)
+    torch.testing.assert_close(r_left, r_right, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_left, loss_right, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gate_factory", [
+    lambda d: trained_like_gate(d),
+    lambda d: KeyScaleGate([0.2, 1.5, 0.7], "vsink-lsink-ordinary"),
+])
+def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_factory):
+    images, questions, _ = samples(3)
+    batch = tiny.build_batch(images, questions, padding_side="left")
+    gate = gate_factory(tiny.hidden_size)
+    new_tokens = 6
+    with torch.no_grad(), lsg.attach(tiny, {LAYER: gate, 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")}):
+        out = tiny.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for _ in range(new_tokens):  # greedy, recomputing the whole sequence without a cache
+            position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+            logits = tiny.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                position_ids=position_ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(out, ids)
+
+
+def test_gate_checkpoint_round_trip_and_refusal(tmp_path, tiny, batch):
+    gate = trained_like_gate(tiny.hidden_size)
+    path = gate.save(tmp_path / "g.safetensors", backbone="tiny-random", layer=LAYER, sinks=tiny.sinks.to_dict())
+    loaded = LSGGate.load(path, backbone="tiny-random", layer=LAYER, sinks=tiny.sinks.to_dict())
+    r1, _ = gate_ratios(tiny, batch, gate)
+    r2, _ = gate_ratios(tiny, batch, loaded)
+    torch.testing.assert_close(r1, r2, atol=0, rtol=0)
+    assert (tmp_path / "g.json").read_text().count('"backbone": "tiny-random"') == 1
+    with pytest.raises(ValueError, match="backbone"):
+        LSGGate.load(path, backbone="smol-llava")
+    with pytest.raises(ValueError, match="layer"):
+        LSGGate.load(path, layer=LAYER + 1)
+    with pytest.raises(ValueError, match="sinks"):
+        LSGGate.load(path, sinks={**tiny.sinks.to_dict(), "tau_llm": 99.0})
+    with pytest.raises(ValueError, match="keyscale"):
+        KeyScaleGate.load(path)
+
+
+def test_registry_builds_by_name_and_lists_known_on_error():
+    assert isinstance(lsg.gates.get("keyscale", coefficients=[1, 1]), KeyScaleGate)
+    with pytest.raises(ValueError, match="Known gates: .*keyscale.*lsg"):
+        lsg.gates.get("nope")
+
+
+def test_bad_gate_inputs_get_clear_errors(tiny):
+    with pytest.raises(ValueError, match="out of range.*0..3"):
+        with lsg.attach(tiny, {7: KeyScaleGate([1, 1])}):
+            pass
+    with pytest.raises(ValueError, match="give 3 coefficients"):
+        KeyScaleGate([1, 1], "vsink-lsink-ordinary")
+    with pytest.raises(ValueError, match="Unknown grouping"):
+        LSGGate(8, grouping="sinks")
+    assert tiny.model.config.text_config._attn_implementation == "sdpa"  # restored after the error
+
+
+def test_vsink_gate_on_backbone_without_vit_sink_is_a_clear_error(tiny, batch):
+    from lsg.sinks import SinkConfig
+
+    no_vit = SinkConfig(llm_dims=[0], tau_llm=1.2, normalisation="rms")
+    with pytest.raises(ValueError, match="needs V-sinks"):
+        with torch.no_grad(), lsg.attach(tiny, {LAYER: KeyScaleGate([1, 1], "vsink-rest")}, sinks=no_vit):
+            tiny.model(**{k: v for k, v in batch.items() if k != "labels"})

@@ -1,0 +1,123 @@
+"""Training: only the gate learns, the backbone stays bit-identical, train.py runs and resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lsg
+from lsg.gates import LSGGate
+from lsg.scoring import answer_loss, option_scores
+from lsg.segments import last_prompt_positions
+from lsg.training import GateTrainingModule, SafetensorsCheckpointIO
+from tests.conftest import samples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_answer_loss_equals_hf_loss_on_labels(tiny, batch):
+    with torch.no_grad():
+        expected = tiny.model(**batch).loss  # full logits, HF's shifted cross-entropy
+        got = answer_loss(tiny, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_option_scores_read_the_last_prompt_token(tiny):
+    images, questions, answers = samples()
+    batch = tiny.build_batch(images, questions)
+    with torch.no_grad():
+        logits = tiny.model(**batch).logits
+    pos = last_prompt_positions(batch["attention_mask"])
+    letters = [tiny.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"]
+    expected = logits[torch.arange(4), pos][:, letters]
+    torch.testing.assert_close(option_scores(tiny, batch, 5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_only_gate_parameters_train_and_backbone_is_bit_identical(tiny, batch):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    gate = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    module = GateTrainingModule(tiny, gate, layer=2, lr=1e-2)
+    optimizer = module.configure_optimizers()
+    gate_before = {k: v.clone() for k, v in gate.state_dict().items()}
+    for _ in range(3):
+        loss = module({**batch, "records": []})
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in tiny.model.parameters())
+        assert gate.fc2.weight.grad is not None and gate.fc2.weight.grad.abs().sum() > 0
+        optimizer.step()
+    assert list(dict(module.named_parameters())) == [f"gate.{k}" for k, _ in gate.named_parameters()]
+    for k, v in tiny.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, gate_before[k]) for k, v in gate.state_dict().items())
+
+
+def test_checkpoint_io_round_trips_lightning_state_without_pickle(tmp_path):
+    state = {"state_dict": {"gate.w": torch.randn(3, 2)}, "epoch": 1, "global_step": 7,
+             "optimizer_states": [{"state": {0: {"step": torch.tensor(7.0)}}, "param_groups": [
+                 {"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]}], "loops": {"fit": {"x": None, "y": [1, 2]}}}
+    io = SafetensorsCheckpointIO()
+    io.save_checkpoint(state, tmp_path / "c.safetensors")
+    assert b"pickle" not in (tmp_path / "c.safetensors").read_bytes()[:8]
+    back = io.load_checkpoint(tmp_path / "c.safetensors")
+    assert torch.equal(back["state_dict"]["gate.w"], state["state_dict"]["gate.w"])
+    assert back["optimizer_states"][0]["state"][0]["step"] == 7.0
+    assert back["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert back["loops"] == state["loops"] and back["global_step"] == 7
+
+
+def run_train(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(ROOT / "train.py"), "model=tiny-random", "layer=2", "logger=none",
+            f"data.root={tmp_path / 'shapes'}", "data.n_train=32", "data.n_val=14", f"run_dir={tmp_path / 'run'}",
+            f"export_path={tmp_path / 'ck' / 'lsg-L2.safetensors'}", "batch_size=4", "effective_batch_size=8",
+            f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def test_train_py_fast_dev_run_on_tiny_random(tmp_path):
+    result = run_train(tmp_path, "trainer.fast_dev_run=true")
+    assert "fast_dev_run" in result.stdout + result.stderr
+
+
+def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):
+    # An interrupted run: stop after 2 optimizer steps (of 8 in 2 epochs).
+    run_train(tmp_path, "+trainer.max_steps=2")
+    last = tmp_path / "run" / "last.safetensors"
+    assert SafetensorsCheckpointIO().load_checkpoint(last)["global_step"] == 2
+    # Re-running the same command resumes and finishes; the export carries its metadata.
+    result = run_train(tmp_path)
+    assert "Restoring states from the checkpoint" in result.stdout + result.stderr
+    assert SafetensorsCheckpointIO().load_checkpoint(last)["global_step"] == 8
+    meta = json.loads((tmp_path / "ck" / "lsg-L2.json").read_text())
+    assert meta["backbone"] == "tiny-random" and meta["layer"] == 2 and meta["epoch"] == 1
+    assert meta["config"]["grouping"] == "vsink-lsink-ordinary" and meta["steps"] == 4
+    assert set(meta["metrics"]["baseline"]["accuracy"]) == set(meta["metrics"]["gated"]["accuracy"])
+    assert meta["sinks"]["llm_dims"] == [0, 1] and meta["data"]["n_train"] == 32
+    gate = LSGGate.load(tmp_path / "ck" / "lsg-L2.safetensors", backbone="tiny-random", layer=2)
+    assert not torch.equal(gate.fc2.weight, torch.zeros_like(gate.fc2.weight))
+    # The same run directory with another layer's settings is refused, not overwritten.
+    bad = run_train(tmp_path, "gate.width=8", check=False)
+    assert bad.returncode != 0 and "different gate_config" in bad.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("layer=99", "layer=99 is out of range for backbone 'tiny-random', which has 4 decoder layers"),
+    ("model.name=gpt-9", "Unknown backbone 'gpt-9'. Known backbones:"),
+])
+def test_train_py_bad_input_gets_clear_error(tmp_path, override, message):
+    result = run_train(tmp_path, override, "trainer.fast_dev_run=true", check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_checkpoint_from_another_backbone_is_refused(tmp_path, tiny):
+    path = LSGGate(tiny.hidden_size).save(tmp_path / "g.safetensors", backbone="smol-llava", layer=10)
+    with pytest.raises(ValueError, match="backbone='smol-llava', but this run has backbone='tiny-random'"):
+        LSGGate.load(path, backbone="tiny-random", layer=10)
