@@ -147,3 +147,8 @@ def scale_by_group(groups: torch.Tensor, coefficients: torch.Tensor, n_kv: int) 
     coefficients = coefficients.expand(groups.shape[0], -1) if coefficients.dim() == 1 else coefficients
     picked = coefficients.gather(1, groups.clamp_min(0))
     return torch.where(groups >= 0, picked, torch.ones_like(picked))
+
+
+def rows_view(view: LayerView, first_row: int) -> LayerView:
+    """The same layer view restricted to query rows `first_row:` of the call."""
+    return LayerView(view.layer, view.ctx, view.q_start + first_row, view.n_queries - first_row, view.is_prefill)

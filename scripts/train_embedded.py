@@ -58,7 +58,14 @@ def parse_args():
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--autocast", choices=["bfloat16", "none"], default="bfloat16",
+                   help="mixed precision for the forward (bf16 matmuls are ~7x faster on CPUs with AMX)")
     return p.parse_args()
+
+
+def autocast(args):
+    enabled = args.autocast != "none"
+    return torch.autocast("cpu", dtype=getattr(torch, args.autocast if enabled else "bfloat16"), enabled=enabled)
 
 
 def stage_a(model, processor, args) -> float:
@@ -79,7 +86,9 @@ def stage_a(model, processor, args) -> float:
     for step in range(args.stage_a_steps):
         samples = [generate_scene_sample("train", step * args.stage_a_batch + b) for b in range(args.stage_a_batch)]
         pixels = torch.as_tensor(np.stack(processor.image_processor([s[0] for s in samples])["pixel_values"]))
-        feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # (B, P, d)
+        with autocast(args):
+            feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # (B, P, d)
+        feats = feats.float()
         loss = 0.0
         for key in ("colour", "shape", "size"):
             target = torch.as_tensor(np.stack([s[2][key] for s in samples])).long()
@@ -165,7 +174,8 @@ def main():
         seen += len(samples)
         prompts = [record_to_sample(s[1]) for s in samples]
         batch = bb.build_batch([s[0] for s in samples], [p[0] for p in prompts], [p[1] for p in prompts])
-        loss = answer_loss(bb, batch)
+        with autocast(args):
+            loss = answer_loss(bb, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -176,7 +186,8 @@ def main():
         if step % args.save_every == 0:
             save(step)
     model.eval()
-    metrics = evaluate(bb, args.val_samples)
+    with autocast(args):
+        metrics = evaluate(bb, args.val_samples)
     print("[val] " + json.dumps({k: round(v, 3) for k, v in metrics.items()}), flush=True)
     save(step, metrics)
 

@@ -25,14 +25,16 @@ class HookPoint(str, Enum):
     """Places in a decoder layer a gate may read or edit."""
 
     HIDDEN = "hidden_states"  # the hidden state entering the layer (read, at prefill)
-    KEYS = "keys"  # key vectors, scaled per key position (SDPA-compatible)
-    LOGITS = "logits"  # pre-softmax attention logits
-    WEIGHTS = "weights"  # post-softmax attention weights
-    MASK = "mask"  # the boolean attention mask
+    KEYS = "keys"  # key vectors, scaled per key position, for every query (SDPA)
+    ROW_KEYS = "row_keys"  # key vectors scaled per key position for chosen query rows only (SDPA)
+    VALUES = "values"  # value vectors, edited per key position (SDPA)
+    MASK = "mask"  # the boolean attention mask (SDPA with an explicit mask)
+    LOGITS = "logits"  # pre-softmax attention logits (explicit path, chosen rows only)
+    WEIGHTS = "weights"  # post-softmax attention weights (explicit path, chosen rows only)
     HEAD_OUTPUTS = "head_outputs"  # per-head attention outputs before o_proj
 
 
-MATRIX_HOOKS = frozenset({HookPoint.LOGITS, HookPoint.WEIGHTS, HookPoint.MASK})
+MATRIX_HOOKS = frozenset({HookPoint.LOGITS, HookPoint.WEIGHTS})
 
 _REGISTRY: dict[str, type["Gate"]] = {}
 
@@ -92,8 +94,41 @@ class Gate(nn.Module):
         return None
 
     def key_scale(self, view: LayerView, state: Any) -> torch.Tensor | None:
-        """Multiplicative scale `(B, T_kv)` of every key position, or None."""
+        """KEYS: multiplicative scale `(B, T_kv)` of every key position, or None."""
         return None
+
+    def row_key_scale(self, view: LayerView, state: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """ROW_KEYS: (`(B, T_kv)` key scale, `(B, T_q)` bool rows it applies to), or None.
+        Scaling key j by c for row i equals scaling the logit z_ij by c."""
+        return None
+
+    def edit_values(self, view: LayerView, state: Any, value: torch.Tensor) -> torch.Tensor:
+        """VALUES: `(B, H_kv, T_kv, d_head)` -> same shape."""
+        return value
+
+    def edit_mask(self, view: LayerView, state: Any, mask: torch.Tensor) -> torch.Tensor:
+        """MASK: boolean `(B, 1, T_q, T_kv)` (True = may attend) -> same shape."""
+        return mask
+
+    def matrix_rows(self, view: LayerView, state: Any) -> torch.Tensor:
+        """LOGITS/WEIGHTS: `(B, T_q)` bool query rows whose attention matrix the gate edits.
+        Rows before the first such row (over the batch) stay on SDPA."""
+        return torch.ones(view.segments.vis.shape[0], view.n_queries, dtype=torch.bool,
+                          device=view.segments.vis.device)
+
+    def edit_logits(self, view: LayerView, state: Any, logits: torch.Tensor) -> torch.Tensor:
+        """LOGITS: pre-softmax `(B, H, T_q', T_kv)` for the view's query rows -> same shape."""
+        return logits
+
+    def edit_weights(self, view: LayerView, state: Any, weights: torch.Tensor) -> torch.Tensor:
+        """WEIGHTS: post-softmax `(B, H, T_q', T_kv)` for the view's query rows -> same shape."""
+        return weights
+
+    def edit_head_outputs(self, view: LayerView, state: Any, outputs: torch.Tensor,
+                          value: torch.Tensor) -> torch.Tensor:
+        """HEAD_OUTPUTS: `(B, T_q, H, d_head)` outputs (with the layer's values
+        `(B, H_kv, T_kv, d_head)` for reference) -> same shape."""
+        return outputs
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: str | Path, **metadata) -> Path:
