@@ -43,8 +43,9 @@ def hand_groups(bb, batch, layer):
     return groups, x
 
 
-def hand_attention(bb, x, layer, key_scale, attention_mask):
-    """Output `(B, T, D)` of decoder layer `layer`'s self-attention with keys scaled by hand."""
+def hand_attention(bb, x, layer, key_scale, attention_mask, logit_scale=None):
+    """Output `(B, T, D)` of decoder layer `layer`'s self-attention with keys scaled by hand,
+    and pre-softmax logits multiplied by `logit_scale` `(B, T_q, T_kv)` if given."""
     layer_mod = bb.model.model.language_model.layers[layer]
     attn = layer_mod.self_attn
     B, T, _ = x.shape
@@ -60,6 +61,8 @@ def hand_attention(bb, x, layer, key_scale, attention_mask):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     logits = q @ k.transpose(-1, -2) / d**0.5
+    if logit_scale is not None:
+        logits = logits * logit_scale[:, None]
     allowed = torch.ones(T, T).tril().bool()[None, None] & attention_mask.bool()[:, None, None, :]
     weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
     return attn.o_proj((weights @ v).transpose(1, 2).reshape(B, T, -1))

@@ -2,5 +2,6 @@
 from lsg.gates.base import Gate, HookPoint, get, known, register
 from lsg.gates.keyscale import KeyScaleGate
 from lsg.gates.lsg import LSGGate
+from lsg.gates.vaf import SPEARGate, VAFGate
 
-__all__ = ["Gate", "HookPoint", "KeyScaleGate", "LSGGate", "get", "known", "register"]
+__all__ = ["Gate", "HookPoint", "KeyScaleGate", "LSGGate", "SPEARGate", "VAFGate", "get", "known", "register"]
