@@ -1,0 +1,50 @@
+"""Compare gates and gate stacks on one evaluation split, in one table.
+
+    python compare.py gates=[none,var,vaf,spear,outro,lsg:checkpoints/smol-llava/lsg-L10.safetensors]
+    python compare.py 'gates=[lsg:checkpoints/smol-llava/lsg-L10.safetensors+var@2-5]'
+
+Writes comparison.csv, comparison.md and comparison.png under `out_dir`, logs them to
+W&B, and caches each gate's answers so a re-run (or an interrupted one) reuses them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import lsg
+from lsg.comparison import compare, plot_deltas, write_table
+from lsg.datamodule import load_records
+from lsg.loggers import wandb_mode
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="compare")
+def main(cfg: DictConfig) -> list[dict]:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    backbone = lsg.load_backbone(model_cfg["name"], **{k: v for k, v in model_cfg.items() if k != "name"})
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    records = load_records(data_cfg, cfg.split)
+    out_dir = Path(cfg.out_dir)
+    rows, tasks = compare(backbone, model_cfg, list(cfg.gates), records, data_cfg, cfg.split, out_dir,
+                          cfg.batch_size, cfg.timing_batches, cfg.timing_repeats)
+    csv_path, md_path = write_table(rows, tasks, out_dir)
+    png_path = plot_deltas(rows, tasks, out_dir / "comparison.png")
+    print(md_path.read_text())
+    print(f"Wrote {csv_path}, {md_path}, {png_path}")
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if logger_cfg.get("name") == "wandb":
+        import wandb
+
+        Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
+        with wandb.init(project=logger_cfg["project"], name=f"compare-{backbone.name}-{cfg.split}",
+                        mode=wandb_mode(logger_cfg.get("mode", "auto")), dir=logger_cfg["save_dir"],
+                        config=OmegaConf.to_container(cfg, resolve=True)) as run:
+            run.log({"comparison": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
+                     "comparison_chart": wandb.Image(str(png_path))})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

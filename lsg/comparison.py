@@ -1,0 +1,243 @@
+"""Joint comparison of gates and gate stacks on one evaluation split (SPEC section 6).
+
+A gate spec is a string: `name[@layers][:arg]`, stacks joined by `+`.
+
+    none                        the unmodified backbone
+    var  vaf  spear  outro      training-free gates at their default layers for this depth
+    vaf@8-13                    explicit layers ("8-13", "3,7,10" or "10")
+    lsg:checkpoints/smol-llava/lsg-L10.safetensors     a trained gate (layer from its metadata)
+    oracle@10:0.3               KeyScaleGate.oracle(alpha=0.3) at layer 10 (SPEC section 4)
+    lsg:ckpt_a+lsg:ckpt_b+var@2-5                      a stack mixing trained and training-free gates
+
+Hyperparameters of a named gate come from `conf/gate/<name>.yaml`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from lsg import gates as gate_registry
+from lsg.attach import attach
+from lsg.backbones import Backbone
+from lsg.data import VQARecord
+from lsg.embedded import REPO_ROOT
+from lsg.evaluation import EvalResult, comparison_rows, evaluate
+from lsg.gates.base import Gate
+
+GATE_CONF_DIR = REPO_ROOT / "conf" / "gate"
+
+
+@dataclass
+class GateStack:
+    """A parsed spec: `{layer: [gates]}` plus what identifies it for caching."""
+
+    spec: str
+    layers: dict[int, list[Gate]]
+    identity: dict
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """"10" -> [10]; "3-7" -> [3..7]; "3,7,10" -> [3, 7, 10]. Raises ValueError on bad syntax/range."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"Bad layer list {text!r}: use '10', '3-7' or '3,7,10'.") from None
+    bad = [l for l in out if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"Layers {bad} are out of range for a backbone with {num_layers} decoder layers.")
+    return out
+
+
+def gate_config(name: str, backbone_cfg: dict) -> dict:
+    """`conf/gate/<name>.yaml` resolved against the backbone's config (for `${model.*}`)."""
+    path = GATE_CONF_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"Unknown gate {name!r}. Known gates: none, oracle, "
+                         f"{', '.join(p.stem for p in sorted(GATE_CONF_DIR.glob('*.yaml')))}.")
+    root = OmegaConf.create({"model": backbone_cfg, "gate": OmegaConf.load(path)})
+    return OmegaConf.to_container(root.gate, resolve=True)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict) -> GateStack:
+    """Build the gates of one spec (see the module docstring).
+
+    Raises:
+        ValueError: unknown gate, bad layers, a checkpoint for another backbone or sink setup.
+        FileNotFoundError: a checkpoint path that does not exist.
+    """
+    layers: dict[int, list[Gate]] = {}
+    parts = []
+    if spec.strip() == "none":
+        return GateStack("none", {}, {"spec": "none"})
+    for element in spec.split("+"):
+        head, _, arg = element.strip().partition(":")
+        name, _, layer_text = head.partition("@")
+        if name == "lsg":
+            if not arg:
+                raise ValueError(f"{element!r}: give the trained gate's checkpoint, e.g. lsg:checkpoints/"
+                                 f"{backbone.name}/lsg-L10.safetensors")
+            gate = Gate.load(arg, backbone=backbone.name, sinks=backbone.sinks.to_dict())
+            chosen = parse_layers(layer_text, backbone.num_layers) if layer_text else [gate.metadata["layer"]]
+            ident = {"gate": "lsg", "checkpoint": _file_digest(Path(arg)), "layers": chosen}
+        elif name == "oracle":
+            if not layer_text or not arg:
+                raise ValueError(f"{element!r}: the oracle needs a layer and alpha, e.g. oracle@10:0.3")
+            gate = gate_registry.KeyScaleGate.oracle(float(arg), backbone_cfg.get("lsg_grouping", "vsink-rest"))
+            chosen = parse_layers(layer_text, backbone.num_layers)
+            ident = {"gate": "keyscale", "config": gate.config(), "layers": chosen}
+        else:
+            cfg = gate_config(name, backbone_cfg)
+            cfg.pop("name")
+            default = cfg.pop("layers", "auto")
+            gate = gate_registry.get(name, **cfg)
+            if layer_text:
+                chosen = parse_layers(layer_text, backbone.num_layers)
+            elif default == "auto" and hasattr(gate, "default_layers"):
+                chosen = gate.default_layers(backbone.num_layers)
+            elif default != "auto":
+                chosen = parse_layers(str(default), backbone.num_layers)
+            else:
+                raise ValueError(f"{element!r}: gate {name!r} has no default layers; give them, e.g. {name}@10.")
+            ident = {"gate": name, "config": gate.config(), "layers": chosen}
+        for layer in chosen:
+            layers.setdefault(layer, []).append(gate)
+        parts.append(ident)
+    return GateStack(spec, layers, {"spec": parts})
+
+
+def cache_key(stack: GateStack, backbone: Backbone, data_cfg: dict, split: str, n: int) -> str:
+    blob = json.dumps({"stack": stack.identity, "backbone": backbone.name, "dtype": str(backbone.model.dtype),
+                       "sinks": backbone.sinks.to_dict(), "data": data_cfg, "split": split, "n": n}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached_evaluate(stack: GateStack, backbone: Backbone, records: Sequence[VQARecord], cache_dir: Path,
+                    key: str, batch_size: int) -> tuple[EvalResult, bool]:
+    """Evaluate once per (stack, split); later calls read `cache_dir/<key>.json`."""
+    path = Path(cache_dir) / f"{key}.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        return EvalResult(d["accuracy"], d["counts"], d["predictions"], d["elapsed_s"]), True
+    result = evaluate(backbone, records, stack.layers or None, batch_size, progress=stack.spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**result.as_dict(), "predictions": result.predictions, "spec": stack.spec}))
+    tmp.replace(path)
+    return result, False
+
+
+@torch.no_grad()
+def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack | None, repeats: int = 1) -> float:
+    """Seconds per prefill forward over `batches` (mean of `repeats` passes, after one warm-up)."""
+    from contextlib import nullcontext
+
+    with attach(backbone, stack.layers) if stack and stack.layers else nullcontext():
+        backbone.model(**batches[0])
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for batch in batches:
+                backbone.model.model(**batch)
+        return (time.perf_counter() - start) / (repeats * len(batches))
+
+
+def write_table(rows: list[dict], tasks: list[str], out_dir: Path) -> tuple[Path, Path]:
+    """Write `comparison.csv` and `comparison.md` (accuracy %, delta in points)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / "comparison.csv", out_dir / "comparison.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = tasks + ["overall"]
+    lines = ["| gate | " + " | ".join(cols) + " | wall s | overhead x |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        cells = [f"{r[t]:.1f}" if r["method"] == "baseline" else f"{r[t]:.1f} ({r[t + '_delta']:+.1f})" for t in cols]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['elapsed_s']:.1f} | {r['overhead']:.2f} |")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path:
+    """Heatmap of accuracy delta (points) vs baseline: gates x sub-tasks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = tasks + ["overall"]
+    gated = [r for r in rows if r["method"] != "baseline"]
+    data = [[r[f"{t}_delta"] for t in cols] for r in gated]
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.5 * len(gated) + 1.8))
+    vmax = max(1.0, max((abs(v) for row in data for v in row), default=1.0))
+    im = ax.imshow(data, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(gated)), [r["method"] if len(r["method"]) < 40 else r["method"][:37] + "..."
+                                      for r in gated])
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="accuracy delta vs baseline (points)")
+    ax.set_title("Gate effect per sub-task")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], records: Sequence[VQARecord],
+            data_cfg: dict, split: str, out_dir: Path, batch_size: int = 32, timing_batches: int = 4,
+            timing_repeats: int = 2) -> tuple[list[dict], list[str]]:
+    """Evaluate every spec on the same records; returns table rows and sub-task names.
+
+    Baseline answers are computed once (and cached); each stack's results are cached per
+    (stack, split) under `out_dir/cache`, so a re-run or an interrupted run resumes.
+    Overhead is measured in this run: prefill time per batch with the stack / without.
+    """
+    from lsg.evaluation import mc_records
+
+    records = mc_records(records)
+    stacks = [parse_stack(s, backbone, backbone_cfg) for s in specs]
+    if not any(s.spec == "none" for s in stacks):
+        stacks.insert(0, GateStack("none", {}, {"spec": "none"}))
+    stacks.sort(key=lambda s: s.spec != "none")  # the baseline row first
+    results = {}
+    for stack in stacks:
+        key = cache_key(stack, backbone, data_cfg, split, len(records))
+        results[stack.spec], hit = cached_evaluate(stack, backbone, records, out_dir / "cache", key, batch_size)
+        print(f"{stack.spec}: overall {100 * results[stack.spec].overall:.1f}%"
+              f" ({'cached' if hit else f'{results[stack.spec].elapsed_s:.1f} s'})", flush=True)
+    timing = [backbone.build_batch(*_images_and_questions(records[i * batch_size:(i + 1) * batch_size]))
+              for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
+    base_s = time_forward(backbone, timing, None, timing_repeats)
+    baseline = results.pop("none")
+    rows = comparison_rows(baseline, results)
+    for row, stack in zip(rows, stacks):
+        row["overhead"] = 1.0 if stack.spec == "none" else time_forward(backbone, timing, stack, timing_repeats) / base_s
+        row["prefill_ms_per_batch"] = 1000 * base_s * row["overhead"]
+    return rows, sorted(baseline.counts)
+
+
+def _images_and_questions(records: Sequence[VQARecord]):
+    from PIL import Image
+
+    images = []
+    for r in records:
+        with Image.open(r.image_path) as im:
+            images.append(im.convert("RGB"))
+    return images, [r.question for r in records]

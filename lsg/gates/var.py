@@ -1,0 +1,162 @@
+"""VAR: Visual Attention Redistribution (Kang et al., ICLR 2025), SPEC section 5."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lsg.context import LayerView
+from lsg.gates.base import Gate, HookPoint, register
+from lsg.sinks import NORMALISATIONS, sink_value
+
+READINGS = ("paper", "code")
+
+
+def fit_columns(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """A `(B, T)` mask cut or padded with False to `(B, n)` (decoded positions are never sinks)."""
+    if mask.shape[1] >= n:
+        return mask[:, :n]
+    return torch.cat([mask, mask.new_zeros(mask.shape[0], n - mask.shape[1])], 1)
+
+
+def prompt_mask(view: LayerView) -> torch.Tensor:
+    """Real prompt tokens `(B, T_total)`: sys, vis and user (never `out`, never padding)."""
+    seg = view.segments
+    return seg.sys | seg.vis | seg.user
+
+
+def llm_sinks(view: LayerView, hidden: torch.Tensor, tau: float | None, normalisation: str | None) -> torch.Tensor:
+    """Prompt tokens `(B, T)` with massive activation entering `view.layer`.
+
+    `tau=None` uses the backbone's sink configuration (`ForwardContext.flagged`); otherwise
+    `phi(x) >= tau` over the backbone's `llm_dims`, normalised by `normalisation` (None = the
+    backbone's). Decoded / answer tokens are never sinks, so a teacher-forced or fully
+    recomputed forward finds the same set as prefill + KV cache.
+
+    Raises:
+        ValueError: the backbone has no LLM sink dimensions configured.
+    """
+    cfg = view.ctx.sinks
+    if tau is None:
+        flagged = view.ctx.flagged(view.layer)
+    else:
+        if not cfg.llm_dims:
+            raise ValueError("This gate needs LLM sink dimensions, but the backbone has none configured "
+                             "(model.sinks.llm_dims): calibrate them (SPEC section 7).")
+        flagged = sink_value(hidden, cfg.llm_dims, normalisation or cfg.normalisation) >= tau
+    flagged = flagged.to(view.segments.vis.device)
+    return fit_columns(flagged, hidden.shape[1]) & fit_columns(prompt_mask(view), hidden.shape[1])
+
+
+@register
+class VARGate(Gate):
+    """Recycle attention from sink tokens into the visual non-sink tokens of image-centric
+    (head, query) pairs (Kang et al. 2025, Sec. 5; SPEC section 5 "VAR").
+
+    At the layer it is attached to (default layers 2..L-2, the last layer skipped):
+
+    1. Sinks `S`: real prompt tokens, text and visual, with `phi(x_j) >= tau` entering the
+       layer, found at prefill and kept for decoding (decoded tokens are never sinks).
+    2. For each head h and query row i in `user`/`out`: `m_vis = sum_{j in vis} a_ij`,
+       `r = sum_{j in vis \\ S} a_ij / m_vis` (paper Eq. 3). The pair is image-centric if
+       `m_vis >= min_visual_mass` (Sec. 5.1: heads with visual mass < 0.2 are discarded) and
+       `r >= rho`.
+    3. Image-centric pairs: `a_ij <- (1 - p) a_ij` for `j in S`; the budget
+       `Omega = p * sum_{j in S} a_ij` is added to `j in vis \\ S` in proportion to `a_ij`
+       (Sec. 5.2 and Eq. 4). Rows still sum to 1; every other pair is left bit-identical.
+
+    Which sinks give up mass: all of `S`, text sinks (BOS, `.`, `\\n`) included, not only
+    the visual sinks. The paper defines `Ǐ^l` as every token with `phi >= tau`, "visual
+    and text tokens" (Sec. 4.1), uses the visual subset `Ǐ_vis^l` only in the ratio of
+    Eq. 3 and in the receiving set of Eq. 4, and takes the budget over `j in Ǐ^l`
+    (Sec. 5.2: `Omega = p * sum_{j in Ǐ} alpha_ij`). The released code agrees (it scales
+    text and visual sinks alike).
+
+    `reading="code"` reproduces the released code (MICV-yonsei/VisAttnSink, `HeadFork` and
+    `VARProcessor.attn_redist`) instead:
+    - selection: the visual *sink share* `1 - r = sum_{j in vis ∩ S} a_ij / m_vis` must be
+      `<= rho` (so `rho` bounds the sink share; `rho_code = 1 - rho_paper` selects the same
+      pairs up to ties), with `m_vis >= min_visual_mass`, and nothing is selected for a
+      sample without any visual sink at this layer;
+    - redistribution: sinks keep `p` of their weight (`a_ij <- p a_ij`) and the moved
+      budget is `(1 - p) * sum_{j in S} a_ij`, i.e. `p` is the kept, not the moved, share.
+    The code's `1e-6` smoothing of the sink share and its batch-size-1 index bookkeeping
+    are not reproduced.
+
+    A pair whose visual non-sink mass is zero is never selected (nothing to receive Omega).
+
+    Args:
+        p: share of the sink mass moved (paper; 0.6, App. B.2), or kept (`reading="code"`).
+        rho: image-centric threshold: 0.8 general VL (default), 0.5 hallucination, 0.9
+            vision-centric (App. B.2).
+        min_visual_mass: minimum `m_vis` of a selected pair (0.2, Sec. 5.1).
+        tau: sink threshold on `phi` (20 with rms normalisation, Sec. 4.1 / App. B.2);
+            None = the backbone's own sink config (`model.sinks`).
+        normalisation: "rms" (VAR) or "raw"; used only when `tau` is given.
+        reading: "paper" (SPEC default) or "code".
+    """
+
+    name = "var"
+    hook_points = frozenset({HookPoint.HIDDEN, HookPoint.WEIGHTS})
+
+    def __init__(self, p: float = 0.6, rho: float = 0.8, min_visual_mass: float = 0.2, tau: float | None = 20.0,
+                 normalisation: str = "rms", reading: str = "paper"):
+        super().__init__()
+        if reading not in READINGS:
+            raise ValueError(f"Unknown VAR reading {reading!r}; known: {', '.join(READINGS)}.")
+        if normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}.")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}.")
+        self.p, self.rho, self.min_visual_mass = float(p), float(rho), float(min_visual_mass)
+        self.tau = None if tau is None else float(tau)
+        self.normalisation, self.reading = normalisation, reading
+
+    @staticmethod
+    def default_layers(num_layers: int) -> list[int]:
+        """Layers 2..L-2: from where massive activations emerge (App. A.2) to the
+        penultimate layer (the last layer is skipped, Sec. 5.1 / SPEC)."""
+        return list(range(2, num_layers - 1))
+
+    def config(self) -> dict[str, Any]:
+        return {"p": self.p, "rho": self.rho, "min_visual_mass": self.min_visual_mass, "tau": self.tau,
+                "normalisation": self.normalisation, "reading": self.reading}
+
+    def prepare(self, view: LayerView, hidden: torch.Tensor) -> torch.Tensor:
+        """Sinks `S` `(B, T_prefill)`."""
+        return llm_sinks(view, hidden, self.tau, self.normalisation)
+
+    def matrix_rows(self, view: LayerView, sinks: torch.Tensor) -> torch.Tensor:
+        seg = view.segments
+        return (seg.user | seg.out)[:, view.query_slice]
+
+    def selected(self, view: LayerView, sinks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Image-centric pairs `(B, H, T_q)` of `weights` `(B, H, T_q, T_kv)`."""
+        n_kv = weights.shape[-1]
+        a = weights.float()
+        vis = fit_columns(view.segments.vis, n_kv)[:, None, None, :]
+        sink = fit_columns(sinks, n_kv).to(vis.device)[:, None, None, :]
+        m_vis = (a * vis).sum(-1)
+        m_rest = (a * (vis & ~sink)).sum(-1)
+        rows = self.matrix_rows(view, sinks)[:, None, :]
+        ok = rows & (m_vis >= self.min_visual_mass) & (m_vis > 0) & (m_rest > 0)
+        if self.reading == "paper":
+            return ok & (m_rest / m_vis.clamp_min(torch.finfo(a.dtype).tiny) >= self.rho)  # Eq. 3: r >= rho
+        share = (a * (vis & sink)).sum(-1) / m_vis.clamp_min(torch.finfo(a.dtype).tiny)
+        has_vis_sink = (vis & sink).flatten(1).any(1)[:, None, None]
+        return ok & has_vis_sink & (share <= self.rho)
+
+    def edit_weights(self, view: LayerView, sinks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n_kv = weights.shape[-1]
+        a = weights.float()
+        vis = fit_columns(view.segments.vis, n_kv)[:, None, None, :]
+        sink = fit_columns(sinks, n_kv).to(vis.device)[:, None, None, :]
+        rest = vis & ~sink
+        moved = self.p if self.reading == "paper" else 1.0 - self.p
+        budget = moved * (a * sink).sum(-1, keepdim=True)  # Omega
+        m_rest = (a * rest).sum(-1, keepdim=True)
+        gain = torch.where(rest, a * budget / m_rest.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
+        new = torch.where(sink, (1.0 - moved) * a, a) + gain
+        chosen = self.selected(view, sinks, weights)[..., None]
+        return torch.where(chosen, new.to(weights.dtype), weights)
