@@ -1,0 +1,70 @@
+"""compare.py machinery: spec parsing, caching, tables, chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lsg.backbones import backbone_config
+from lsg.comparison import compare, parse_layers, parse_stack, plot_deltas, write_table
+from lsg.datamodule import load_records
+from lsg.gates import KeyScaleGate, LSGGate, VAFGate
+
+
+def test_parse_layers():
+    assert parse_layers("10", 30) == [10]
+    assert parse_layers("3-5", 30) == [3, 4, 5]
+    assert parse_layers("3,7,10", 30) == [3, 7, 10]
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("29-31", 30)
+    with pytest.raises(ValueError, match="Bad layer list"):
+        parse_layers("a-b", 30)
+
+
+def test_parse_stack_builds_mixed_stacks(tmp_path, tiny):
+    cfg = backbone_config("tiny-random")
+    ckpt = LSGGate(tiny.hidden_size, cfg["lsg_grouping"]).save(
+        tmp_path / "g.safetensors", backbone="tiny-random", layer=2, sinks=tiny.sinks.to_dict())
+    stack = parse_stack(f"lsg:{ckpt}+vaf@1+oracle@3:0.25", tiny, cfg)
+    assert sorted(stack.layers) == [1, 2, 3]
+    assert isinstance(stack.layers[2][0], LSGGate) and isinstance(stack.layers[1][0], VAFGate)
+    assert stack.layers[3][0].coefficients.tolist() == [0.25, 0.75, 0.75]
+    assert parse_stack("vaf", tiny, cfg).layers.keys() == set(VAFGate.default_layers(tiny.num_layers))
+    with pytest.raises(ValueError, match="Unknown gate 'nope'"):
+        parse_stack("nope", tiny, cfg)
+    with pytest.raises(ValueError, match="needs a layer and alpha"):
+        parse_stack("oracle", tiny, cfg)
+    other = LSGGate(tiny.hidden_size).save(tmp_path / "o.safetensors", backbone="smol-llava", layer=2)
+    with pytest.raises(ValueError, match="backbone='smol-llava'"):
+        parse_stack(f"lsg:{other}", tiny, cfg)
+
+
+def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monkeypatch):
+    cfg = backbone_config("tiny-random")
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
+    records = load_records(data, "val")
+    specs = ["none", "vaf@1", "oracle@2:0.0"]
+    rows, tasks = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
+                          timing_batches=1, timing_repeats=1)
+    assert [r["method"] for r in rows] == ["baseline", "vaf@1", "oracle@2:0.0"]
+    assert rows[0]["overhead"] == 1.0 and all(r["overhead"] > 0 for r in rows)
+    cached = sorted((tmp_path / "out" / "cache").glob("*.json"))
+    assert len(cached) == 3
+    # Recompute overall accuracy from the cached predictions, independently of the table.
+    for path in cached:
+        d = json.loads(path.read_text())
+        hits = sum(p == r.answer_letter for p, r in zip(d["predictions"], records))
+        row = next(r for r in rows if r["method"] == ("baseline" if d["spec"] == "none" else d["spec"]))
+        assert row["overall"] == pytest.approx(100 * hits / len(records))
+
+    # A re-run evaluates nothing: make evaluation fail if it is called.
+    import lsg.comparison as comparison
+
+    monkeypatch.setattr(comparison, "evaluate", lambda *a, **k: pytest.fail("cache not used"))
+    rows2, _ = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
+                       timing_batches=1, timing_repeats=1)
+    assert [r["overall"] for r in rows2] == [r["overall"] for r in rows]
+    csv_path, md_path = write_table(rows, tasks, tmp_path / "out")
+    assert md_path.read_text().count("\n") == len(rows) + 2
+    assert plot_deltas(rows, tasks, tmp_path / "out" / "c.png").stat().st_size > 1000

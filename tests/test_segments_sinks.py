@@ -1,0 +1,70 @@
+"""Segments (SPEC section 1) and sink values (SPEC section 2) against direct computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsg.segments import Segments, last_prompt_positions
+from lsg.sinks import SinkConfig, sink_value
+
+IMG = 9
+
+
+def test_segments_of_a_hand_written_batch_under_left_and_right_padding():
+    # sys sys img img user user | answer answer ; second sample one token shorter prompt.
+    rows = [[1, 2, IMG, IMG, 3, 4, 5, 6], [1, IMG, IMG, 3, 4, 5, 6]]
+    answers = [2, 2]
+    for side in ("left", "right"):
+        width = 8
+        ids = torch.zeros(2, width, dtype=torch.long)
+        mask = torch.zeros(2, width, dtype=torch.long)
+        labels = torch.full((2, width), -100)
+        for b, r in enumerate(rows):
+            start = width - len(r) if side == "left" else 0
+            ids[b, start:start + len(r)] = torch.tensor(r)
+            mask[b, start:start + len(r)] = 1
+            labels[b, start + len(r) - answers[b]:start + len(r)] = torch.tensor(r[-answers[b]:])
+        seg = Segments.from_batch(ids, mask, IMG, labels)
+        assert seg.sys.sum(1).tolist() == [2, 1]
+        assert seg.vis.sum(1).tolist() == [2, 2]
+        assert seg.user.sum(1).tolist() == [2, 2]
+        assert seg.out.sum(1).tolist() == [2, 2]
+        offset = torch.tensor([0, 1]) if side == "left" else torch.tensor([0, 0])
+        assert (seg.last_prompt - offset).tolist() == [5, 4]
+        assert not (seg.sys & seg.vis).any() and not (seg.user & seg.out).any()
+        assert ((seg.sys | seg.vis | seg.user | seg.out) == mask.bool()).all()
+
+
+def test_last_prompt_without_labels_is_the_last_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert last_prompt_positions(mask).tolist() == [4, 3]
+
+
+def test_extend_adds_out_tokens():
+    seg = Segments.from_batch(torch.tensor([[1, IMG, 3]]), None, IMG)
+    grown = seg.extend(2)
+    assert grown.out[0].tolist() == [False, False, False, True, True]
+    assert grown.vis[0].tolist() == [False, True, False, False, False]
+
+
+def test_sink_value_raw_and_rms_match_direct_computation():
+    x = torch.randn(2, 5, 16)
+    x[0, 0, 3] = 50.0
+    raw = sink_value(x, [3, 7], "raw")
+    torch.testing.assert_close(raw, torch.maximum(x[..., 3].abs(), x[..., 7].abs()))
+    rms = sink_value(x, [3, 7], "rms")
+    torch.testing.assert_close(rms, raw / x.pow(2).mean(-1).sqrt())
+    assert rms[0, 0] > 3.0  # one 50 among 16 unit-scale dims is ~4 x the rms
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"normalisation": "l2"}, "normalisation"), ({"lsink_scope": "all"}, "lsink_scope")])
+def test_bad_sink_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SinkConfig(**kwargs)
+
+
+def test_sink_value_rejects_out_of_range_dims():
+    with pytest.raises(ValueError, match="out of range for hidden size 16"):
+        sink_value(torch.zeros(1, 16), [16])
