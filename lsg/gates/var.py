@@ -54,14 +54,15 @@ class VARGate(Gate):
     """Recycle attention from sink tokens into the visual non-sink tokens of image-centric
     (head, query) pairs (Kang et al. 2025, Sec. 5; SPEC section 5 "VAR").
 
-    At the layer it is attached to (default layers 2..L-2, the last layer skipped):
+    At the layer it is attached to (default layers 2..L-2: the last layer is skipped, Sec. 6.1):
 
     1. Sinks `S`: real prompt tokens, text and visual, with `phi(x_j) >= tau` entering the
        layer, found at prefill and kept for decoding (decoded tokens are never sinks).
     2. For each head h and query row i in `user`/`out`: `m_vis = sum_{j in vis} a_ij`,
        `r = sum_{j in vis \\ S} a_ij / m_vis` (paper Eq. 3). The pair is image-centric if
        `m_vis >= min_visual_mass` (Sec. 5.1: heads with visual mass < 0.2 are discarded) and
-       `r >= rho`.
+       `r >= rho`. (The paper edits every text row, Sec. 5.2; `sys` rows precede the image
+       and have `m_vis = 0`, so this is the same set.)
     3. Image-centric pairs: `a_ij <- (1 - p) a_ij` for `j in S`; the budget
        `Omega = p * sum_{j in S} a_ij` is added to `j in vis \\ S` in proportion to `a_ij`
        (Sec. 5.2 and Eq. 4). Rows still sum to 1; every other pair is left bit-identical.
@@ -84,14 +85,16 @@ class VARGate(Gate):
     The code's `1e-6` smoothing of the sink share and its batch-size-1 index bookkeeping
     are not reproduced.
 
-    A pair whose visual non-sink mass is zero is never selected (nothing to receive Omega).
+    Without a visual sink at the layer, `r = 1` (Eq. 3): every pair with enough visual mass
+    is image-centric and the text sinks' budget goes to the image. A pair whose visual
+    non-sink mass is zero is never selected (nothing would receive Omega).
 
     Args:
-        p: share of the sink mass moved (paper; 0.6, App. B.2), or kept (`reading="code"`).
+        p: share of the sink mass moved (paper; 0.6, Sec. 6.1), or kept (`reading="code"`).
         rho: image-centric threshold: 0.8 general VL (default), 0.5 hallucination, 0.9
-            vision-centric (App. B.2).
+            vision-centric (Sec. 6.1, App. B.2).
         min_visual_mass: minimum `m_vis` of a selected pair (0.2, Sec. 5.1).
-        tau: sink threshold on `phi` (20 with rms normalisation, Sec. 4.1 / App. B.2);
+        tau: sink threshold on `phi` (20 with rms normalisation, Sec. 4.1 / 6.1);
             None = the backbone's own sink config (`model.sinks`).
         normalisation: "rms" (VAR) or "raw"; used only when `tau` is given.
         reading: "paper" (SPEC default) or "code".
@@ -116,7 +119,7 @@ class VARGate(Gate):
     @staticmethod
     def default_layers(num_layers: int) -> list[int]:
         """Layers 2..L-2: from where massive activations emerge (App. A.2) to the
-        penultimate layer (the last layer is skipped, Sec. 5.1 / SPEC)."""
+        penultimate layer (the last layer is skipped, Sec. 6.1 / SPEC)."""
         return list(range(2, num_layers - 1))
 
     def config(self) -> dict[str, Any]:
@@ -131,32 +134,39 @@ class VARGate(Gate):
         seg = view.segments
         return (seg.user | seg.out)[:, view.query_slice]
 
-    def selected(self, view: LayerView, sinks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Image-centric pairs `(B, H, T_q)` of `weights` `(B, H, T_q, T_kv)`."""
+    def masses(self, view: LayerView, sinks: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Attention mass `(B, H, T_q)` of each query row on vis, vis ∩ S, vis \\ S and S, in float32.
+
+        Column sums are matrix products with the `(B, 1, T_kv, 1)` masks, so no
+        weight-sized temporary is made."""
         n_kv = weights.shape[-1]
+        vis = fit_columns(view.segments.vis, n_kv)
+        sink = fit_columns(sinks, n_kv).to(vis.device)
+        cols = {"vis": vis, "vis_sink": vis & sink, "vis_rest": vis & ~sink, "sink": sink}
         a = weights.float()
-        vis = fit_columns(view.segments.vis, n_kv)[:, None, None, :]
-        sink = fit_columns(sinks, n_kv).to(vis.device)[:, None, None, :]
-        m_vis = (a * vis).sum(-1)
-        m_rest = (a * (vis & ~sink)).sum(-1)
+        return {k: (a @ m[:, None, :, None].float()).squeeze(-1) for k, m in cols.items()}
+
+    def selected(self, view: LayerView, sinks: torch.Tensor, weights: torch.Tensor,
+                 masses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Image-centric pairs `(B, H, T_q)` of `weights` `(B, H, T_q, T_kv)`."""
+        m = masses if masses is not None else self.masses(view, sinks, weights)
+        m_vis = m["vis"].clamp_min(torch.finfo(torch.float32).tiny)
         rows = self.matrix_rows(view, sinks)[:, None, :]
-        ok = rows & (m_vis >= self.min_visual_mass) & (m_vis > 0) & (m_rest > 0)
+        ok = rows & (m["vis"] >= self.min_visual_mass) & (m["vis"] > 0) & (m["vis_rest"] > 0)
         if self.reading == "paper":
-            return ok & (m_rest / m_vis.clamp_min(torch.finfo(a.dtype).tiny) >= self.rho)  # Eq. 3: r >= rho
-        share = (a * (vis & sink)).sum(-1) / m_vis.clamp_min(torch.finfo(a.dtype).tiny)
-        has_vis_sink = (vis & sink).flatten(1).any(1)[:, None, None]
-        return ok & has_vis_sink & (share <= self.rho)
+            return ok & (m["vis_rest"] / m_vis >= self.rho)  # Eq. 3: r >= rho
+        n_kv = weights.shape[-1]
+        has_vis_sink = (fit_columns(view.segments.vis, n_kv) & fit_columns(sinks, n_kv)).any(1)[:, None, None]
+        return ok & has_vis_sink & (m["vis_sink"] / m_vis <= self.rho)  # code: sink share <= rho
 
     def edit_weights(self, view: LayerView, sinks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_kv = weights.shape[-1]
-        a = weights.float()
-        vis = fit_columns(view.segments.vis, n_kv)[:, None, None, :]
-        sink = fit_columns(sinks, n_kv).to(vis.device)[:, None, None, :]
-        rest = vis & ~sink
+        m = self.masses(view, sinks, weights)
         moved = self.p if self.reading == "paper" else 1.0 - self.p
-        budget = moved * (a * sink).sum(-1, keepdim=True)  # Omega
-        m_rest = (a * rest).sum(-1, keepdim=True)
-        gain = torch.where(rest, a * budget / m_rest.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
-        new = torch.where(sink, (1.0 - moved) * a, a) + gain
-        chosen = self.selected(view, sinks, weights)[..., None]
-        return torch.where(chosen, new.to(weights.dtype), weights)
+        omega = moved * m["sink"]  # (B, H, T_q)
+        gain = omega / m["vis_rest"].clamp_min(torch.finfo(torch.float32).tiny)  # Eq. 4, on vis minus S
+        sink = fit_columns(sinks, n_kv).to(weights.device)[:, None, None, :].float()
+        rest = fit_columns(view.segments.vis, n_kv)[:, None, None, :].float() * (1.0 - sink)
+        factor = 1.0 - moved * sink + rest * gain[..., None]  # (B, H, T_q, T_kv)
+        chosen = self.selected(view, sinks, weights, m)[..., None]
+        return torch.where(chosen, (weights.float() * factor).to(weights.dtype), weights)

@@ -1,0 +1,257 @@
+"""Sink causal interventions (SPEC section 5, SPEAR section 4) against attention computed by hand.
+
+Also holds the hand-attention and generation helpers that test_var.py and test_outro.py use.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import lsg
+from lsg.context import ForwardContext, LayerView
+from lsg.gates.interventions import KeyKnockoutGate, MeanValueGate, ZeroValueGate
+from lsg.segments import Segments
+from lsg.sinks import SinkConfig
+from tests.conftest import samples
+
+LAYER = 2
+
+
+# --------------------------------------------------------------------------- helpers (shared)
+
+
+def hand_segments(bb, batch):
+    """(vis, prompt, real) `(B, T)` from the raw batch, independent of lsg.segments: prompt =
+    real tokens without a label, vis = image placeholders."""
+    real = batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    prompt = real if labels is None else real & (labels == -100)
+    return (batch["input_ids"] == bb.image_token_id) & real, prompt, real
+
+
+def hand_sinks(bb, x, prompt, tau=None):
+    """Prompt tokens with `phi_rms(x) >= tau` over the backbone's llm_dims (tau: the backbone's)."""
+    cfg = bb.sinks
+    phi = x[..., cfg.llm_dims].abs().amax(-1) / x.pow(2).mean(-1).sqrt()
+    return (phi >= (cfg.tau_llm if tau is None else tau)) & prompt
+
+
+def layer_input(bb, batch, layer):
+    """Hidden state `(B, T, D)` entering `layer` in the unmodified backbone."""
+    with torch.no_grad():
+        out = bb.model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+    return out.hidden_states[layer]
+
+
+def causal_allowed(attention_mask):
+    """`(B, T, T)` causal mask over real keys, True = may attend."""
+    T = attention_mask.shape[1]
+    return torch.ones(T, T).tril().bool()[None] & attention_mask.bool()[:, None, :]
+
+
+@torch.no_grad()
+def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None):
+    """Self-attention output `(B, T, D)` of decoder layer `layer` from its input `x`.
+
+    Args:
+        allowed: `(B, T, T)` bool mask, True = may attend.
+        edit_values: `v (B, H_kv, T, d) -> v`, applied before attention.
+        edit_heads: `(o (B, T, H, d), v (B, H_kv, T, d)) -> o`, applied before o_proj.
+    """
+    layer_mod = bb.model.model.language_model.layers[layer]
+    attn = layer_mod.self_attn
+    B, T, _ = x.shape
+    h = layer_mod.input_layernorm(x)
+    d = attn.head_dim
+    q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
+    k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(B, T, -1, d).transpose(1, 2)
+    cos, sin = bb.model.model.language_model.rotary_emb(h, torch.arange(T)[None].expand(B, -1))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if edit_values is not None:
+        v = edit_values(v)
+    rep = q.shape[1] // k.shape[1]
+    weights = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / d**0.5)
+    weights = weights.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    o = (weights @ v.repeat_interleave(rep, 1)).transpose(1, 2)  # (B, T, H, d)
+    if edit_heads is not None:
+        o = edit_heads(o, v)
+    return attn.o_proj(o.reshape(B, T, -1))
+
+
+@torch.no_grad()
+def attention_outputs(bb, batch, gates, layers):
+    """Self-attention outputs `{layer: (B, T, D)}` of a forward with `gates` attached (labels
+    passed, so answers are `out`)."""
+    captured, handles = {}, []
+    for layer in layers:
+        def keep(module, args, output, layer=layer):
+            captured[layer] = output[0]
+        handles.append(bb.model.model.language_model.layers[layer].self_attn.register_forward_hook(keep))
+    try:
+        with lsg.attach(bb, gates) if gates else nullcontext():
+            bb.model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def assert_cache_matches_recompute(bb, gates, new_tokens=6):
+    """Greedy decoding through the KV cache gives the same tokens and next-token logits as
+    recomputing the whole sequence at every step.
+
+    The recompute passes labels on the generated positions, so they are `out` tokens
+    exactly as in the cached decode steps (without labels every token would be prompt).
+    Logits are compared because the tiny random model's argmax rarely moves.
+    """
+    images, questions, _ = samples(3)
+    batch = bb.build_batch(images, questions, padding_side="left")
+    width = batch["input_ids"].shape[1]
+    with lsg.attach(bb, gates):
+        gen = bb.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                output_logits=True, return_dict_in_generate=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for step in range(new_tokens):
+            labels = ids.clone()
+            labels[:, :width] = -100
+            logits = bb.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                              position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
+                              use_cache=False).logits[:, -1]
+            torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-4)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(gen.sequences, ids)
+    base = bb.model(**batch).logits[:, -1]
+    assert (gen.logits[0] - base).abs().max() > 1e-4, "the gates must change the first answer token's logits"
+
+
+@torch.no_grad()
+def logits_with(bb, batch, gates):
+    with lsg.attach(bb, gates):
+        return bb.model(**batch).logits
+
+
+def toy_view(T=8, prompt_len=6, layer=0, n_prefill=None):
+    """A LayerView over one sample: sys [0, 1], vis [2, 3], user [4, prompt_len), out after.
+    Sinks config: dim 0, raw, tau 10."""
+    ids = torch.zeros(1, T, dtype=torch.long)
+    ids[0, 2:4] = 7
+    labels = torch.full((1, T), -100)
+    labels[0, prompt_len:] = 1
+    seg = Segments.from_batch(ids, None, 7, labels)
+    ctx = ForwardContext(seg, SinkConfig(llm_dims=[0], tau_llm=10.0), n_prefill=n_prefill or T)
+    return LayerView(layer, ctx, 0, T, is_prefill=True)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("keys,queries", [("sinks", "user_out"), ("visual_sinks", "text"), ("sys_sinks", "all")])
+def test_knockout_equals_attention_with_hand_masked_keys(tiny, tiny_eager, batch, impl, keys, queries):
+    bb = tiny if impl == "sdpa" else tiny_eager
+    vis, prompt, real = hand_segments(bb, batch)
+    x = layer_input(bb, batch, LAYER)
+    sinks = hand_sinks(bb, x, prompt)
+    chosen = {"sinks": sinks, "visual_sinks": sinks & vis, "sys_sinks": sinks & ~vis & (vis.cumsum(1) == 0)}[keys]
+    rows = {"user_out": real & (vis.cumsum(1) == vis.sum(1, keepdim=True)) & ~vis & (vis.cumsum(1) > 0),
+            "text": real & ~vis, "all": real}[queries]
+    assert chosen.any() and rows.any()
+    base = causal_allowed(batch["attention_mask"])
+    knocked = base & ~(rows[:, :, None] & chosen[:, None, :])
+    allowed = torch.where(knocked.any(-1, keepdim=True), knocked, base)  # a row never loses every key
+    expected = attention_by_hand(bb, x, LAYER, allowed)
+    got = attention_outputs(bb, batch, {LAYER: KeyKnockoutGate(keys, queries)}, [LAYER])[LAYER]
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+    changed = (allowed != base).any(-1) & real
+    assert changed.any(), "the knockout must change some rows"
+    unchanged = attention_by_hand(bb, x, LAYER, base)
+    torch.testing.assert_close(got[real & ~changed], unchanged[real & ~changed], atol=1e-5, rtol=1e-4)
+
+
+def test_knockout_skips_a_row_that_would_lose_every_key():
+    view = toy_view()
+    chosen = torch.zeros(1, 8, dtype=torch.bool)
+    chosen[0, 0] = True  # position 0 knocked out for every query: row 0 would see nothing
+    mask = torch.ones(8, 8).tril().bool()[None, None]
+    got = KeyKnockoutGate("sinks", "all").edit_mask(view, chosen, mask)
+    assert got[0, 0, 0].tolist() == mask[0, 0, 0].tolist()
+    assert not got[0, 0, 1:, 0].any()
+    torch.testing.assert_close(got[0, 0, :, 1:], mask[0, 0, :, 1:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_zero_value_equals_attention_with_hand_zeroed_sink_values(tiny, tiny_eager, batch, impl):
+    bb = tiny if impl == "sdpa" else tiny_eager
+    vis, prompt, real = hand_segments(bb, batch)
+    x = layer_input(bb, batch, LAYER)
+    sinks = hand_sinks(bb, x, prompt)
+    assert sinks.any()
+
+    def zero(v):
+        return v.masked_fill(sinks[:, None, :, None], 0.0)
+
+    expected = attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]), edit_values=zero)
+    got = attention_outputs(bb, batch, {LAYER: ZeroValueGate()}, [LAYER])[LAYER]
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_mean_value_equals_attention_with_hand_substituted_sink_values(tiny, tiny_eager, batch, impl):
+    bb = tiny if impl == "sdpa" else tiny_eager
+    vis, prompt, real = hand_segments(bb, batch)
+    x = layer_input(bb, batch, LAYER)
+    sinks = hand_sinks(bb, x, prompt)
+    assert sinks.any() and (batch["labels"] != -100).any(), "need sinks and answer tokens (kept out of the mean)"
+
+    def substitute(v):
+        v = v.clone()
+        for b in range(v.shape[0]):
+            population = prompt[b] & ~sinks[b]
+            mean = v[b][:, population].mean(1)  # (H_kv, d)
+            v[b][:, sinks[b]] = mean[:, None]
+        return v
+
+    expected = attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]), edit_values=substitute)
+    got = attention_outputs(bb, batch, {LAYER: MeanValueGate()}, [LAYER])[LAYER]
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gate_factory", [
+    lambda: KeyKnockoutGate("sinks", "all"),
+    lambda: ZeroValueGate("text_sinks"),
+    lambda: MeanValueGate("sinks"),
+])
+def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_factory):
+    gate = gate_factory()
+    assert_cache_matches_recompute(tiny, {1: gate, LAYER: gate})
+
+
+def test_intervention_leaves_earlier_layers_untouched(tiny, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        base = tiny.model(**inputs, output_hidden_states=True).hidden_states
+        with lsg.attach(tiny, {LAYER: MeanValueGate()}):
+            gated = tiny.model(**inputs, output_hidden_states=True).hidden_states
+    for layer in range(LAYER + 1):
+        torch.testing.assert_close(gated[layer], base[layer], atol=0, rtol=0)
+    assert (gated[LAYER + 1] - base[LAYER + 1]).abs().max() > 1e-4
+
+
+def test_intervention_inputs_get_clear_errors(tiny, batch):
+    with pytest.raises(ValueError, match="Unknown key set"):
+        KeyKnockoutGate("bos")
+    with pytest.raises(ValueError, match="Unknown query set"):
+        KeyKnockoutGate("sinks", "sys")
+    with pytest.raises(ValueError, match="no default layers"):
+        ZeroValueGate.default_layers(4)
+    no_vit = SinkConfig(llm_dims=[0], tau_llm=1.2, normalisation="rms")
+    with pytest.raises(ValueError, match="needs V-sinks"):
+        with torch.no_grad(), lsg.attach(tiny, {LAYER: ZeroValueGate("vsinks")}, sinks=no_vit):
+            tiny.model(**{k: v for k, v in batch.items() if k != "labels"})
