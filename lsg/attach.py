@@ -160,8 +160,9 @@ def attach(
             handles.append(model.model.vision_tower.register_forward_hook(record_vsinks))
         for layer in range(last_hooked + 1):
             handles.append(decoder_layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
-        for layer, group in layer_gates.items():
-            setattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR, attention.LayerBinding(layer, group, run))
+        for layer, attn_layer in enumerate(decoder_layers):  # every layer: ungated ones keep the base path
+            setattr(attn_layer.self_attn, attention.BINDING_ATTR,
+                    attention.LayerBinding(layer, layer_gates.get(layer, []), run))
         model.model.language_model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         setattr(model, RUN_ATTR, run)
         yield run
@@ -169,9 +170,9 @@ def attach(
         model.model.language_model.set_attn_implementation(base)
         for handle in handles:
             handle.remove()
-        for layer in layer_gates:
-            if hasattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR):
-                delattr(decoder_layers[layer].self_attn, attention.BINDING_ATTR)
+        for attn_layer in decoder_layers:
+            if hasattr(attn_layer.self_attn, attention.BINDING_ATTR):
+                delattr(attn_layer.self_attn, attention.BINDING_ATTR)
         run.ctx = None
         if getattr(model, RUN_ATTR, None) is run:
             delattr(model, RUN_ATTR)

@@ -4,7 +4,8 @@
 `AttentionMaskInterface` (without the mask registration transformers would build no
 causal or padding mask for an unknown implementation). Decoder layers whose
 attention module carries a `LayerBinding` (set by `lsg.attach`) apply their gates;
-any other call falls through to the backbone's own implementation.
+ungated layers and calls outside `attach` keep the backbone's own path (SDPA, or the
+explicit eager path, equal to HF eager up to float rounding).
 
 - Gates that touch only keys stay on SDPA: scaling column j's logits by c equals
   scaling `k_j` by c, so the key tensor is rescaled and SDPA runs unchanged.
@@ -159,7 +160,9 @@ def lsg_attention_forward(
     """
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     binding: LayerBinding | None = getattr(module, BINDING_ATTR, None)
-    if binding is None:
+    if binding is None or not binding.gates:  # an ungated layer keeps the backbone's own path
+        if binding is not None and binding.run.base_implementation == "eager":
+            return explicit_attention(module, query, key, value, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     run, gates = binding.run, binding.gates

@@ -105,6 +105,8 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict) -> GateStack:
             cfg = gate_config(name, backbone_cfg)
             cfg.pop("name")
             default = cfg.pop("layers", "auto")
+            if "num_layers" in cfg and cfg["num_layers"] is None:  # depth-scaled defaults (OutRo)
+                cfg["num_layers"] = backbone.num_layers
             gate = gate_registry.get(name, **cfg)
             if layer_text:
                 chosen = parse_layers(layer_text, backbone.num_layers)

@@ -59,7 +59,8 @@ def parse_args():
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--reuse-stage-a", action="store_true",
                    help="load the stage-A tower saved by an earlier run instead of retraining it")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for stage B (0 = torch default)")
+    p.add_argument("--threads-stage-a", type=int, default=0, help="torch threads for stage A (0 = torch default)")
     p.add_argument("--autocast", choices=["bfloat16", "none"], default="bfloat16",
                    help="mixed precision for the forward (bf16 matmuls are ~7x faster on CPUs with AMX)")
     return p.parse_args()
@@ -137,8 +138,8 @@ def evaluate(bb: Backbone, n: int, batch_size: int = 32) -> dict[str, float]:
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads_stage_a:
+        torch.set_num_threads(args.threads_stage_a)
     vision = embedded.VisionTowerConfig()
     lm, tokenizer = embedded.load_smollm2()
     model, processor = embedded.assemble_llava(lm, tokenizer, vision)
@@ -158,6 +159,9 @@ def main():
         save_file({k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()}, stage_a_path)
 
     from peft import get_peft_model, get_peft_model_state_dict
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lora = {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_targets}
     peft_lm = get_peft_model(model.model.language_model, embedded.lora_config(lora))

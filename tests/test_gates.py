@@ -171,20 +171,11 @@ def test_left_and_right_padding_give_same_ratios_and_loss(tiny):
     lambda d: KeyScaleGate([0.2, 1.5, 0.7], "vsink-lsink-ordinary"),
 ])
 def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_factory):
-    images, questions, _ = samples(3)
-    batch = tiny.build_batch(images, questions, padding_side="left")
+    from tests.test_interventions import assert_cache_matches_recompute
+
     gate = gate_factory(tiny.hidden_size)
-    new_tokens = 6
-    with torch.no_grad(), lsg.attach(tiny, {LAYER: gate, 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")}):
-        out = tiny.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        for _ in range(new_tokens):  # greedy, recomputing the whole sequence without a cache
-            position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-            logits = tiny.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                                position_ids=position_ids, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(out, ids)
+    with torch.no_grad():
+        assert_cache_matches_recompute(tiny, {LAYER: gate, 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")})
 
 
 def test_gate_checkpoint_round_trip_and_refusal(tmp_path, tiny, batch):

@@ -64,19 +64,10 @@ def test_layers_without_the_gate_are_unchanged(tiny, batch, gate_cls):
 
 @pytest.mark.parametrize("gate_cls", [VAFGate, SPEARGate])
 def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_cls):
-    images, questions, _ = samples(3)
-    batch = tiny.build_batch(images, questions, padding_side="left")
-    n = 5
-    with torch.no_grad(), lsg.attach(tiny, {1: gate_cls(ALPHA, BETA), LAYER: gate_cls(ALPHA, BETA)}):
-        out = tiny.model.generate(**batch, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        for _ in range(n):
-            pos = (mask.cumsum(1) - 1).clamp_min(0)
-            logits = tiny.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                                position_ids=pos, use_cache=False).logits[:, -1]
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(out, ids)
+    from tests.test_interventions import assert_cache_matches_recompute
+
+    with torch.no_grad():
+        assert_cache_matches_recompute(tiny, {1: gate_cls(ALPHA, BETA), LAYER: gate_cls(ALPHA, BETA)})
 
 
 def test_default_layers_scale_with_depth():
