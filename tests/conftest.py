@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+# The test models are tiny: one thread is faster than several, and keeps the suite from
+# fighting a background job for cores. Subprocesses (train.py) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 
 import lsg
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from lsg.data import generate_scene_sample
 
 PROMPTS_PER_BATCH = 4

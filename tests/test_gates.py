@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import lsg
 from lsg.gates import KeyScaleGate, LSGGate
 from lsg.segments import Segments
 from lsg.scoring import answer_loss
 from tests.conftest import samples
+from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
 
 LAYER = 2
 
@@ -43,31 +43,6 @@ def hand_groups(bb, batch, layer):
     return groups, x
 
 
-def hand_attention(bb, x, layer, key_scale, attention_mask, logit_scale=None):
-    """Output `(B, T, D)` of decoder layer `layer`'s self-attention with keys scaled by hand,
-    and pre-softmax logits multiplied by `logit_scale` `(B, T_q, T_kv)` if given."""
-    layer_mod = bb.model.model.language_model.layers[layer]
-    attn = layer_mod.self_attn
-    B, T, _ = x.shape
-    h = layer_mod.input_layernorm(x)
-    d = attn.head_dim
-    q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
-    k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
-    v = attn.v_proj(h).view(B, T, -1, d).transpose(1, 2)
-    pos = torch.arange(T)[None].expand(B, -1)
-    cos, sin = bb.model.model.language_model.rotary_emb(h, pos)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    k = k * key_scale[:, None, :, None]
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    logits = q @ k.transpose(-1, -2) / d**0.5
-    if logit_scale is not None:
-        logits = logits * logit_scale[:, None]
-    allowed = torch.ones(T, T).tril().bool()[None, None] & attention_mask.bool()[:, None, None, :]
-    weights = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return attn.o_proj((weights @ v).transpose(1, 2).reshape(B, T, -1))
-
-
 def gated_attention_output(bb, batch, gates):
     captured = {}
     attn = bb.model.model.language_model.layers[LAYER].self_attn
@@ -91,19 +66,18 @@ def test_key_scale_gate_equals_attention_with_hand_scaled_keys(impl, tiny, tiny_
     groups, x = hand_groups(bb, batch, LAYER)
     assert all((groups == g).any() for g in range(3)), "test data must contain every group"
     scale = torch.where(groups >= 0, coefficients[groups.clamp_min(0)], torch.ones(()))
-    expected = hand_attention(bb, x, LAYER, scale, batch["attention_mask"])
+    expected = attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]), key_scale=scale)
     got = gated_attention_output(bb, batch, {LAYER: KeyScaleGate(coefficients.tolist(), "vsink-lsink-ordinary")})
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
     # and the gate really changed something
-    assert not torch.allclose(got[real], hand_attention(bb, x, LAYER, torch.ones_like(scale),
-                                                         batch["attention_mask"])[real], atol=1e-4)
+    assert not torch.allclose(got[real], attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]))[real], atol=1e-4)
 
 
 def test_lsg_gate_with_gain_1_halves_visual_keys(tiny, batch):
     groups, x = hand_groups(tiny, batch, LAYER)
     scale = torch.where(groups >= 0, torch.tensor(0.5), torch.tensor(1.0))
-    expected = hand_attention(tiny, x, LAYER, scale, batch["attention_mask"])
+    expected = attention_by_hand(tiny, x, LAYER, causal_allowed(batch["attention_mask"]), key_scale=scale)
     got = gated_attention_output(tiny, batch, {LAYER: LSGGate(tiny.hidden_size, "vsink-rest", gain=1.0)})
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
@@ -171,8 +145,6 @@ def test_left_and_right_padding_give_same_ratios_and_loss(tiny):
     lambda d: KeyScaleGate([0.2, 1.5, 0.7], "vsink-lsink-ordinary"),
 ])
 def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_factory):
-    from tests.test_interventions import assert_cache_matches_recompute
-
     gate = gate_factory(tiny.hidden_size)
     with torch.no_grad():
         assert_cache_matches_recompute(tiny, {LAYER: gate, 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")})

@@ -9,7 +9,6 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import lsg
 from lsg.context import ForwardContext, LayerView
@@ -17,6 +16,7 @@ from lsg.gates.interventions import KeyKnockoutGate, MeanValueGate, ZeroValueGat
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 from tests.conftest import samples
+from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed  # noqa: F401
 
 LAYER = 2
 
@@ -47,42 +47,6 @@ def layer_input(bb, batch, layer):
     return out.hidden_states[layer]
 
 
-def causal_allowed(attention_mask):
-    """`(B, T, T)` causal mask over real keys, True = may attend."""
-    T = attention_mask.shape[1]
-    return torch.ones(T, T).tril().bool()[None] & attention_mask.bool()[:, None, :]
-
-
-@torch.no_grad()
-def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None):
-    """Self-attention output `(B, T, D)` of decoder layer `layer` from its input `x`.
-
-    Args:
-        allowed: `(B, T, T)` bool mask, True = may attend.
-        edit_values: `v (B, H_kv, T, d) -> v`, applied before attention.
-        edit_heads: `(o (B, T, H, d), v (B, H_kv, T, d)) -> o`, applied before o_proj.
-    """
-    layer_mod = bb.model.model.language_model.layers[layer]
-    attn = layer_mod.self_attn
-    B, T, _ = x.shape
-    h = layer_mod.input_layernorm(x)
-    d = attn.head_dim
-    q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
-    k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
-    v = attn.v_proj(h).view(B, T, -1, d).transpose(1, 2)
-    cos, sin = bb.model.model.language_model.rotary_emb(h, torch.arange(T)[None].expand(B, -1))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    if edit_values is not None:
-        v = edit_values(v)
-    rep = q.shape[1] // k.shape[1]
-    weights = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / d**0.5)
-    weights = weights.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
-    o = (weights @ v.repeat_interleave(rep, 1)).transpose(1, 2)  # (B, T, H, d)
-    if edit_heads is not None:
-        o = edit_heads(o, v)
-    return attn.o_proj(o.reshape(B, T, -1))
-
-
 @torch.no_grad()
 def attention_outputs(bb, batch, gates, layers):
     """Self-attention outputs `{layer: (B, T, D)}` of a forward with `gates` attached (labels
@@ -102,35 +66,6 @@ def attention_outputs(bb, batch, gates, layers):
 
 
 @torch.no_grad()
-def assert_cache_matches_recompute(bb, gates, new_tokens=6):
-    """Greedy decoding through the KV cache gives the same tokens and next-token logits as
-    recomputing the whole sequence at every step.
-
-    The recompute passes labels on the generated positions, so they are `out` tokens
-    exactly as in the cached decode steps (without labels every token would be prompt).
-    Logits are compared because the tiny random model's argmax rarely moves.
-    """
-    images, questions, _ = samples(3)
-    batch = bb.build_batch(images, questions, padding_side="left")
-    width = batch["input_ids"].shape[1]
-    with lsg.attach(bb, gates):
-        gen = bb.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-                                output_logits=True, return_dict_in_generate=True)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        for step in range(new_tokens):
-            labels = ids.clone()
-            labels[:, :width] = -100
-            logits = bb.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                              position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
-                              use_cache=False).logits[:, -1]
-            torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-4)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(gen.sequences, ids)
-    base = bb.model(**batch).logits[:, -1]
-    assert (gen.logits[0] - base).abs().max() > 1e-4, "the gates must change the first answer token's logits"
-
-
 @torch.no_grad()
 def logits_with(bb, batch, gates):
     with lsg.attach(bb, gates):

@@ -9,7 +9,8 @@ import lsg
 from lsg.gates import SPEARGate, VAFGate
 from lsg.segments import Segments
 from tests.conftest import samples
-from tests.test_gates import LAYER, gated_attention_output, hand_attention
+from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
+from tests.test_gates import LAYER, gated_attention_output
 
 ALPHA, BETA = 1.3, 0.8  # far from 1 so a wrong column or row shows
 
@@ -38,9 +39,9 @@ def test_text_rows_see_hand_scaled_logits_and_other_rows_are_untouched(tiny, tin
     with torch.no_grad():
         x = bb.model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states[LAYER]
     scale = hand_logit_scale(bb, batch, x, kind)
-    ones = torch.ones(x.shape[:2])
-    expected = hand_attention(bb, x, LAYER, ones, batch["attention_mask"], logit_scale=scale)
-    baseline = hand_attention(bb, x, LAYER, ones, batch["attention_mask"])
+    allowed = causal_allowed(batch["attention_mask"])
+    expected = attention_by_hand(bb, x, LAYER, allowed, logit_scale=scale)
+    baseline = attention_by_hand(bb, x, LAYER, allowed)
     got = gated_attention_output(bb, batch, {LAYER: gate_cls(ALPHA, BETA)})
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
@@ -64,8 +65,6 @@ def test_layers_without_the_gate_are_unchanged(tiny, batch, gate_cls):
 
 @pytest.mark.parametrize("gate_cls", [VAFGate, SPEARGate])
 def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_cls):
-    from tests.test_interventions import assert_cache_matches_recompute
-
     with torch.no_grad():
         assert_cache_matches_recompute(tiny, {1: gate_cls(ALPHA, BETA), LAYER: gate_cls(ALPHA, BETA)})
 

@@ -63,6 +63,13 @@ class _Intervention(Gate):
 
     tokens: str
 
+    def __init__(self, tokens: str = "sinks"):
+        super().__init__()
+        self.tokens = _check(tokens, TOKEN_SETS, "token set")
+
+    def config(self) -> dict[str, Any]:
+        return {"tokens": self.tokens}
+
     def prepare(self, view: LayerView, hidden: torch.Tensor) -> torch.Tensor:
         """Chosen tokens `(B, T_prefill)`."""
         return token_set(view, self.tokens)
@@ -92,8 +99,7 @@ class KeyKnockoutGate(_Intervention):
     hook_points = frozenset({HookPoint.MASK})
 
     def __init__(self, keys: str = "sinks", queries: str = "user_out"):
-        super().__init__()
-        self.tokens = _check(keys, TOKEN_SETS, "key set")
+        super().__init__(keys)
         self.queries = _check(queries, QUERY_SETS, "query set")
 
     def config(self) -> dict[str, Any]:
@@ -119,13 +125,6 @@ class ZeroValueGate(_Intervention):
     name = "zero-v"
     hook_points = frozenset({HookPoint.VALUES})
 
-    def __init__(self, tokens: str = "sinks"):
-        super().__init__()
-        self.tokens = _check(tokens, TOKEN_SETS, "token set")
-
-    def config(self) -> dict[str, Any]:
-        return {"tokens": self.tokens}
-
     def edit_values(self, view: LayerView, chosen: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         keep = ~fit_columns(chosen, value.shape[2])
         return value * keep[:, None, :, None].to(value.dtype)
@@ -149,13 +148,6 @@ class MeanValueGate(_Intervention):
 
     name = "mean-v"
     hook_points = frozenset({HookPoint.VALUES})
-
-    def __init__(self, tokens: str = "sinks"):
-        super().__init__()
-        self.tokens = _check(tokens, TOKEN_SETS, "token set")
-
-    def config(self) -> dict[str, Any]:
-        return {"tokens": self.tokens}
 
     def edit_values(self, view: LayerView, chosen: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         n_kv = value.shape[2]

@@ -1,0 +1,80 @@
+"""Independent (by hand) computations the gate tests compare against."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import lsg
+from tests.conftest import samples
+
+
+def causal_allowed(attention_mask):
+    """`(B, T, T)` causal mask over real keys, True = may attend."""
+    T = attention_mask.shape[1]
+    return torch.ones(T, T).tril().bool()[None] & attention_mask.bool()[:, None, :]
+
+
+@torch.no_grad()
+def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None, key_scale=None, logit_scale=None):
+    """Self-attention output `(B, T, D)` of decoder layer `layer` from its input `x`.
+
+    Args:
+        allowed: `(B, T, T)` bool mask, True = may attend.
+        key_scale: `(B, T)` multiplier of each key vector (post-RoPE).
+        logit_scale: `(B, T_q, T_kv)` multiplier of the pre-softmax logits.
+        edit_values: `v (B, H_kv, T, d) -> v`, applied before attention.
+        edit_heads: `(o (B, T, H, d), v (B, H_kv, T, d)) -> o`, applied before o_proj.
+    """
+    layer_mod = bb.model.model.language_model.layers[layer]
+    attn = layer_mod.self_attn
+    B, T, _ = x.shape
+    h = layer_mod.input_layernorm(x)
+    d = attn.head_dim
+    q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
+    k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
+    v = attn.v_proj(h).view(B, T, -1, d).transpose(1, 2)
+    cos, sin = bb.model.model.language_model.rotary_emb(h, torch.arange(T)[None].expand(B, -1))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if key_scale is not None:
+        k = k * key_scale[:, None, :, None]
+    if edit_values is not None:
+        v = edit_values(v)
+    rep = q.shape[1] // k.shape[1]
+    weights = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / d**0.5)
+    if logit_scale is not None:
+        weights = weights * logit_scale[:, None]
+    weights = weights.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    o = (weights @ v.repeat_interleave(rep, 1)).transpose(1, 2)  # (B, T, H, d)
+    if edit_heads is not None:
+        o = edit_heads(o, v)
+    return attn.o_proj(o.reshape(B, T, -1))
+
+
+def assert_cache_matches_recompute(bb, gates, new_tokens=6):
+    """Greedy decoding through the KV cache gives the same tokens and next-token logits as
+    recomputing the whole sequence at every step.
+
+    The recompute passes labels on the generated positions, so they are `out` tokens
+    exactly as in the cached decode steps (without labels every token would be prompt).
+    Logits are compared because the tiny random model's argmax rarely moves.
+    """
+    images, questions, _ = samples(3)
+    batch = bb.build_batch(images, questions, padding_side="left")
+    width = batch["input_ids"].shape[1]
+    with lsg.attach(bb, gates):
+        gen = bb.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                output_logits=True, return_dict_in_generate=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for step in range(new_tokens):
+            labels = ids.clone()
+            labels[:, :width] = -100
+            logits = bb.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                              position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
+                              use_cache=False).logits[:, -1]
+            torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-4)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(gen.sequences, ids)
+    base = bb.model(**batch).logits[:, -1]
+    assert (gen.logits[0] - base).abs().max() > 1e-4, "the gates must change the first answer token's logits"
