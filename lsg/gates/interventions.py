@@ -63,9 +63,9 @@ class _Intervention(Gate):
 
     tokens: str
 
-    def __init__(self, tokens: str = "sinks"):
+    def __init__(self, tokens: str = "sinks", kind: str = "token set"):
         super().__init__()
-        self.tokens = _check(tokens, TOKEN_SETS, "token set")
+        self.tokens = _check(tokens, TOKEN_SETS, kind)
 
     def config(self) -> dict[str, Any]:
         return {"tokens": self.tokens}
@@ -99,7 +99,7 @@ class KeyKnockoutGate(_Intervention):
     hook_points = frozenset({HookPoint.MASK})
 
     def __init__(self, keys: str = "sinks", queries: str = "user_out"):
-        super().__init__(keys)
+        super().__init__(keys, kind="key set")
         self.queries = _check(queries, QUERY_SETS, "query set")
 
     def config(self) -> dict[str, Any]:
