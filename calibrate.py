@@ -17,7 +17,7 @@ from rich.table import Table
 import lsg
 from lsg.calibration import calibrate
 from lsg.datamodule import load_records
-from lsg.comparison import _images_and_questions
+from lsg.evaluation import images_and_questions
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="calibrate")
@@ -27,7 +27,7 @@ def main(cfg: DictConfig) -> None:
     overrides["attn_implementation"] = "eager"  # attention weights for the share statistic
     backbone = lsg.load_backbone(model_cfg["name"], **overrides)
     records = load_records(OmegaConf.to_container(cfg.data, resolve=True), cfg.split)[: cfg.n_samples]
-    batches = [backbone.build_batch(*_images_and_questions(records[i : i + cfg.batch_size]))
+    batches = [backbone.build_batch(*images_and_questions(records[i : i + cfg.batch_size]))
                for i in range(0, len(records), cfg.batch_size)]
     report = calibrate(backbone, batches, cfg.tau, cfg.min_abs, cfg.ratio, cfg.top_fraction)
     console = Console()

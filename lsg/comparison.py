@@ -30,7 +30,7 @@ from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
 from lsg.embedded import REPO_ROOT
-from lsg.evaluation import EvalResult, comparison_rows, evaluate
+from lsg.evaluation import EvalResult, comparison_rows, evaluate, images_and_questions
 from lsg.gates.base import Gate
 
 GATE_CONF_DIR = REPO_ROOT / "conf" / "gate"
@@ -224,7 +224,7 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
         results[stack.spec], hit = cached_evaluate(stack, backbone, records, out_dir / "cache", key, batch_size)
         print(f"{stack.spec}: overall {100 * results[stack.spec].overall:.1f}%"
               f" ({'cached' if hit else f'{results[stack.spec].elapsed_s:.1f} s'})", flush=True)
-    timing = [backbone.build_batch(*_images_and_questions(records[i * batch_size:(i + 1) * batch_size]))
+    timing = [backbone.build_batch(*images_and_questions(records[i * batch_size:(i + 1) * batch_size]))
               for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
     base_s = time_forward(backbone, timing, None, timing_repeats)
     baseline = results.pop("none")
@@ -233,13 +233,3 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
         row["overhead"] = 1.0 if stack.spec == "none" else time_forward(backbone, timing, stack, timing_repeats) / base_s
         row["prefill_ms_per_batch"] = 1000 * base_s * row["overhead"]
     return rows, sorted(baseline.counts)
-
-
-def _images_and_questions(records: Sequence[VQARecord]):
-    from PIL import Image
-
-    images = []
-    for r in records:
-        with Image.open(r.image_path) as im:
-            images.append(im.convert("RGB"))
-    return images, [r.question for r in records]

@@ -38,6 +38,15 @@ class EvalResult:
                 "elapsed_s": self.elapsed_s}
 
 
+def images_and_questions(records: Sequence[VQARecord]) -> tuple[list[Image.Image], list[str]]:
+    """RGB images and questions of records, ready for `Backbone.build_batch`."""
+    images = []
+    for r in records:
+        with Image.open(r.image_path) as im:
+            images.append(im.convert("RGB"))
+    return images, [r.question for r in records]
+
+
 def mc_records(records: Sequence[VQARecord]) -> list[VQARecord]:
     """Records scorable by option letter; raises ValueError if there are none."""
     usable = [r for r in records if r.options and r.answer_letter]
@@ -73,11 +82,7 @@ def evaluate(
     with attach(backbone, gates) if gates else nullcontext():
         for i in track(batches, description=progress, transient=True) if progress else batches:
             chunk = records[i : i + batch_size]
-            images = []
-            for r in chunk:
-                with Image.open(r.image_path) as im:
-                    images.append(im.convert("RGB"))
-            batch = backbone.build_batch(images, [r.question for r in chunk])
+            batch = backbone.build_batch(*images_and_questions(chunk))
             batch = {k: v.to(backbone.device) for k, v in batch.items()}
             scores = option_scores(backbone, batch, max(len(r.options) for r in chunk))
             for row, r in zip(scores, chunk):
@@ -106,17 +111,19 @@ def comparison_rows(baseline: EvalResult, results: Mapping[str, EvalResult]) -> 
 
 
 def print_comparison(baseline: EvalResult, results: Mapping[str, EvalResult]) -> None:
-    """Print accuracy (%) per sub-task, with the delta vs baseline in points, as a rich table."""
+    """Print accuracy (%) per sub-task (rows) and method (columns), with the delta vs the
+    baseline in points, as a rich table."""
     from rich.console import Console
     from rich.table import Table
 
-    tasks = sorted(baseline.counts) + ["overall"]
+    rows = comparison_rows(baseline, results)
     table = Table(title="Validation accuracy (%), delta vs baseline in points")
-    table.add_column("method")
-    for t in tasks:
-        table.add_column(f"{t} (n={baseline.counts.get(t, sum(baseline.counts.values()))})", justify="right")
-    for row in comparison_rows(baseline, results):
-        cells = [f"{row[t]:.1f}" if row["method"] == "baseline" else f"{row[t]:.1f} ({row[t + '_delta']:+.1f})"
-                 for t in tasks]
-        table.add_row(row["method"], *cells)
+    table.add_column("sub-task")
+    table.add_column("n", justify="right")
+    for row in rows:
+        table.add_column(row["method"], justify="right")
+    for t in sorted(baseline.counts) + ["overall"]:
+        n = sum(baseline.counts.values()) if t == "overall" else baseline.counts[t]
+        cells = [f"{r[t]:.1f}" if r["method"] == "baseline" else f"{r[t]:.1f} ({r[t + '_delta']:+.1f})" for r in rows]
+        table.add_row(t, str(n), *cells)
     Console().print(table)

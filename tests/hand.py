@@ -78,3 +78,4 @@ def assert_cache_matches_recompute(bb, gates, new_tokens=6):
     assert torch.equal(gen.sequences, ids)
     base = bb.model(**batch).logits[:, -1]
     assert (gen.logits[0] - base).abs().max() > 1e-4, "the gates must change the first answer token's logits"
+
