@@ -64,6 +64,8 @@ def parse_args():
     p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--continue-stage-b", action="store_true",
+                   help="start from the saved vision/projector/LoRA weights in --out and train stage B further")
     p.add_argument("--reuse-stage-a", action="store_true",
                    help="load the stage-A tower saved by an earlier run instead of retraining it")
     p.add_argument("--threads", type=int, default=0, help="torch threads for stage B (0 = torch default)")
@@ -191,8 +193,15 @@ def main():
     lm, tokenizer = embedded.load_smollm2()
     model, processor = embedded.assemble_llava(lm, tokenizer, vision)
     model.requires_grad_(False)
+    previous = json.loads((args.out / "embedded.json").read_text()) if args.continue_stage_b else {}
     stage_a_path = args.out / "stage_a_vision.safetensors"
-    if args.reuse_stage_a and stage_a_path.exists():
+    if args.continue_stage_b:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.out / "vision.safetensors"), strict=False)
+        acc_a = previous.get("stage_a_patch_colour_acc", float("nan"))
+        print(f"[stage B] continuing from {args.out} after {previous.get('stage_b_samples')} samples", flush=True)
+    elif args.reuse_stage_a and stage_a_path.exists():
         from safetensors.torch import load_file
 
         model.model.vision_tower.load_state_dict(load_file(stage_a_path))
@@ -205,7 +214,10 @@ def main():
         args.out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()}, stage_a_path)
 
-    cos_a2 = stage_a2(model, processor, tokenizer, args) if args.stage_a2_steps else float("nan")
+    if args.continue_stage_b:
+        cos_a2 = previous.get("stage_a2_cosine", float("nan"))
+    else:
+        cos_a2 = stage_a2(model, processor, tokenizer, args) if args.stage_a2_steps else float("nan")
     from peft import get_peft_model, get_peft_model_state_dict
 
     if args.threads:
@@ -213,6 +225,11 @@ def main():
 
     lora = {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_targets}
     peft_lm = get_peft_model(model.model.language_model, embedded.lora_config(lora))
+    if args.continue_stage_b:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_lm, load_file(args.out / "lora.safetensors"))
     model.model.language_model = peft_lm
     bb = Backbone("smol-llava", model, processor)
     projector = model.model.multi_modal_projector.requires_grad_(True)
@@ -227,14 +244,16 @@ def main():
     def save(step: int, metrics: dict | None = None):
         # Save a merged-free copy: peft state for the LoRA, plain weights for the vision side.
         extra = {"recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                 "stage_a_patch_colour_acc": acc_a, "stage_a2_cosine": cos_a2, "stage_b_steps": step, "val_accuracy": metrics}
+                 "stage_a_patch_colour_acc": acc_a, "stage_a2_cosine": cos_a2, "stage_b_steps": step0 + step, "stage_b_samples": seen0 + seen,
+                 "val_accuracy": metrics}
         embedded.save_embedded(model, args.out, vision, lora, get_peft_model_state_dict(peft_lm), extra)
 
     model.train()
     t0, step, seen = time.time(), 0, 0
-    offset = (args.stage_a_steps + args.stage_a2_steps) * args.stage_a_batch  # fresh samples for stage B
+    step0, seen0 = previous.get("stage_b_steps", 0), previous.get("stage_b_samples", 0)
+    offset = (args.stage_a_steps + args.stage_a2_steps) * args.stage_a_batch + seen0  # fresh samples for stage B
     while time.time() - t0 < args.stage_b_minutes * 60:
-        if step == args.unfreeze_vit_after:
+        if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
         samples = [generate_scene_sample("train", offset + seen + b) for b in range(args.stage_b_batch)]
         seen += len(samples)
