@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> dict:
     module = GateTrainingModule(backbone, gate, layer, cfg.lr)
 
     run_dir = Path(cfg.run_dir)
-    identity = {"backbone": backbone.name, "layer": layer, "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(),
+    identity = {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, "layer": layer, "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(),
                 "data": data_cfg}
     module.identity = identity
     resume = check_resumable(run_dir / "last.safetensors", identity)

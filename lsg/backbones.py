@@ -60,6 +60,7 @@ class Backbone:
     system_prompt: str | None = None
     padding_side: str = "right"
     sinks: SinkConfig = field(default_factory=SinkConfig)
+    fingerprint: str = ""  # identifies the weights; written into and checked against gate checkpoints
 
     @property
     def num_layers(self) -> int:
@@ -286,5 +287,6 @@ def load_backbone(name: str, **overrides) -> Backbone:
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     model, processor = BUILDERS[name](**cfg)
     model.eval().requires_grad_(False)
+    fingerprint = embedded.fingerprint() if name == "smol-llava" else f"{name}:{cfg.get('hf_id', '')}"
     return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt,
-                    padding_side=padding_side, sinks=sinks)
+                    padding_side=padding_side, sinks=sinks, fingerprint=fingerprint)

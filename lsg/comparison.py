@@ -92,7 +92,8 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict) -> GateStack:
             if not arg:
                 raise ValueError(f"{element!r}: give the trained gate's checkpoint, e.g. lsg:checkpoints/"
                                  f"{backbone.name}/lsg-L10.safetensors")
-            gate = Gate.load(arg, backbone=backbone.name, sinks=backbone.sinks.to_dict())
+            gate = Gate.load(arg, backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
+                             sinks=backbone.sinks.to_dict())
             chosen = parse_layers(layer_text, backbone.num_layers) if layer_text else [gate.metadata["layer"]]
             ident = {"gate": "lsg", "checkpoint": _file_digest(Path(arg)), "layers": chosen}
         elif name == "oracle":

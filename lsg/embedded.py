@@ -116,6 +116,16 @@ def fetch_smollm2_gguf() -> Path:
     return folder
 
 
+def fingerprint(directory: Path = EMBEDDED_DIR) -> str:
+    """Short sha256 of the committed vision and LoRA weights: gates trained on one
+    version of the embedded backbone are refused by another."""
+    digest = hashlib.sha256(SMOLLM2_GGUF_SHA256.encode())
+    for name in ("vision.safetensors", "lora.safetensors"):
+        if (directory / name).exists():
+            digest.update(_sha256(directory / name).encode())
+    return digest.hexdigest()[:16]
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """Load SmolLM2-135M-Instruct (dequantised) and its tokenizer from the cached GGUF.
 

@@ -25,7 +25,8 @@ def test_parse_layers():
 def test_parse_stack_builds_mixed_stacks(tmp_path, tiny):
     cfg = backbone_config("tiny-random")
     ckpt = LSGGate(tiny.hidden_size, cfg["lsg_grouping"]).save(
-        tmp_path / "g.safetensors", backbone="tiny-random", layer=2, sinks=tiny.sinks.to_dict())
+        tmp_path / "g.safetensors", backbone="tiny-random", backbone_fingerprint=tiny.fingerprint, layer=2,
+        sinks=tiny.sinks.to_dict())
     stack = parse_stack(f"lsg:{ckpt}+vaf@1+oracle@3:0.25", tiny, cfg)
     assert sorted(stack.layers) == [1, 2, 3]
     assert isinstance(stack.layers[2][0], LSGGate) and isinstance(stack.layers[1][0], VAFGate)
@@ -38,6 +39,10 @@ def test_parse_stack_builds_mixed_stacks(tmp_path, tiny):
     other = LSGGate(tiny.hidden_size).save(tmp_path / "o.safetensors", backbone="smol-llava", layer=2)
     with pytest.raises(ValueError, match="backbone='smol-llava'"):
         parse_stack(f"lsg:{other}", tiny, cfg)
+    retrained = LSGGate(tiny.hidden_size).save(tmp_path / "r.safetensors", backbone="tiny-random",
+                                               backbone_fingerprint="other-weights", layer=2)
+    with pytest.raises(ValueError, match="backbone_fingerprint='other-weights'"):
+        parse_stack(f"lsg:{retrained}", tiny, cfg)
 
 
 def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monkeypatch):
