@@ -15,26 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from lsg.backbones import IGNORE_INDEX, Backbone
+from lsg.attach import is_attached
 from lsg.segments import last_prompt_positions
 
 LETTERS = string.ascii_uppercase
 
 
-def _decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Last hidden states `(B, T, D)` of the LLM (after its final norm), no LM head."""
-    from lsg.attach import is_attached
+def decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states `(B, T, D)` of the LLM (after its final norm), no LM head.
 
+    Inside `lsg.attach`, the batch's labels reach the gate context, so teacher-forced
+    answers are `out` tokens and never move the last prompt token."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if is_attached(backbone.model) and batch.get("labels") is not None:
         inputs["labels"] = batch["labels"]  # read (and removed) by the gate context hook
     return backbone.model.model(**inputs, use_cache=False).last_hidden_state
 
 
-def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens only (scalar, nats/token).
 
     Position t predicts token t+1, so the hidden state at t is projected only where
     `labels[:, t+1] != -100`.
+
+    `hidden` (from `decoder_hidden`) avoids a second forward when scores are also needed.
 
     Raises:
         ValueError: the batch has no labels or no answer token.
@@ -42,7 +46,7 @@ def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Ten
     labels = batch.get("labels")
     if labels is None or not (labels != IGNORE_INDEX).any():
         raise ValueError("answer_loss needs `labels` with at least one answer token (build_batch(..., answers=...)).")
-    hidden = _decoder_hidden(backbone, batch)
+    hidden = decoder_hidden(backbone, batch) if hidden is None else hidden
     target = labels[:, 1:]
     where = target != IGNORE_INDEX
     logits = backbone.model.lm_head(hidden[:, :-1][where])  # (N_answer, V)
@@ -65,13 +69,14 @@ def option_letter_ids(backbone: Backbone, n_options: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def option_scores(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: int) -> torch.Tensor:
+def option_scores(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: int,
+                  hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Logits `(B, n_options)` of the option letters at the last prompt token.
 
     The prediction is their argmax: a closed-set reading of the first answer token,
     as lm-evaluation-harness scores multiple choice.
     """
-    hidden = _decoder_hidden(backbone, batch)
+    hidden = decoder_hidden(backbone, batch) if hidden is None else hidden
     pos = last_prompt_positions(batch["attention_mask"], batch.get("labels")).to(hidden.device)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
     letter_ids = option_letter_ids(backbone, n_options).to(hidden.device)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.gates.base import Gate
-from lsg.scoring import LETTERS, answer_loss, option_scores
+from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_scores
 
 TENSOR_TAG = "__tensor__"
 
@@ -145,8 +145,9 @@ class GateTrainingModule(L.LightningModule):
         inputs = {k: v for k, v in batch.items() if k != "records"}
         records = batch["records"]
         with attach(self.backbone, {self.layer: self.gate}):
-            loss = answer_loss(self.backbone, inputs)
-            scores = option_scores(self.backbone, inputs, max(max(len(r.options) for r in records), 1))
+            hidden = decoder_hidden(self.backbone, inputs)
+        loss = answer_loss(self.backbone, inputs, hidden)
+        scores = option_scores(self.backbone, inputs, max(max(len(r.options) for r in records), 1), hidden)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
         for row, r in zip(scores, records):
             if r.options and r.answer_letter:
