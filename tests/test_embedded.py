@@ -11,11 +11,7 @@ import torch
 import lsg
 from lsg.calibration import massive_dims
 from lsg.datamodule import load_records
-from lsg.evaluation import evaluate, images_and_questions
-
-CHANCE = {"count": 1 / 5, "relation": 1 / 4, "distance": 1 / 2, "depth": 1 / 2, "colour": 1 / 4, "shape": 1 / 4,
-          "existence": 1 / 2}
-
+from lsg.evaluation import images_and_questions
 
 @pytest.fixture(scope="module")
 def smol():
@@ -37,9 +33,3 @@ def test_smollm2_bos_carries_its_massive_activation(smol, val_records):
     assert smol.num_layers == 30 and smol.hidden_size == 576
     assert (x[:, 0, 507].abs() > 500).all()  # ~770 at the BOS from layer 3 (real weights)
     assert 507 in massive_dims(x, batch["attention_mask"].bool(), min_abs=100, ratio=100)
-
-
-def test_embedded_backbone_answers_above_chance(smol, val_records):
-    result = evaluate(smol, val_records, batch_size=35)
-    chance = sum(CHANCE[t] * n for t, n in result.counts.items()) / sum(result.counts.values())
-    assert result.overall > chance + 0.15, (result.accuracy, chance)
