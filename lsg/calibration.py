@@ -116,11 +116,12 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
                 s["phi"].append(phi[seg.vis])
                 s["n_img"] += seg.vis.shape[0]
                 if tau is not None:
-                    flag = (phi >= (cfg.tau_at(layer) if cfg.tau_llm is not None else tau)) & seg.vis
+                    layer_tau = cfg.tau_at(layer) if cfg.tau_llm is not None else tau
+                    flag = (phi >= layer_tau) & seg.vis
                     upto |= flag
                     s["flag"] += int(flag.sum())
                     s["upto"] += int(upto.sum())
-                    s["text"] += int(((phi >= tau) & seg.text).sum())
+                    s["text"] += int(((phi >= layer_tau) & seg.text).sum())
                     attn = out.attentions[layer][rows, :, seg.last_prompt].float()  # (B, H, T)
                     vis_mass = (attn * seg.vis[:, None]).sum(-1).clamp_min(1e-12)
                     s["share"].append(((attn * flag[:, None]).sum(-1) / vis_mass).mean(1))

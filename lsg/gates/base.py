@@ -84,10 +84,6 @@ class Gate(nn.Module):
         """Constructor arguments that rebuild this gate (JSON-serialisable)."""
         return {}
 
-    @property
-    def needs_matrix(self) -> bool:
-        return bool(self.hook_points & MATRIX_HOOKS)
-
     def prepare(self, view: LayerView, hidden: torch.Tensor) -> Any:
         """Called at prefill with the hidden state `(B, T, D)` entering the layer; returns
         the per-forward state that the edits receive (kept for decode steps)."""
