@@ -8,7 +8,6 @@ Re-running the same command resumes an interrupted run from its last checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra

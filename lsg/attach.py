@@ -18,7 +18,7 @@ Hooks (all removed on exit, even on error):
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -40,12 +40,10 @@ class AttachedRun:
 
     backbone: Backbone
     sinks: SinkConfig
-    gates: dict[int, list[Gate]]
     base_implementation: str
     ctx: ForwardContext | None = None
     pending_labels: torch.Tensor | None = None
     pending_vit_flags: torch.Tensor | None = None
-    _handles: list = field(default_factory=list)
 
 
 def _decoder_layers(model) -> Sequence[torch.nn.Module]:
@@ -90,7 +88,7 @@ def attach(
     base = text_config._attn_implementation or "sdpa"
     if getattr(model, RUN_ATTR, None) is not None or base == attention.ATTN_IMPLEMENTATION:
         raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone: pass all gates at once.")
-    run = AttachedRun(backbone, sinks, layer_gates, "eager" if base == "eager" else "sdpa")
+    run = AttachedRun(backbone, sinks, "eager" if base == "eager" else "sdpa")
     last_hooked = max(layer_gates, default=-1)
     feature_layer = model.config.vision_feature_layer
     drop_cls = model.config.vision_feature_select_strategy == "default"
@@ -151,7 +149,7 @@ def attach(
                 ctx.gate_state[(layer, i)] = gate.prepare(view, hidden)
         return hook
 
-    handles = run._handles
+    handles = []
     decoder_layers = _decoder_layers(model)
     try:
         handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))

@@ -16,6 +16,17 @@ import torch
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 
+def fit_columns(values: torch.Tensor, n: int, fill: bool | int = False) -> torch.Tensor:
+    """A `(B, T)` per-position tensor cut or padded with `fill` to `(B, n)`.
+
+    Prefill-time sets (sinks, groups) have the prompt's length; decoded positions come
+    after it and are never sinks (`fill=False`) or visual (`fill=-1` for group indices).
+    """
+    if values.shape[1] >= n:
+        return values[:, :n]
+    return torch.cat([values, values.new_full((values.shape[0], n - values.shape[1]), fill)], 1)
+
+
 GROUPINGS = {
     # name -> group names, in the order of the gate's ratio vector r (SPEC section 3)
     "vsink-rest": ("vsink", "rest"),
@@ -48,11 +59,6 @@ class ForwardContext:
     def total_len(self) -> int:
         return self.segments.vis.shape[1]
 
-    def _pad(self, mask: torch.Tensor) -> torch.Tensor:
-        """Extend a prefill-length mask with False for decoded positions (never sinks)."""
-        extra = self.total_len - mask.shape[1]
-        return torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], 1) if extra else mask
-
     def require_vsinks(self) -> torch.Tensor:
         if self.vsink is None:
             raise ValueError(
@@ -60,7 +66,7 @@ class ForwardContext:
                 "(model.sinks.vit_dims, model.sinks.tau_vit). Use a grouping without V-sinks (e.g. "
                 "grouping=lsink-rest) or calibrate the ViT sink (SPEC section 7)."
             )
-        return self._pad(self.vsink)
+        return fit_columns(self.vsink, self.total_len)
 
     def flagged(self, layer: int) -> torch.Tensor:
         """Tokens `(B, T_total)` with `phi(x^layer) >= tau_llm(layer)`, by the configured scope."""
@@ -73,12 +79,12 @@ class ForwardContext:
         masks = [self.sink_phi[l] >= self.sinks.tau_at(l) for l in layers if l in self.sink_phi]
         if not masks:
             raise RuntimeError(f"No sink values were recorded for layer {layer}; was the gate attached there?")
-        return self._pad(torch.stack(masks).any(0))
+        return fit_columns(torch.stack(masks).any(0), self.total_len)
 
     def lsinks(self, layer: int) -> torch.Tensor:
         """L-sinks at `layer`: visual, not V-sinks, flagged (SPEC section 2)."""
         vis = self.segments.vis
-        vsink = self._pad(self.vsink) if self.vsink is not None else torch.zeros_like(vis)
+        vsink = fit_columns(self.vsink, self.total_len) if self.vsink is not None else torch.zeros_like(vis)
         return self.flagged(layer) & vis & ~vsink
 
     def text_sinks(self, layer: int) -> torch.Tensor:
@@ -141,9 +147,7 @@ def scale_by_group(groups: torch.Tensor, coefficients: torch.Tensor, n_kv: int) 
         n_kv: number of key positions in this attention call; positions past `T`
             (decoded tokens) are text.
     """
-    groups = groups[:, :n_kv]
-    if groups.shape[1] < n_kv:
-        groups = torch.cat([groups, groups.new_full((groups.shape[0], n_kv - groups.shape[1]), -1)], 1)
+    groups = fit_columns(groups, n_kv, fill=-1)
     coefficients = coefficients.expand(groups.shape[0], -1) if coefficients.dim() == 1 else coefficients
     picked = coefficients.gather(1, groups.clamp_min(0))
     return torch.where(groups >= 0, picked, torch.ones_like(picked))

@@ -89,6 +89,11 @@ class Segments:
         )
 
     @property
+    def prompt(self) -> torch.Tensor:
+        """Real prompt tokens `(B, T)`: sys, vis and user (never `out`, never padding)."""
+        return self.sys | self.vis | self.user
+
+    @property
     def text(self) -> torch.Tensor:
         """Non-visual real tokens `(B, T)`."""
         return self.sys | self.user | self.out

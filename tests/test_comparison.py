@@ -9,7 +9,7 @@ import pytest
 from lsg.backbones import backbone_config
 from lsg.comparison import compare, parse_layers, parse_stack, plot_deltas, write_table
 from lsg.datamodule import load_records
-from lsg.gates import KeyScaleGate, LSGGate, VAFGate
+from lsg.gates import LSGGate, VAFGate
 
 
 def test_parse_layers():

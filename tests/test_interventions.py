@@ -15,7 +15,6 @@ from lsg.context import ForwardContext, LayerView
 from lsg.gates.interventions import KeyKnockoutGate, MeanValueGate, ZeroValueGate
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
-from tests.conftest import samples
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed  # noqa: F401
 
 LAYER = 2

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import lsg
 from lsg.gates import LSGGate
 from lsg.scoring import answer_loss, option_scores
 from lsg.segments import last_prompt_positions

@@ -8,7 +8,6 @@ import torch
 import lsg
 from lsg.gates import SPEARGate, VAFGate
 from lsg.segments import Segments
-from tests.conftest import samples
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
 from tests.test_gates import LAYER, gated_attention_output
 

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from lsg.context import LayerView
+from lsg.context import LayerView, fit_columns
 from lsg.gates.base import Gate, HookPoint, register
-from lsg.gates.var import fit_columns, prompt_mask
 
 TOKEN_SETS = ("sinks", "text_sinks", "sys_sinks", "visual_sinks", "vsinks", "lsinks")
 QUERY_SETS = ("user_out", "text", "all")
@@ -39,9 +38,9 @@ def token_set(view: LayerView, which: str) -> torch.Tensor:
         found = ctx.lsinks(view.layer)
     else:
         flagged = ctx.flagged(view.layer).to(seg.vis.device)
-        found = flagged & {"sinks": prompt_mask(view), "text_sinks": seg.sys | seg.user, "sys_sinks": seg.sys,
+        found = flagged & {"sinks": view.segments.prompt, "text_sinks": seg.sys | seg.user, "sys_sinks": seg.sys,
                            "visual_sinks": seg.vis}[which]
-    return found & prompt_mask(view)
+    return found & view.segments.prompt
 
 
 def query_set(view: LayerView, which: str) -> torch.Tensor:
@@ -152,7 +151,7 @@ class MeanValueGate(_Intervention):
     def edit_values(self, view: LayerView, chosen: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         n_kv = value.shape[2]
         chosen = fit_columns(chosen, n_kv)
-        population = fit_columns(prompt_mask(view), n_kv) & ~chosen  # (B, T_kv)
+        population = fit_columns(view.segments.prompt, n_kv) & ~chosen  # (B, T_kv)
         count = population.sum(1)  # (B,)
         mean = torch.einsum("bt,bhtd->bhd", population.to(value.dtype), value)
         mean = mean / count.clamp_min(1).to(value.dtype)[:, None, None]  # (B, H_kv, d_head)

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from lsg.context import LayerView
+from lsg.context import LayerView, fit_columns
 from lsg.gates.base import Gate, HookPoint, register
-from lsg.gates.var import fit_columns, llm_sinks, prompt_mask
+from lsg.gates.var import llm_sinks
 from lsg.sinks import NORMALISATIONS
 
 
@@ -142,7 +142,7 @@ class OutRoGate(Gate):
             return mask
         n_kv = mask.shape[-1]
         rows = fit_columns(state.sinks, view.q_start + view.n_queries)[:, view.query_slice]  # (B, T_q)
-        keys = fit_columns(prompt_mask(view), n_kv)  # (B, T_kv)
+        keys = fit_columns(view.segments.prompt, n_kv)  # (B, T_kv)
         return mask | (rows[:, None, :, None] & keys[:, None, None, :])
 
     def edit_head_outputs(self, view: LayerView, state: OutRoState, outputs: torch.Tensor,

@@ -6,24 +6,11 @@ from typing import Any
 
 import torch
 
-from lsg.context import LayerView
+from lsg.context import LayerView, fit_columns
 from lsg.gates.base import Gate, HookPoint, register
 from lsg.sinks import NORMALISATIONS, sink_value
 
 READINGS = ("paper", "code")
-
-
-def fit_columns(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """A `(B, T)` mask cut or padded with False to `(B, n)` (decoded positions are never sinks)."""
-    if mask.shape[1] >= n:
-        return mask[:, :n]
-    return torch.cat([mask, mask.new_zeros(mask.shape[0], n - mask.shape[1])], 1)
-
-
-def prompt_mask(view: LayerView) -> torch.Tensor:
-    """Real prompt tokens `(B, T_total)`: sys, vis and user (never `out`, never padding)."""
-    seg = view.segments
-    return seg.sys | seg.vis | seg.user
 
 
 def llm_sinks(view: LayerView, hidden: torch.Tensor, tau: float | None, normalisation: str | None) -> torch.Tensor:
@@ -46,7 +33,7 @@ def llm_sinks(view: LayerView, hidden: torch.Tensor, tau: float | None, normalis
                              "(model.sinks.llm_dims): calibrate them (SPEC section 7).")
         flagged = sink_value(hidden, cfg.llm_dims, normalisation or cfg.normalisation) >= tau
     flagged = flagged.to(view.segments.vis.device)
-    return fit_columns(flagged, hidden.shape[1]) & fit_columns(prompt_mask(view), hidden.shape[1])
+    return fit_columns(flagged, hidden.shape[1]) & fit_columns(view.segments.prompt, hidden.shape[1])
 
 
 @register
