@@ -62,7 +62,12 @@ def parse_args():
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    p.add_argument("--open-answer-fraction", type=float, default=0.0,
+                   help="share of stage-B samples asked in LLaVA-1.5's short-answer format (question plus "
+                        "OPEN_ANSWER_SUFFIX, answered with the option's text) instead of multiple choice")
     p.add_argument("--val-samples", type=int, default=350)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between quick validation checks (0 = off)")
+    p.add_argument("--eval-every-samples", type=int, default=140, help="validation samples per quick check")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--continue-stage-b", action="store_true",
                    help="start from the saved vision/projector/LoRA weights in --out and train stage B further")
@@ -163,9 +168,20 @@ def stage_a2(model, processor, tokenizer, args) -> float:
     return cos
 
 
+# LLaVA-1.5's prompt for short-answer VQA data (its instruction-tuning mix).
+OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+
+
 def record_to_sample(record: dict) -> tuple[str, str, int]:
     prompt = record["conversations"][0]["value"].replace("<image>\n", "", 1)
     return prompt, record["conversations"][1]["value"], len(record["options"])
+
+
+def open_answer_sample(record: dict) -> tuple[str, str]:
+    """The record's question in short-answer form: (prompt, the correct option's text)."""
+    question = record["conversations"][0]["value"].replace("<image>\n", "", 1).split("\n")[0]
+    answer = record["options"][LETTERS.index(record["conversations"][1]["value"])]
+    return f"{question}\n{OPEN_ANSWER_SUFFIX}", answer
 
 
 @torch.no_grad()
@@ -200,7 +216,7 @@ def main():
 
         model.load_state_dict(load_file(args.out / "vision.safetensors"), strict=False)
         acc_a = previous.get("stage_a_patch_colour_acc", float("nan"))
-        print(f"[stage B] continuing from {args.out} after {previous.get('stage_b_samples')} samples", flush=True)
+        print(f"[stage B] continuing from {args.out} after {previous.get('stage_b_steps')} steps", flush=True)
     elif args.reuse_stage_a and stage_a_path.exists():
         from safetensors.torch import load_file
 
@@ -250,14 +266,18 @@ def main():
 
     model.train()
     t0, step, seen = time.time(), 0, 0
-    step0, seen0 = previous.get("stage_b_steps", 0), previous.get("stage_b_samples", 0)
+    step0 = previous.get("stage_b_steps", 0)
+    # Records written before "stage_b_samples" existed: steps x the batch they were trained with.
+    seen0 = previous.get("stage_b_samples", step0 * previous.get("recipe", {}).get("stage_b_batch", 0))
     offset = (args.stage_a_steps + args.stage_a2_steps) * args.stage_a_batch + seen0  # fresh samples for stage B
     while time.time() - t0 < args.stage_b_minutes * 60:
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
         samples = [generate_scene_sample("train", offset + seen + b) for b in range(args.stage_b_batch)]
         seen += len(samples)
-        prompts = [record_to_sample(s[1]) for s in samples]
+        n_open = round(args.open_answer_fraction * len(samples))
+        prompts = [open_answer_sample(s[1]) if b < n_open else record_to_sample(s[1])[:2]
+                   for b, s in enumerate(samples)]
         batch = bb.build_batch([s[0] for s in samples], [p[0] for p in prompts], [p[1] for p in prompts])
         with autocast(args):
             loss = answer_loss(bb, batch)
@@ -270,6 +290,13 @@ def main():
                   f"({seen / (time.time() - t0):.1f} samples/s)", flush=True)
         if step % args.save_every == 0:
             save(step)
+        if args.eval_every and step % args.eval_every == 0:
+            model.eval()
+            with autocast(args):
+                quick = evaluate(bb, args.eval_every_samples)
+            model.train()
+            print(f"[quick val] step {step} samples {seen} " + json.dumps({k: round(v, 2) for k, v in quick.items()})
+                  + f" overall {np.mean(list(quick.values())):.3f}", flush=True)
     model.eval()
     with autocast(args):
         metrics = evaluate(bb, args.val_samples)
