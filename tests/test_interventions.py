@@ -46,6 +46,16 @@ def layer_input(bb, batch, layer):
     return out.hidden_states[layer]
 
 
+def sink_case(bb, batch, layer):
+    """(vis, prompt, real, x, sinks): hand segments, the hidden state entering `layer` and
+    its hand-flagged sinks (asserted non-empty, or the test would prove nothing)."""
+    vis, prompt, real = hand_segments(bb, batch)
+    x = layer_input(bb, batch, layer)
+    sinks = hand_sinks(bb, x, prompt)
+    assert sinks.any(), "the test batch needs at least one sink"
+    return vis, prompt, real, x, sinks
+
+
 @torch.no_grad()
 def attention_outputs(bb, batch, gates, layers):
     """Self-attention outputs `{layer: (B, T, D)}` of a forward with `gates` attached (labels
@@ -90,9 +100,7 @@ def toy_view(T=8, prompt_len=6, layer=0, n_prefill=None):
 @pytest.mark.parametrize("keys,queries", [("sinks", "user_out"), ("visual_sinks", "text"), ("sys_sinks", "all")])
 def test_knockout_equals_attention_with_hand_masked_keys(tiny, tiny_eager, batch, impl, keys, queries):
     bb = tiny if impl == "sdpa" else tiny_eager
-    vis, prompt, real = hand_segments(bb, batch)
-    x = layer_input(bb, batch, LAYER)
-    sinks = hand_sinks(bb, x, prompt)
+    vis, prompt, real, x, sinks = sink_case(bb, batch, LAYER)
     chosen = {"sinks": sinks, "visual_sinks": sinks & vis, "sys_sinks": sinks & ~vis & (vis.cumsum(1) == 0)}[keys]
     rows = {"user_out": real & (vis.cumsum(1) == vis.sum(1, keepdim=True)) & ~vis & (vis.cumsum(1) > 0),
             "text": real & ~vis, "all": real}[queries]
@@ -123,10 +131,7 @@ def test_knockout_skips_a_row_that_would_lose_every_key():
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_zero_value_equals_attention_with_hand_zeroed_sink_values(tiny, tiny_eager, batch, impl):
     bb = tiny if impl == "sdpa" else tiny_eager
-    vis, prompt, real = hand_segments(bb, batch)
-    x = layer_input(bb, batch, LAYER)
-    sinks = hand_sinks(bb, x, prompt)
-    assert sinks.any()
+    vis, prompt, real, x, sinks = sink_case(bb, batch, LAYER)
 
     def zero(v):
         return v.masked_fill(sinks[:, None, :, None], 0.0)
@@ -139,10 +144,8 @@ def test_zero_value_equals_attention_with_hand_zeroed_sink_values(tiny, tiny_eag
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_mean_value_equals_attention_with_hand_substituted_sink_values(tiny, tiny_eager, batch, impl):
     bb = tiny if impl == "sdpa" else tiny_eager
-    vis, prompt, real = hand_segments(bb, batch)
-    x = layer_input(bb, batch, LAYER)
-    sinks = hand_sinks(bb, x, prompt)
-    assert sinks.any() and (batch["labels"] != -100).any(), "need sinks and answer tokens (kept out of the mean)"
+    vis, prompt, real, x, sinks = sink_case(bb, batch, LAYER)
+    assert (batch["labels"] != -100).any(), "need answer tokens (kept out of the mean)"
 
     def substitute(v):
         v = v.clone()

@@ -10,7 +10,7 @@ import torch
 import lsg
 from lsg.gates.outro import OutRoGate, OutRoState
 from tests.test_interventions import (assert_cache_matches_recompute, attention_by_hand, attention_outputs,
-                                      causal_allowed, hand_segments, hand_sinks, layer_input, logits_with,
+                                      causal_allowed, logits_with, sink_case,
                                       toy_view)
 
 RELAX, ROTATE = 1, 2  # the defaults for the 4-layer tiny backbone: round(4/7) = 1, then 2 .. 4 // 2
@@ -67,10 +67,7 @@ def test_relaxed_sink_rows_see_the_whole_prompt_but_not_answers_or_padding():
 
 
 def test_rotation_in_the_model_equals_hand_rotated_head_outputs(tiny, batch):
-    vis, prompt, real = hand_segments(tiny, batch)
-    x = layer_input(tiny, batch, ROTATE)
-    sinks = hand_sinks(tiny, x, prompt)
-    assert sinks.any()
+    vis, prompt, real, x, sinks = sink_case(tiny, batch, ROTATE)
 
     def rotate(o, v):
         o = o.clone()
@@ -93,10 +90,8 @@ def test_rotation_in_the_model_equals_hand_rotated_head_outputs(tiny, batch):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_relaxation_changes_only_sink_rows_and_only_at_its_layer(tiny, tiny_eager, batch, impl):
     bb = tiny if impl == "sdpa" else tiny_eager
-    vis, prompt, real = hand_segments(bb, batch)
-    x = layer_input(bb, batch, RELAX)
-    sinks = hand_sinks(bb, x, prompt)
-    assert sinks.any() and (batch["labels"] != -100).any()
+    vis, prompt, real, x, sinks = sink_case(bb, batch, RELAX)
+    assert (batch["labels"] != -100).any()
     layers = range(bb.num_layers)
     base = attention_outputs(bb, batch, None, layers)
     gate = OutRoGate(relax_layer=RELAX, rotate_layers=[ROTATE], rotate=False)

@@ -78,6 +78,14 @@ def toy_case(seed=0):
     return view, hidden, weights, seg, sinks
 
 
+def toy_var_edit():
+    """The toy case edited by a VAR gate: (weights, seg, sinks, edited weights, selected pairs)."""
+    view, hidden, weights, seg, sinks = toy_case()
+    gate = VARGate(p=P, rho=RHO, min_visual_mass=0.45, tau=2.0)
+    state = gate.prepare(view, hidden)
+    return weights, seg, sinks, gate.edit_weights(view, state, weights), gate.selected(view, state, weights)
+
+
 def test_var_finds_prompt_sinks_only():
     view, hidden, _, _, sinks = toy_case()
     got = VARGate(tau=2.0).prepare(view, hidden)
@@ -109,11 +117,7 @@ def test_var_preserves_row_sums():
 
 
 def test_var_moves_fraction_p_of_sink_mass_to_visual_non_sinks_in_proportion():
-    view, hidden, weights, seg, sinks = toy_case()
-    gate = VARGate(p=P, rho=RHO, min_visual_mass=0.45, tau=2.0)
-    state = gate.prepare(view, hidden)
-    got = gate.edit_weights(view, state, weights)
-    selected = gate.selected(view, state, weights)
+    weights, seg, sinks, got, selected = toy_var_edit()
     assert selected.any()
     for b, h, i in selected.nonzero().tolist():
         a, new = weights[b, h, i].double(), got[b, h, i].double()
@@ -128,11 +132,7 @@ def test_var_moves_fraction_p_of_sink_mass_to_visual_non_sinks_in_proportion():
 
 
 def test_var_leaves_unselected_pairs_and_other_rows_bit_identical():
-    view, hidden, weights, seg, _ = toy_case()
-    gate = VARGate(p=P, rho=RHO, min_visual_mass=0.45, tau=2.0)
-    state = gate.prepare(view, hidden)
-    got = gate.edit_weights(view, state, weights)
-    selected = gate.selected(view, state, weights)
+    weights, seg, _, got, selected = toy_var_edit()
     assert (~selected & (seg.user | seg.out)[:, None, :]).any()
     assert torch.equal(got[~selected], weights[~selected])
     assert not selected[:, :, :7].any()  # sys and vis rows are never edited
