@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
 from lsg.data import SUBTASKS, generate_scene_sample  # noqa: E402
+from lsg.data.shapes import describe, render, sample_scene  # noqa: E402
 from lsg.scoring import LETTERS, answer_loss, option_scores  # noqa: E402
 
 
@@ -65,6 +66,9 @@ def parse_args():
     p.add_argument("--open-answer-fraction", type=float, default=0.0,
                    help="share of stage-B samples asked in LLaVA-1.5's short-answer format (question plus "
                         "OPEN_ANSWER_SUFFIX, answered with the option's text) instead of multiple choice")
+    p.add_argument("--caption-fraction", type=float, default=0.0,
+                   help="share of stage-B samples that are captions (CAPTION_PROMPT -> lsg.data.shapes.describe), "
+                        "LLaVA stage-1's dense alignment signal: every caption token is supervised")
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--eval-every", type=int, default=0, help="steps between quick validation checks (0 = off)")
     p.add_argument("--eval-every-samples", type=int, default=140, help="validation samples per quick check")
@@ -168,6 +172,8 @@ def stage_a2(model, processor, tokenizer, args) -> float:
     return cos
 
 
+# One of LLaVA stage-1's brief-caption instructions.
+CAPTION_PROMPT = "Describe the image concisely."
 # LLaVA-1.5's prompt for short-answer VQA data (its instruction-tuning mix).
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -273,12 +279,14 @@ def main():
     while time.time() - t0 < args.stage_b_minutes * 60:
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
-        samples = [generate_scene_sample("train", offset + seen + b) for b in range(args.stage_b_batch)]
-        seen += len(samples)
-        n_open = round(args.open_answer_fraction * len(samples))
-        prompts = [open_answer_sample(s[1]) if b < n_open else record_to_sample(s[1])[:2]
-                   for b, s in enumerate(samples)]
-        batch = bb.build_batch([s[0] for s in samples], [p[0] for p in prompts], [p[1] for p in prompts])
+        scenes = [sample_scene("train", offset + seen + b) for b in range(args.stage_b_batch)]
+        seen += len(scenes)
+        n_caption = round(args.caption_fraction * len(scenes))
+        n_open = n_caption + round(args.open_answer_fraction * len(scenes))
+        prompts = [(CAPTION_PROMPT, describe(scene)) if b < n_caption
+                   else open_answer_sample(record) if b < n_open else record_to_sample(record)[:2]
+                   for b, (scene, record) in enumerate(scenes)]
+        batch = bb.build_batch([render(scene) for scene, _ in scenes], [p[0] for p in prompts], [p[1] for p in prompts])
         with autocast(args):
             loss = answer_loss(bb, batch)
         opt.zero_grad()

@@ -15,6 +15,7 @@ from lsg.data import (
     COLOUR_NAMES, COLOURS, SHAPES, SUBTASKS, ShapesConfig, VQARecord, generate_scene_sample,
     generate_split, load_llava_json, patch_labels, render, sample_scene,
 )
+from lsg.data.shapes import describe
 
 CFG = ShapesConfig()
 N = 700  # 100 per sub-task
@@ -98,6 +99,20 @@ def test_scene_invariants_and_patch_labels(samples):
             r, c = divmod(idx, CFG.grid)
             patch = img[r * CFG.cell:(r + 1) * CFG.cell, c * CFG.cell:(c + 1) * CFG.cell]
             assert (patch == CFG.background).all()
+
+
+def test_caption_lists_every_object_with_its_place_read_from_pixel_centres(samples):
+    for scene, _ in samples[:100]:
+        caption = describe(scene, CFG)
+        head, body = caption.rstrip(".").split(": ")
+        assert int(head.split()[0]) == len(scene.objects)
+        parts = body.split(", ")
+        assert len(parts) == len(scene.objects)
+        for o in scene.objects:
+            x, y = o.centre  # thirds of the image in pixels, independent of the grid cell
+            row = ("top", "middle", "bottom")[3 * y // CFG.image_size]
+            col = ("left", "centre", "right")[3 * x // CFG.image_size]
+            assert f"a {o.size} {o.colour} {o.shape} at the {row} {col}" in parts
 
 
 # --- answers are correct ----------------------------------------------------------------

@@ -133,6 +133,18 @@ def render(scene: Scene, cfg: ShapesConfig = ShapesConfig()) -> Image.Image:
     return img
 
 
+def describe(scene: Scene, cfg: ShapesConfig = ShapesConfig()) -> str:
+    """A short caption of the scene (LLaVA stage-1 style): the object count, then every object
+    in reading order with its size, colour, shape and coarse place, e.g.
+    "2 objects: a large red circle at the top left, a small blue square at the bottom centre."
+    The grid's rows and columns are split into thirds (top/middle/bottom, left/centre/right)."""
+    rows, cols = ("top", "middle", "bottom"), ("left", "centre", "right")
+    parts = [f"a {o.size} {o.colour} {o.shape} at the {rows[3 * o.cell[0] // cfg.grid]} {cols[3 * o.cell[1] // cfg.grid]}"
+             for o in sorted(scene.objects, key=lambda o: o.cell)]
+    n = len(scene.objects)
+    return f"{n} object{'s' if n > 1 else ''}: " + ", ".join(parts) + "."
+
+
 def patch_labels(scene: Scene, cfg: ShapesConfig = ShapesConfig()) -> dict[str, np.ndarray | int]:
     """Per-cell labels, each an int64 array of shape (grid*grid,) in row-major cell order:
     "colour" (0 empty, 1..8 = COLOUR_NAMES index + 1), "shape" (0 empty, 1..4),
