@@ -24,10 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsg  # noqa: E402
-from lsg.data.shapes import COLOUR_NAMES, SHAPES, describe, render, sample_scene  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_embedded import CAPTION_PROMPT  # noqa: E402
+from lsg.data.shapes import CAPTION_PROMPT, COLOUR_NAMES, SHAPES, describe, render, sample_scene  # noqa: E402
 
 PAIR = re.compile(r"\b(%s) (%s)\b" % ("|".join(COLOUR_NAMES), "|".join(SHAPES)))
 COUNT = re.compile(r"\s*(\d+) objects?\b")

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
 from lsg.data import SUBTASKS, generate_scene_sample  # noqa: E402
-from lsg.data.shapes import describe, render, sample_scene  # noqa: E402
+from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene  # noqa: E402
 from lsg.scoring import LETTERS, answer_loss, option_scores  # noqa: E402
 
 
@@ -172,8 +172,6 @@ def stage_a2(model, processor, tokenizer, args) -> float:
     return cos
 
 
-# One of LLaVA stage-1's brief-caption instructions.
-CAPTION_PROMPT = "Describe the image concisely."
 # LLaVA-1.5's prompt for short-answer VQA data (its instruction-tuning mix).
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -185,9 +183,9 @@ def record_to_sample(record: dict) -> tuple[str, str, int]:
 
 def open_answer_sample(record: dict) -> tuple[str, str]:
     """The record's question in short-answer form: (prompt, the correct option's text)."""
-    question = record["conversations"][0]["value"].replace("<image>\n", "", 1).split("\n")[0]
-    answer = record["options"][LETTERS.index(record["conversations"][1]["value"])]
-    return f"{question}\n{OPEN_ANSWER_SUFFIX}", answer
+    prompt, letter, _ = record_to_sample(record)
+    question = prompt.partition("\n")[0]
+    return f"{question}\n{OPEN_ANSWER_SUFFIX}", record["options"][LETTERS.index(letter)]
 
 
 @torch.no_grad()

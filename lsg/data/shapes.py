@@ -43,6 +43,7 @@ N_COLOUR_OPTIONS = 4
 MAX_TRIES = 1000  # scene rejection-sampling budget; typical success takes < 5 tries
 GENERATOR_VERSION = 1  # bump when generation changes so cached splits are rebuilt
 PROMPT_SUFFIX = "Answer with the option's letter from the given choices directly."
+CAPTION_PROMPT = "Describe the image concisely."  # one of LLaVA stage-1's brief-caption instructions; answer: describe()
 
 
 @dataclass(frozen=True)
