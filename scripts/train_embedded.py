@@ -46,7 +46,7 @@ from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene  # no
 from lsg.scoring import LETTERS, answer_loss, option_scores  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=embedded.EMBEDDED_DIR)
     p.add_argument("--stage-a-steps", type=int, default=1500)
@@ -81,7 +81,14 @@ def parse_args():
     p.add_argument("--threads-stage-a", type=int, default=0, help="torch threads for stage A (0 = torch default)")
     p.add_argument("--autocast", choices=["bfloat16", "none"], default="bfloat16",
                    help="mixed precision for the forward (bf16 matmuls are ~7x faster on CPUs with AMX)")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    for flag in ("open_answer_fraction", "caption_fraction"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            p.error(f"--{flag.replace('_', '-')} is a share of the stage-B batch in [0, 1], got {getattr(args, flag)}")
+    if args.open_answer_fraction + args.caption_fraction > 1.0:
+        p.error(f"--open-answer-fraction + --caption-fraction = {args.open_answer_fraction + args.caption_fraction} "
+                "exceeds 1; the rest of each batch is multiple choice, so keep their sum <= 1")
+    return args
 
 
 def autocast(args):

@@ -1,0 +1,63 @@
+"""The embedded backbone's training and probe scripts: sample formats, caption scoring, bad flags."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lsg.data.shapes import Scene, SceneObject, describe, sample_scene
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_embedded():
+    return load_script("train_embedded")
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return load_script("probe_captions")
+
+
+def two_objects():
+    return Scene([SceneObject("red", "circle", "large", (0, 0), (8, 8), 7),
+                  SceneObject("blue", "square", "small", (5, 5), (88, 88), 4)])
+
+
+def test_caption_score_reads_count_and_pairs_from_text(probe):
+    scene = two_objects()
+    assert probe.score(describe(scene), scene) == (True, {("red", "circle"), ("blue", "square")},
+                                                   {("red", "circle"), ("blue", "square")})
+    ok, named, true = probe.score("3 objects: a large red circle at the top left, a small green square.", scene)
+    assert not ok and named == {("red", "circle"), ("green", "square")}
+    assert probe.score("The image shows a red circle.", scene)[0] is False  # no count at the start
+
+
+def test_open_answer_sample_is_the_question_answered_with_the_correct_option_text(train_embedded):
+    for i in range(14):
+        scene, record = sample_scene("train", i)
+        prompt, answer = train_embedded.open_answer_sample(record)
+        human = record["conversations"][0]["value"]
+        assert prompt == human.split("\n")[1] + "\n" + train_embedded.OPEN_ANSWER_SUFFIX
+        assert answer == record["options"]["ABCDEFG".index(record["conversations"][1]["value"])]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--caption-fraction", "1.5"], "--caption-fraction is a share"),
+    (["--open-answer-fraction", "-0.1"], "--open-answer-fraction is a share"),
+    (["--caption-fraction", "0.6", "--open-answer-fraction", "0.6"], "keep their sum <= 1"),
+])
+def test_stage_b_sample_shares_are_checked(train_embedded, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        train_embedded.parse_args(argv)
+    assert message in capsys.readouterr().err
