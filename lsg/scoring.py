@@ -53,6 +53,36 @@ def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torc
     return F.cross_entropy(logits.float(), target[where])
 
 
+def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: torch.Tensor,
+                answer_index: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Multiple-choice classification loss (scalar, nats): cross-entropy over the option
+    letters' logits at the last prompt token, the closed set `option_scores` reads.
+
+    Unlike `answer_loss` it has no pull towards the letters as a class of tokens; all of
+    its gradient separates the right option from the others.
+
+    Args:
+        batch: from `build_batch`, with or without labels (the last prompt token is
+            found the same way as in `option_scores`).
+        n_options: `(B,)` number of options per row; letters past it are excluded.
+        answer_index: `(B,)` index of the correct option (0 = A).
+        hidden: `(B, T, D)` from `decoder_hidden`, to share one forward.
+
+    Raises:
+        ValueError: an answer index is not among its row's options.
+    """
+    n_options, answer_index = torch.as_tensor(n_options), torch.as_tensor(answer_index)
+    if ((answer_index < 0) | (answer_index >= n_options)).any():
+        raise ValueError(f"answer_index {answer_index.tolist()} must lie in [0, n_options) = {n_options.tolist()}.")
+    hidden = decoder_hidden(backbone, batch) if hidden is None else hidden
+    pos = last_prompt_positions(batch["attention_mask"], batch.get("labels")).to(hidden.device)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
+    letter_ids = option_letter_ids(backbone, int(n_options.max())).to(hidden.device)
+    logits = backbone.model.lm_head(last)[:, letter_ids].float()  # (B, K)
+    absent = torch.arange(len(letter_ids), device=hidden.device)[None] >= n_options.to(hidden.device)[:, None]
+    return F.cross_entropy(logits.masked_fill(absent, float("-inf")), answer_index.to(hidden.device))
+
+
 def option_letter_ids(backbone: Backbone, n_options: int) -> torch.Tensor:
     """Token ids `(n_options,)` of the letters A, B, ... as the first answer token.
 

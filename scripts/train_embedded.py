@@ -43,7 +43,7 @@ from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
 from lsg.data import SUBTASKS, generate_scene_sample  # noqa: E402
 from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene  # noqa: E402
-from lsg.scoring import LETTERS, answer_loss, option_scores  # noqa: E402
+from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_loss, option_scores  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--caption-fraction", type=float, default=0.0,
                    help="share of stage-B samples that are captions (CAPTION_PROMPT -> lsg.data.shapes.describe), "
                         "LLaVA stage-1's dense alignment signal: every caption token is supervised")
+    p.add_argument("--mc-loss", choices=["next-token", "options"], default="next-token",
+                   help="loss on multiple-choice samples: next-token cross-entropy on the answer letter over the "
+                        "whole vocabulary, or lsg.scoring.option_loss (cross-entropy over the options' letters only)")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max global gradient norm (0 = no clipping)")
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--eval-every", type=int, default=0, help="steps between quick validation checks (0 = off)")
     p.add_argument("--eval-every-samples", type=int, default=140, help="validation samples per quick check")
@@ -195,6 +199,22 @@ def open_answer_sample(record: dict) -> tuple[str, str]:
     return f"{question}\n{OPEN_ANSWER_SUFFIX}", record["options"][LETTERS.index(letter)]
 
 
+def stage_b_loss(bb: Backbone, batch: dict, records: list[dict], n_free: int, mc_loss: str) -> torch.Tensor:
+    """Stage-B loss of a batch whose first `n_free` rows are captions or short answers
+    (next-token loss) and whose other rows are multiple choice (`mc_loss`)."""
+    if mc_loss == "next-token" or n_free == len(records):
+        return answer_loss(bb, batch)
+    hidden = decoder_hidden(bb, batch)
+    mc = [record_to_sample(r) for r in records[n_free:]]
+    loss = option_loss(bb, {k: v[n_free:] for k, v in batch.items()},
+                       torch.tensor([k for _, _, k in mc]), torch.tensor([LETTERS.index(a) for _, a, _ in mc]),
+                       hidden[n_free:]) * len(mc)
+    if n_free:
+        free = {**batch, "labels": batch["labels"][:n_free]}
+        loss = loss + answer_loss(bb, {k: v[:n_free] for k, v in free.items()}, hidden[:n_free]) * n_free
+    return loss / len(records)
+
+
 @torch.no_grad()
 def evaluate(bb: Backbone, n: int, batch_size: int = 32) -> dict[str, float]:
     """Per-sub-task accuracy on the first n validation samples (option-letter argmax)."""
@@ -293,9 +313,11 @@ def main():
                    for b, (scene, record) in enumerate(scenes)]
         batch = bb.build_batch([render(scene) for scene, _ in scenes], [p[0] for p in prompts], [p[1] for p in prompts])
         with autocast(args):
-            loss = answer_loss(bb, batch)
+            loss = stage_b_loss(bb, batch, [record for _, record in scenes], n_open, args.mc_loss)
         opt.zero_grad()
         loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], args.clip_grad)
         opt.step()
         step += 1
         if step % 25 == 0:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lsg.gates import LSGGate
-from lsg.scoring import answer_loss, option_scores
+from lsg.scoring import answer_loss, option_loss, option_scores
 from lsg.segments import last_prompt_positions
 from lsg.training import GateTrainingModule, SafetensorsCheckpointIO
 from tests.conftest import samples
@@ -35,6 +35,24 @@ def test_option_scores_read_the_last_prompt_token(tiny):
     letters = [tiny.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"]
     expected = logits[torch.arange(4), pos][:, letters]
     torch.testing.assert_close(option_scores(tiny, batch, 5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_option_loss_is_cross_entropy_over_each_rows_own_letters(tiny):
+    images, questions, answers = samples()
+    batch = tiny.build_batch(images, questions, answers)
+    n_options, answer_index = torch.tensor([2, 4, 5, 3]), torch.tensor([1, 3, 0, 2])
+    with torch.no_grad():
+        logits = tiny.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        got = option_loss(tiny, batch, n_options, answer_index)
+    pos = last_prompt_positions(batch["attention_mask"], batch["labels"])
+    letters = [tiny.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"]
+    expected = 0.0
+    for b in range(4):  # softmax over this row's own options only, by hand
+        row = logits[b, pos[b], letters[: n_options[b]]]
+        expected += (row.logsumexp(0) - row[answer_index[b]]) / 4
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="answer_index"):
+        option_loss(tiny, batch, n_options, torch.tensor([2, 0, 0, 0]))
 
 
 def test_only_gate_parameters_train_and_backbone_is_bit_identical(tiny, batch):
