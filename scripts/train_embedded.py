@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from collections import defaultdict
@@ -42,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
 from lsg.data import SUBTASKS, generate_scene_sample  # noqa: E402
-from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene  # noqa: E402
-from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_loss, option_scores  # noqa: E402
+from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene, scene_questions  # noqa: E402
+from lsg.backbones import IGNORE_INDEX  # noqa: E402
+from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_letter_ids, option_loss, option_scores  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -72,6 +74,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--mc-loss", choices=["next-token", "options"], default="next-token",
                    help="loss on multiple-choice samples: next-token cross-entropy on the answer letter over the "
                         "whole vocabulary, or lsg.scoring.option_loss (cross-entropy over the options' letters only)")
+    p.add_argument("--multi-question", action="store_true",
+                   help="each multiple-choice sample is one image with every question its scene can pose, as one "
+                        "multi-turn conversation (LLaVA-1.5's instruction data format): several answers per forward")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max global gradient norm (0 = no clipping)")
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--eval-every", type=int, default=0, help="steps between quick validation checks (0 = off)")
@@ -215,6 +220,56 @@ def stage_b_loss(bb: Backbone, batch: dict, records: list[dict], n_free: int, mc
     return loss / len(records)
 
 
+def dialogue_batch(bb: Backbone, images: list, dialogues: list[list[dict]]) -> tuple[dict, list[tuple[int, int, int, int]]]:
+    """Multi-turn multiple-choice conversations, one image each, as model inputs.
+
+    Returns the batch (labels on every answer letter and its end-of-turn token) and one
+    `(row, position, n_options, answer_index)` per question, where `position` is the
+    token that predicts that answer's letter. Turns follow the backbone's ChatML template.
+    """
+    tok, eot = bb.tokenizer, bb.tokenizer.eos_token
+    enc = bb.processor(images=list(images), text=[bb.prompt_text(record_to_sample(d[0])[0]) for d in dialogues],
+                       return_tensors=None, padding=False)
+    seqs, label_seqs, turns = [], [], []
+    for b, (ids, dialogue) in enumerate(zip(enc["input_ids"], dialogues)):
+        ids, labels = list(ids), [IGNORE_INDEX] * len(ids)
+        for t, record in enumerate(dialogue):
+            prompt, letter, k = record_to_sample(record)
+            if t:
+                turn = tok(f"\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+                ids += turn["input_ids"]
+                labels += [IGNORE_INDEX] * len(turn["input_ids"])
+            turns.append((b, len(ids) - 1, k, LETTERS.index(letter)))
+            answer = tok(letter + eot, add_special_tokens=False)["input_ids"]
+            ids += answer
+            labels += answer
+        seqs.append(ids)
+        label_seqs.append(labels)
+    width = max(map(len, seqs))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = {"input_ids": torch.full((len(seqs), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(seqs), width), dtype=torch.long),
+             "labels": torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long),
+             "pixel_values": torch.as_tensor(np.stack(enc["pixel_values"])).to(bb.model.dtype)}
+    for b, (ids, labels) in enumerate(zip(seqs, label_seqs)):  # right padding: positions stay as recorded
+        batch["input_ids"][b, : len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][b, : len(ids)] = 1
+        batch["labels"][b, : len(ids)] = torch.tensor(labels)
+    return batch, turns
+
+
+def dialogue_loss(bb: Backbone, batch: dict, turns: list[tuple[int, int, int, int]], mc_loss: str) -> torch.Tensor:
+    """Mean loss per answered question of a `dialogue_batch` (see `stage_b_loss`)."""
+    if mc_loss == "next-token":
+        return answer_loss(bb, batch)
+    hidden = decoder_hidden(bb, batch)
+    rows, pos, k, answer = (torch.tensor(c) for c in zip(*turns))
+    letter_ids = option_letter_ids(bb, int(k.max()))
+    logits = bb.model.lm_head(hidden[rows, pos])[:, letter_ids].float()
+    absent = torch.arange(len(letter_ids))[None] >= k[:, None]
+    return F.cross_entropy(logits.masked_fill(absent, float("-inf")), answer)
+
+
 @torch.no_grad()
 def evaluate(bb: Backbone, n: int, batch_size: int = 32) -> dict[str, float]:
     """Per-sub-task accuracy on the first n validation samples (option-letter argmax)."""
@@ -304,16 +359,27 @@ def main():
     while time.time() - t0 < args.stage_b_minutes * 60:
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
-        scenes = [sample_scene("train", offset + seen + b) for b in range(args.stage_b_batch)]
-        seen += len(scenes)
-        n_caption = round(args.caption_fraction * len(scenes))
-        n_open = n_caption + round(args.open_answer_fraction * len(scenes))
-        prompts = [(CAPTION_PROMPT, describe(scene)) if b < n_caption
-                   else open_answer_sample(record) if b < n_open else record_to_sample(record)[:2]
-                   for b, (scene, record) in enumerate(scenes)]
-        batch = bb.build_batch([render(scene) for scene, _ in scenes], [p[0] for p in prompts], [p[1] for p in prompts])
-        with autocast(args):
-            loss = stage_b_loss(bb, batch, [record for _, record in scenes], n_open, args.mc_loss)
+        if args.multi_question:
+            rng = random.Random(f"stage-b/{offset + seen}")
+            dialogues = [scene_questions("train", offset + seen + b) for b in range(args.stage_b_batch)]
+            seen += len(dialogues)
+            for _, records in dialogues:
+                rng.shuffle(records)  # no fixed sub-task order to lean on
+            batch, turns = dialogue_batch(bb, [render(scene) for scene, _ in dialogues], [r for _, r in dialogues])
+            with autocast(args):
+                loss = dialogue_loss(bb, batch, turns, args.mc_loss)
+        else:
+            scenes = [sample_scene("train", offset + seen + b) for b in range(args.stage_b_batch)]
+            seen += len(scenes)
+            n_caption = round(args.caption_fraction * len(scenes))
+            n_open = n_caption + round(args.open_answer_fraction * len(scenes))
+            prompts = [(CAPTION_PROMPT, describe(scene)) if b < n_caption
+                       else open_answer_sample(record) if b < n_open else record_to_sample(record)[:2]
+                       for b, (scene, record) in enumerate(scenes)]
+            batch = bb.build_batch([render(scene) for scene, _ in scenes], [p[0] for p in prompts],
+                                   [p[1] for p in prompts])
+            with autocast(args):
+                loss = stage_b_loss(bb, batch, [record for _, record in scenes], n_open, args.mc_loss)
         opt.zero_grad()
         loss.backward()
         if args.clip_grad:

@@ -15,7 +15,7 @@ from lsg.data import (
     COLOUR_NAMES, COLOURS, SHAPES, SUBTASKS, ShapesConfig, VQARecord, generate_scene_sample,
     generate_split, load_llava_json, patch_labels, render, sample_scene,
 )
-from lsg.data.shapes import describe
+from lsg.data.shapes import describe, scene_questions
 
 CFG = ShapesConfig()
 N = 700  # 100 per sub-task
@@ -129,47 +129,69 @@ def test_prompt_format(samples):
 
 def test_answers_correct(samples):
     for scene, rec in samples:
-        q = rec["conversations"][0]["value"].split("\n")[1]
-        ans, objs, refs = answer_text(rec), scene.objects, by_ref(scene)
-        task = rec["subtask"]
-        if task == "count":
-            assert int(ans) == len(objs) and len(rec["options"]) == 5 == len(set(rec["options"]))
-        elif task == "relation":
-            a, b = (refs[m] for m in re.fullmatch(r"Where is (.+) relative to (.+)\?", q).groups())
-            dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
-            if ans in ("left of", "right of"):
-                assert abs(dx) >= CFG.cell and abs(dy) < abs(dx) and (dx < 0) == (ans == "left of")
-            else:
-                assert abs(dy) >= CFG.cell and abs(dx) < abs(dy) and (dy < 0) == (ans == "above")
-        elif task == "distance":
-            x = refs[re.fullmatch(r"Which object is closer to (.+)\?", q).group(1)]
-            p, o = (refs[r] for r in rec["options"])
-            d = {p.ref: dist(x, p), o.ref: dist(x, o)}
-            assert len(objs) >= 3 and x not in (p, o)
-            assert d[ans] == min(d.values()) and abs(d[p.ref] - d[o.ref]) >= CFG.cell
-        elif task == "depth":
-            sizes = {r: refs[r].size for r in rec["options"]}
-            assert sorted(sizes.values()) == ["large", "small"] and sizes[ans] == "large"
-        elif task == "colour":
-            shape = re.fullmatch(r"What colour is the (\w+)\?", q).group(1)
-            (o,) = [o for o in objs if o.shape == shape]
-            img = render(scene, CFG)
-            assert img.getpixel(o.centre) == COLOURS[ans] and len(rec["options"]) == 4
-        elif task == "shape":
-            colour = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
-            (o,) = [o for o in objs if o.colour == colour]
-            assert ans == o.shape
-        elif task == "existence":
-            c, s = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
-            present = {(o.colour, o.shape) for o in objs}
-            assert rec["options"] == ["Yes", "No"]
-            assert (ans == "Yes") == ((c, s) in present) == (rec["pope"] == "positive")
-            if rec["pope"] in ("popular", "adversarial"):
-                assert c in {o.colour for o in objs}
-            if rec["pope"] == "adversarial":
-                assert s in {o.shape for o in objs}
+        check_answer(scene, rec)
+
+
+def test_multi_question_scenes_pose_every_possible_subtask_with_correct_answers():
+    counts = Counter()
+    for i in range(200):
+        scene, records = scene_questions("train", i, CFG)
+        assert [r["subtask"] for r in records] == [t for t in SUBTASKS if t in {r["subtask"] for r in records}]
+        for rec in records:
+            check_answer(scene, rec)
+        counts.update(r["subtask"] for r in records)
+        counts["objects", len(scene.objects)] += 1
+    assert counts["count"] == 200  # every scene can be counted
+    assert counts["existence"] >= 190 and counts["relation"] > 100 and counts["distance"] > 50
+    assert {k[1] for k in counts if isinstance(k, tuple)} == set(range(1, 7))  # object counts span 1..6
+    multi = {json.dumps(scene_questions("val", i, CFG)[1]) for i in range(20)}
+    single = {json.dumps(sample_scene("val", i, CFG)[1]) for i in range(20)}
+    assert not multi & single
+
+
+def check_answer(scene, rec):
+    """Re-derive the record's answer from the scene (pixels for colour)."""
+    q = rec["conversations"][0]["value"].split("\n")[1]
+    ans, objs, refs = answer_text(rec), scene.objects, by_ref(scene)
+    task = rec["subtask"]
+    if task == "count":
+        assert int(ans) == len(objs) and len(rec["options"]) == 5 == len(set(rec["options"]))
+    elif task == "relation":
+        a, b = (refs[m] for m in re.fullmatch(r"Where is (.+) relative to (.+)\?", q).groups())
+        dx, dy = a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]
+        if ans in ("left of", "right of"):
+            assert abs(dx) >= CFG.cell and abs(dy) < abs(dx) and (dx < 0) == (ans == "left of")
         else:
-            pytest.fail(f"unknown subtask {task}")
+            assert abs(dy) >= CFG.cell and abs(dx) < abs(dy) and (dy < 0) == (ans == "above")
+    elif task == "distance":
+        x = refs[re.fullmatch(r"Which object is closer to (.+)\?", q).group(1)]
+        p, o = (refs[r] for r in rec["options"])
+        d = {p.ref: dist(x, p), o.ref: dist(x, o)}
+        assert len(objs) >= 3 and x not in (p, o)
+        assert d[ans] == min(d.values()) and abs(d[p.ref] - d[o.ref]) >= CFG.cell
+    elif task == "depth":
+        sizes = {r: refs[r].size for r in rec["options"]}
+        assert sorted(sizes.values()) == ["large", "small"] and sizes[ans] == "large"
+    elif task == "colour":
+        shape = re.fullmatch(r"What colour is the (\w+)\?", q).group(1)
+        (o,) = [o for o in objs if o.shape == shape]
+        img = render(scene, CFG)
+        assert img.getpixel(o.centre) == COLOURS[ans] and len(rec["options"]) == 4
+    elif task == "shape":
+        colour = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
+        (o,) = [o for o in objs if o.colour == colour]
+        assert ans == o.shape
+    elif task == "existence":
+        c, s = re.fullmatch(r"Is there an? (\w+) (\w+) in the image\?", q).groups()
+        present = {(o.colour, o.shape) for o in objs}
+        assert rec["options"] == ["Yes", "No"]
+        assert (ans == "Yes") == ((c, s) in present) == (rec["pope"] == "positive")
+        if rec["pope"] in ("popular", "adversarial"):
+            assert c in {o.colour for o in objs}
+        if rec["pope"] == "adversarial":
+            assert s in {o.shape for o in objs}
+    else:
+        pytest.fail(f"unknown subtask {task}")
 
 
 def test_balance(samples):

@@ -61,3 +61,33 @@ def test_stage_b_sample_shares_are_checked(train_embedded, argv, message, capsys
     with pytest.raises(SystemExit):
         train_embedded.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_dialogue_batch_marks_each_answer_and_its_loss_is_the_per_question_option_cross_entropy(
+        train_embedded, tiny):
+    import torch
+
+    from lsg.data.shapes import render, scene_questions
+
+    scenes = [scene_questions("train", i) for i in range(3)]
+    dialogues = [records[:k] for k, (_, records) in zip((1, 3, 2), scenes)]
+    images = [render(scene) for scene, _ in scenes]
+    batch, turns = train_embedded.dialogue_batch(tiny, images, dialogues)
+    assert len(turns) == 6
+    letter_id = {c: tiny.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"}
+    for (row, pos, k, answer), record in zip(turns, [r for d in dialogues for r in d]):
+        assert k == len(record["options"]) and "ABCDE"[answer] == record["conversations"][1]["value"]
+        assert batch["input_ids"][row, pos + 1] == batch["labels"][row, pos + 1] == letter_id["ABCDE"[answer]]
+        assert batch["labels"][row, pos] == -100  # the prompt itself is never a target
+    # A one-turn dialogue is exactly the library's single-question batch.
+    one, _ = train_embedded.dialogue_batch(tiny, images[:1], dialogues[:1])
+    prompt, letter, _ = train_embedded.record_to_sample(dialogues[0][0])
+    ref = tiny.build_batch(images[:1], [prompt], [letter], padding_side="right")
+    assert all(torch.equal(one[key], ref[key]) for key in ref)
+    # Options loss = mean over questions of a softmax over that question's own letters.
+    with torch.no_grad():
+        logits = tiny.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        got = train_embedded.dialogue_loss(tiny, batch, turns, "options")
+    expected = sum(logits[row, pos, [letter_id[c] for c in "ABCDE"[:k]]].log_softmax(0)[answer]
+                   for row, pos, k, answer in turns) / -len(turns)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -283,23 +283,45 @@ def sample_scene(split: str, i: int, cfg: ShapesConfig = ShapesConfig()) -> tupl
             break
     else:
         raise RuntimeError(f"could not generate a {subtask!r} question for {split}/{i} in {MAX_TRIES} tries")
-    question, options, answer, extra = qa
+    return scene, _record(rng, f"{split}_{i:06d}", subtask, *qa)
+
+
+def _record(rng: random.Random, name: str, subtask: str, question: str, options: list[str], answer: int,
+            extra: dict) -> dict:
+    """LLaVA-format record of one question; options shuffled by rng unless the sub-task's
+    order is fixed."""
     order = list(range(len(options)))
     if subtask not in FIXED_ORDER:
         rng.shuffle(order)
     options = [options[k] for k in order]
-    letter = LETTERS[order.index(answer)]
-    name = f"{split}_{i:06d}"
-    record = {
+    return {
         "id": f"shapes_{name}",
         "image": f"images/{name}.png",
         "conversations": [{"from": "human", "value": format_prompt(question, options)},
-                          {"from": "gpt", "value": letter}],
+                          {"from": "gpt", "value": LETTERS[order.index(answer)]}],
         "subtask": subtask,
         "options": options,
         **extra,
     }
-    return scene, record
+
+
+def scene_questions(split: str, i: int, cfg: ShapesConfig = ShapesConfig()) -> tuple[Scene, list[dict]]:
+    """Scene i of `split`'s multi-question stream and one record per sub-task it can pose
+    unambiguously (in SUBTASKS order), as LLaVA's multi-turn training conversations ask
+    several questions about one image.
+
+    The stream's seeds ("shapes/{split}/multi/{i}") never meet `sample_scene`'s, and the
+    object count is uniform in [cfg.min_objects, cfg.max_objects] as there. Sub-task
+    question index j = i keeps the per-sub-task balancing of `sample_scene`.
+    """
+    rng = random.Random(f"shapes/{split}/multi/{i}")
+    scene = make_scene(rng, cfg)
+    records = []
+    for subtask in SUBTASKS:
+        qa = QUESTION_MAKERS[subtask](rng, scene, cfg, i)
+        if qa is not None:
+            records.append(_record(rng, f"{split}_multi_{i:06d}_{subtask}", subtask, *qa))
+    return scene, records
 
 
 def generate_scene_sample(split: str, i: int, cfg: ShapesConfig = ShapesConfig()
