@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--multi-question", action="store_true",
                    help="each multiple-choice sample is one image with every question its scene can pose, as one "
                         "multi-turn conversation (LLaVA-1.5's instruction data format): several answers per forward")
+    p.add_argument("--subtasks", nargs="+", choices=SUBTASKS, default=list(SUBTASKS),
+                   help="train on these sub-tasks' questions only (a curriculum or a diagnosis); "
+                        "validation always covers all of them")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max global gradient norm (0 = no clipping)")
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--eval-every", type=int, default=0, help="steps between quick validation checks (0 = off)")
@@ -190,6 +193,13 @@ def stage_a2(model, processor, tokenizer, args) -> float:
 
 # LLaVA-1.5's prompt for short-answer VQA data (its instruction-tuning mix).
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def subtask_index(n: int, subtasks: list[str]) -> int:
+    """Index of the n-th `sample_scene` sample whose sub-task is in `subtasks` (sample i asks
+    SUBTASKS[i % 7]); with every sub-task it is n itself."""
+    allowed = [k for k, t in enumerate(SUBTASKS) if t in subtasks]
+    return len(SUBTASKS) * (n // len(allowed)) + allowed[n % len(allowed)]
 
 
 def record_to_sample(record: dict) -> tuple[str, str, int]:
@@ -369,7 +379,8 @@ def main():
             with autocast(args):
                 loss = dialogue_loss(bb, batch, turns, args.mc_loss)
         else:
-            scenes = [sample_scene("train", offset + seen + b) for b in range(args.stage_b_batch)]
+            scenes = [sample_scene("train", subtask_index(offset + seen + b, args.subtasks))
+                      for b in range(args.stage_b_batch)]
             seen += len(scenes)
             n_caption = round(args.caption_fraction * len(scenes))
             n_open = n_caption + round(args.open_answer_fraction * len(scenes))

@@ -91,3 +91,23 @@ def test_dialogue_batch_marks_each_answer_and_its_loss_is_the_per_question_optio
     expected = sum(logits[row, pos, [letter_id[c] for c in "ABCDE"[:k]]].log_softmax(0)[answer]
                    for row, pos, k, answer in turns) / -len(turns)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_readout_probe_builds_oracle_tokens_from_the_scene():
+    import torch
+
+    probe = load_script("probe_readout")
+    scene = two_objects()  # red circle (large) at cell (0, 0), blue square (small) at cell (5, 5)
+    d = 4
+    tables = {"colour": torch.randn(9, d), "shape": torch.randn(5, d), "size": torch.randn(3, d), "zero": torch.zeros(d)}
+    red, blue, circle, square, large, small = 1, 3, 1, 2, 2, 1  # label ids: index in COLOUR_NAMES/SHAPES/SIZES + 1
+    one = probe.oracle_tokens([scene], tables, "word-sum")
+    assert one.shape == (1, 36, d)
+    torch.testing.assert_close(one[0, 0], tables["colour"][red] + tables["shape"][circle] + tables["size"][large])
+    torch.testing.assert_close(one[0, 35], tables["colour"][blue] + tables["shape"][square] + tables["size"][small])
+    torch.testing.assert_close(one[0, 1], tables["colour"][0] + tables["shape"][0] + tables["size"][0])  # empty
+    two = probe.oracle_tokens([scene], tables, "two-token")
+    assert two.shape == (1, 72, d)
+    torch.testing.assert_close(two[0, :2], torch.stack([tables["colour"][red], tables["shape"][circle]]))
+    torch.testing.assert_close(two[0, 70:], torch.stack([tables["colour"][blue], tables["shape"][square]]))
+    assert probe.oracle_tokens([scene], tables, "text").abs().sum() == 0

@@ -1,0 +1,149 @@
+"""Can SmolLM2 + a LoRA learn to answer from a given visual-token representation?
+
+    python scripts/probe_readout.py --tokens word-sum --subtask colour --minutes 10
+    python scripts/probe_readout.py --tokens two-token --subtask colour --minutes 10
+    python scripts/probe_readout.py --tokens text --subtask colour --minutes 10
+
+An oracle probe of the embedded backbone's language side, with no vision tower: each
+scene's visual tokens are built from its ground truth, so the only thing learned is the
+read-out, a fresh LoRA on the LM's attention trained with `lsg.scoring.option_loss` on one
+sub-task. It separates "the projector does not deliver the content" from "the LM cannot
+read content delivered in this form".
+
+--tokens:
+  word-sum   one token per 16 px patch, E(colour) + E(shape) + E(size), E(" empty") for an
+             empty patch: the target `scripts/train_embedded.py` stage A2 fits the projector to.
+  two-token  two tokens per patch, E(colour) then E(shape) (zero, then E(" empty"), for an
+             empty patch): the object reads as the phrase "red circle".
+  text       no visual content (zero tokens); the scene's caption (`describe`) is written
+             before the question instead.
+
+Prints the training loss and the held-out accuracy (`--val` validation questions of the
+sub-task) every `--eval-every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lsg import embedded  # noqa: E402
+from lsg.backbones import Backbone  # noqa: E402
+from lsg.data import COLOUR_NAMES, SHAPES, SIZES, SUBTASKS  # noqa: E402
+from lsg.data.shapes import describe, patch_labels, render, sample_scene  # noqa: E402
+from lsg.scoring import LETTERS, option_loss, option_scores  # noqa: E402
+from train_embedded import record_to_sample, subtask_index  # noqa: E402
+
+TOKENS_PER_PATCH = {"word-sum": 1, "two-token": 2, "text": 1}
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", choices=sorted(TOKENS_PER_PATCH), required=True)
+    p.add_argument("--subtask", choices=SUBTASKS, default="colour")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--val", type=int, default=100, help="validation questions of the sub-task per check")
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
+    """Rows = patch label ids (0 = empty): summed input embeddings of each label's words, `(n, D)`."""
+    emb = model.model.language_model.get_input_embeddings().weight.detach().float()
+
+    def word(w: str) -> torch.Tensor:
+        return emb[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].sum(0)
+
+    zero = torch.zeros_like(emb[0])
+    return {"colour": torch.stack([zero] + [word(c) for c in COLOUR_NAMES]),
+            "shape": torch.stack([word("empty")] + [word(s) for s in SHAPES]),
+            "size": torch.stack([zero] + [word(s) for s in SIZES]),
+            "zero": zero}
+
+
+def oracle_tokens(scenes, tables: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Visual tokens `(B, P * TOKENS_PER_PATCH[kind], D)` built from the scenes' patch labels."""
+    labels = [patch_labels(s) for s in scenes]
+    ids = {k: torch.as_tensor(np.stack([lab[k] for lab in labels])).long() for k in ("colour", "shape", "size")}
+    if kind == "word-sum":
+        return tables["colour"][ids["colour"]] + tables["shape"][ids["shape"]] + tables["size"][ids["size"]]
+    if kind == "two-token":
+        return torch.stack([tables["colour"][ids["colour"]], tables["shape"][ids["shape"]]], 2).flatten(1, 2)
+    return torch.zeros(*ids["colour"].shape, tables["zero"].shape[0])
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    from peft import get_peft_model
+
+    lm, tokenizer = embedded.load_smollm2()
+    model, processor = embedded.assemble_llava(lm, tokenizer, embedded.VisionTowerConfig())
+    model.requires_grad_(False)
+    tables = word_tables(model, tokenizer)
+    patches = embedded.VisionTowerConfig().num_patches
+    # The processor writes num_patches + extra - 1 image tokens ("default" strategy drops CLS).
+    processor.num_additional_image_tokens = 1 + patches * (TOKENS_PER_PATCH[args.tokens] - 1)
+    current = {}
+    model.model.multi_modal_projector.forward = lambda features: current["tokens"].to(features.dtype)
+    model.model.language_model = get_peft_model(model.model.language_model, embedded.lora_config(
+        {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    bb = Backbone("smol-llava", model, processor)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    k = SUBTASKS.index(args.subtask)
+
+    def batch_of(split: str, indices, answers: bool):
+        scenes = [sample_scene(split, i) for i in indices]
+        current["tokens"] = oracle_tokens([s for s, _ in scenes], tables, args.tokens)
+        samples = [record_to_sample(r) for _, r in scenes]
+        prompts = [f"{describe(s)}\n{p}" if args.tokens == "text" else p for (s, _), (p, _, _) in zip(scenes, samples)]
+        batch = bb.build_batch([render(s) for s, _ in scenes], prompts, [a for _, a, _ in samples] if answers else None)
+        return batch, torch.tensor([n for _, _, n in samples]), torch.tensor([LETTERS.index(a) for _, a, _ in samples])
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        model.eval()
+        right = 0
+        for start in range(0, args.val, 25):
+            batch, n, answer = batch_of("val", [7 * i + k for i in range(start, min(args.val, start + 25))], False)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                scores = option_scores(bb, batch, int(n.max()))
+            scores = scores.masked_fill(torch.arange(scores.shape[1])[None] >= n[:, None], float("-inf"))
+            right += int((scores.argmax(1) == answer).sum())
+        model.train()
+        return right / args.val
+
+    print(f"[probe] tokens={args.tokens} subtask={args.subtask} zero-shot accuracy {accuracy():.2f}", flush=True)
+    t0, step, seen = time.time(), 0, 0
+    while time.time() - t0 < args.minutes * 60:
+        batch, n, answer = batch_of("train", [subtask_index(seen + b, [args.subtask]) for b in range(args.batch)], True)
+        seen += args.batch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = option_loss(bb, batch, n, answer)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+        opt.step()
+        step += 1
+        if step % args.eval_every == 0:
+            print(f"[probe] step {step} samples {seen} loss {loss.item():.3f} accuracy {accuracy():.2f} "
+                  f"({seen / (time.time() - t0):.1f} samples/s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
