@@ -30,7 +30,6 @@ import json
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
-from lsg.data import SUBTASKS, generate_scene_sample  # noqa: E402
+from lsg.data import SUBTASKS, generate_scene_sample, generate_split, load_llava_json  # noqa: E402
+from lsg.evaluation import evaluate as lsg_evaluate  # noqa: E402
 from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene, scene_questions  # noqa: E402
 from lsg.backbones import IGNORE_INDEX  # noqa: E402
-from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_letter_ids, option_loss, option_scores  # noqa: E402
+from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_letter_ids, option_loss  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -191,6 +191,11 @@ def stage_a2(model, processor, tokenizer, args) -> float:
     return cos
 
 
+ROOT = Path(__file__).resolve().parents[1]
+VAL_ROOT = ROOT / "data" / "shapes"  # conf/data/shapes.yaml `root`
+VAL_SPLIT_SIZE = 350  # conf/data/shapes.yaml `n_val`: reuse train.py's split instead of rewriting it
+
+
 # LLaVA-1.5's prompt for short-answer VQA data (its instruction-tuning mix).
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -280,21 +285,11 @@ def dialogue_loss(bb: Backbone, batch: dict, turns: list[tuple[int, int, int, in
     return F.cross_entropy(logits.masked_fill(absent, float("-inf")), answer)
 
 
-@torch.no_grad()
-def evaluate(bb: Backbone, n: int, batch_size: int = 32) -> dict[str, float]:
-    """Per-sub-task accuracy on the first n validation samples (option-letter argmax)."""
-    correct, total = defaultdict(int), defaultdict(int)
-    for start in range(0, n, batch_size):
-        samples = [generate_scene_sample("val", i) for i in range(start, min(n, start + batch_size))]
-        prompts = [record_to_sample(s[1]) for s in samples]
-        batch = bb.build_batch([s[0] for s in samples], [p[0] for p in prompts])
-        n_opt = max(p[2] for p in prompts)
-        scores = option_scores(bb, batch, n_opt)
-        for b, (s, (_, letter, k)) in enumerate(zip(samples, prompts)):
-            pred = LETTERS[scores[b, :k].argmax().item()]
-            total[s[1]["subtask"]] += 1
-            correct[s[1]["subtask"]] += int(pred == letter)
-    return {t: correct[t] / total[t] for t in SUBTASKS if total[t]}
+def evaluate(bb: Backbone, n: int, root: Path = VAL_ROOT) -> dict[str, float]:
+    """Per-sub-task accuracy on the first n validation questions (`lsg.evaluation.evaluate`,
+    option-letter argmax), read from the split `train.py` uses (written on first use)."""
+    records = load_llava_json(generate_split("val", max(n, VAL_SPLIT_SIZE), root), check_images=False)
+    return lsg_evaluate(bb, records[:n]).accuracy
 
 
 def main():
