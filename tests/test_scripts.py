@@ -111,3 +111,30 @@ def test_readout_probe_builds_oracle_tokens_from_the_scene():
     torch.testing.assert_close(two[0, :2], torch.stack([tables["colour"][red], tables["shape"][circle]]))
     torch.testing.assert_close(two[0, 70:], torch.stack([tables["colour"][blue], tables["shape"][square]]))
     assert probe.oracle_tokens([scene], tables, "text").abs().sum() == 0
+
+
+def test_stage_b_loss_weights_free_form_and_multiple_choice_rows_per_sample(train_embedded, tiny):
+    import torch
+    import torch.nn.functional as F
+
+    from lsg.data.shapes import render
+
+    scenes = [sample_scene("train", i) for i in range(4)]
+    records = [r for _, r in scenes]
+    prompts = [("Describe the image.", "red circle")] + [train_embedded.record_to_sample(r)[:2] for r in records[1:]]
+    batch = tiny.build_batch([render(s) for s, _ in scenes], [p for p, _ in prompts], [a for _, a in prompts],
+                             padding_side="right")
+    with torch.no_grad():
+        got = train_embedded.stage_b_loss(tiny, batch, records, 1, "options")
+        logits = tiny.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    # Row 0: next-token loss over its answer tokens; rows 1-3: softmax over their own letters.
+    labels = batch["labels"][0]
+    where = labels[1:] != -100
+    free = F.cross_entropy(logits[0, :-1][where], labels[1:][where])
+    letter_ids = [tiny.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in "ABCDE"]
+    mc = 0.0
+    for b in range(1, 4):
+        pos = int((batch["labels"][b] != -100).nonzero()[0]) - 1
+        _, letter, k = train_embedded.record_to_sample(records[b])
+        mc = mc - logits[b, pos, letter_ids[:k]].log_softmax(0)["ABCDE".index(letter)]
+    torch.testing.assert_close(got, (free + mc) / 4, atol=1e-5, rtol=1e-5)
