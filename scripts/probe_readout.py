@@ -15,6 +15,9 @@ read content delivered in this form".
              empty patch: the target `scripts/train_embedded.py` stage A2 fits the projector to.
   two-token  two tokens per patch, E(colour) then E(shape) (zero, then E(" empty"), for an
              empty patch): the object reads as the phrase "red circle".
+  quadrant   what an 8 px-patch tower (12x12 tokens, LLaVA's one token per patch) could
+             emit: in each cell's 2x2 patches, E(colour) top left, E(shape) top right,
+             zero below, so "red circle" is two adjacent tokens of the raster order.
   text       no visual content (zero tokens); the scene's caption (`describe`) is written
              before the question instead.
 
@@ -42,7 +45,7 @@ from lsg.data.shapes import describe, patch_labels, render, sample_scene  # noqa
 from lsg.scoring import LETTERS, option_loss, option_scores  # noqa: E402
 from train_embedded import record_to_sample, subtask_index  # noqa: E402
 
-TOKENS_PER_PATCH = {"word-sum": 1, "two-token": 2, "text": 1}
+TOKENS_PER_PATCH = {"word-sum": 1, "two-token": 2, "quadrant": 4, "text": 1}  # per 16 px grid cell
 
 
 def parse_args(argv: list[str] | None = None):
@@ -76,13 +79,21 @@ def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
 
 
 def oracle_tokens(scenes, tables: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """Visual tokens `(B, P * TOKENS_PER_PATCH[kind], D)` built from the scenes' patch labels."""
+    """Visual tokens `(B, P * TOKENS_PER_PATCH[kind], D)` built from the scenes' patch labels
+    (P = grid cells), in the raster order the LM reads them."""
     labels = [patch_labels(s) for s in scenes]
     ids = {k: torch.as_tensor(np.stack([lab[k] for lab in labels])).long() for k in ("colour", "shape", "size")}
     if kind == "word-sum":
         return tables["colour"][ids["colour"]] + tables["shape"][ids["shape"]] + tables["size"][ids["size"]]
     if kind == "two-token":
         return torch.stack([tables["colour"][ids["colour"]], tables["shape"][ids["shape"]]], 2).flatten(1, 2)
+    if kind == "quadrant":
+        b, cells = ids["colour"].shape
+        grid = int(round(cells ** 0.5))
+        out = torch.zeros(b, grid, 2, grid, 2, tables["zero"].shape[0])  # (B, row, dy, col, dx, D)
+        out[:, :, 0, :, 0] = tables["colour"][ids["colour"]].view(b, grid, grid, -1)
+        out[:, :, 0, :, 1] = tables["shape"][ids["shape"]].view(b, grid, grid, -1)
+        return out.flatten(1, 4)
     return torch.zeros(*ids["colour"].shape, tables["zero"].shape[0])
 
 

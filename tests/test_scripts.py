@@ -138,3 +138,18 @@ def test_stage_b_loss_weights_free_form_and_multiple_choice_rows_per_sample(trai
         _, letter, k = train_embedded.record_to_sample(records[b])
         mc = mc - logits[b, pos, letter_ids[:k]].log_softmax(0)["ABCDE".index(letter)]
     torch.testing.assert_close(got, (free + mc) / 4, atol=1e-5, rtol=1e-5)
+
+
+def test_readout_probe_quadrant_tokens_follow_an_8px_raster():
+    import torch
+
+    probe = load_script("probe_readout")
+    d = 3
+    tables = {"colour": torch.randn(9, d), "shape": torch.randn(5, d), "size": torch.randn(3, d), "zero": torch.zeros(d)}
+    quad = probe.oracle_tokens([two_objects()], tables, "quadrant")  # 12 x 12 patches of 8 px
+    assert quad.shape == (1, 144, d)
+    # Red circle in cell (0, 0): patches (0, 0) and (0, 1); blue square in cell (5, 5): patches (10, 10), (10, 11).
+    torch.testing.assert_close(quad[0, [0, 1]], torch.stack([tables["colour"][1], tables["shape"][1]]))
+    torch.testing.assert_close(quad[0, [10 * 12 + 10, 10 * 12 + 11]], torch.stack([tables["colour"][3], tables["shape"][2]]))
+    assert quad[0, 12:24].abs().sum() == 0  # the bottom halves of row-0 cells are empty
+    torch.testing.assert_close(quad[0, 2 * 12 + 1], tables["shape"][0])  # an empty cell's top right: E(" empty")
