@@ -71,14 +71,32 @@ def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: t
     Raises:
         ValueError: an answer index is not among its row's options.
     """
-    n_options, answer_index = torch.as_tensor(n_options), torch.as_tensor(answer_index)
-    if ((answer_index < 0) | (answer_index >= n_options)).any():
-        raise ValueError(f"answer_index {answer_index.tolist()} must lie in [0, n_options) = {n_options.tolist()}.")
     hidden = decoder_hidden(backbone, batch) if hidden is None else hidden
     pos = last_prompt_positions(batch["attention_mask"], batch.get("labels")).to(hidden.device)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
+    return option_cross_entropy(backbone, last, n_options, answer_index)
+
+
+def option_cross_entropy(backbone: Backbone, hidden: torch.Tensor, n_options: torch.Tensor,
+                         answer_index: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (scalar, nats) over the option letters' logits of N answer positions.
+
+    The core of `option_loss`, for callers that know the positions themselves (e.g. one
+    per question of a multi-turn conversation).
+
+    Args:
+        hidden: `(N, D)` final hidden states of the tokens that predict the letters.
+        n_options: `(N,)` number of options per question; letters past it are excluded.
+        answer_index: `(N,)` index of the correct option (0 = A).
+
+    Raises:
+        ValueError: an answer index is not among its question's options.
+    """
+    n_options, answer_index = torch.as_tensor(n_options), torch.as_tensor(answer_index)
+    if ((answer_index < 0) | (answer_index >= n_options)).any():
+        raise ValueError(f"answer_index {answer_index.tolist()} must lie in [0, n_options) = {n_options.tolist()}.")
     letter_ids = option_letter_ids(backbone, int(n_options.max())).to(hidden.device)
-    logits = backbone.model.lm_head(last)[:, letter_ids].float()  # (B, K)
+    logits = backbone.model.lm_head(hidden)[:, letter_ids].float()  # (N, K)
     absent = torch.arange(len(letter_ids), device=hidden.device)[None] >= n_options.to(hidden.device)[:, None]
     return F.cross_entropy(logits.masked_fill(absent, float("-inf")), answer_index.to(hidden.device))
 

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
-from lsg.data import COLOUR_NAMES, SHAPES, SIZES, SUBTASKS  # noqa: E402
+from lsg.data import SUBTASKS  # noqa: E402
 from lsg.data.shapes import describe, patch_labels, render, sample_scene  # noqa: E402
 from lsg.scoring import LETTERS, option_loss, option_scores  # noqa: E402
-from train_embedded import record_to_sample, subtask_index  # noqa: E402
+from train_embedded import record_to_sample, subtask_index, word_tables  # noqa: E402
 
 TOKENS_PER_PATCH = {"word-sum": 1, "two-token": 2, "quadrant": 4, "text": 1}  # per 16 px grid cell
 
@@ -62,20 +62,6 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
-
-
-def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
-    """Rows = patch label ids (0 = empty): summed input embeddings of each label's words, `(n, D)`."""
-    emb = model.model.language_model.get_input_embeddings().weight.detach().float()
-
-    def word(w: str) -> torch.Tensor:
-        return emb[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].sum(0)
-
-    zero = torch.zeros_like(emb[0])
-    return {"colour": torch.stack([zero] + [word(c) for c in COLOUR_NAMES]),
-            "shape": torch.stack([word("empty")] + [word(s) for s in SHAPES]),
-            "size": torch.stack([zero] + [word(s) for s in SIZES]),
-            "zero": zero}
 
 
 def oracle_tokens(scenes, tables: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
@@ -116,7 +102,6 @@ def main():
     bb = Backbone("smol-llava", model, processor)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr)
-    k = SUBTASKS.index(args.subtask)
 
     def batch_of(split: str, indices, answers: bool):
         scenes = [sample_scene(split, i) for i in indices]
@@ -131,7 +116,8 @@ def main():
         model.eval()
         right = 0
         for start in range(0, args.val, 25):
-            batch, n, answer = batch_of("val", [7 * i + k for i in range(start, min(args.val, start + 25))], False)
+            indices = [subtask_index(i, [args.subtask]) for i in range(start, min(args.val, start + 25))]
+            batch, n, answer = batch_of("val", indices, False)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 scores = option_scores(bb, batch, int(n.max()))
             scores = scores.masked_fill(torch.arange(scores.shape[1])[None] >= n[:, None], float("-inf"))

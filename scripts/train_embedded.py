@@ -40,12 +40,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lsg import embedded  # noqa: E402
-from lsg.backbones import Backbone  # noqa: E402
+from lsg.backbones import IGNORE_INDEX, Backbone  # noqa: E402
 from lsg.data import SUBTASKS, generate_scene_sample, generate_split, load_llava_json  # noqa: E402
 from lsg.evaluation import evaluate as lsg_evaluate  # noqa: E402
 from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene, scene_questions  # noqa: E402
-from lsg.backbones import IGNORE_INDEX  # noqa: E402
-from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_letter_ids, option_loss  # noqa: E402
+from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_cross_entropy, option_loss  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -151,20 +150,29 @@ def stage_a(model, processor, args) -> float:
     return acc
 
 
-def stage_a2(model, processor, tokenizer, args) -> float:
-    """Fit the projector to word embeddings of each patch's content; returns the final
-    cosine similarity between projected tokens and their targets."""
+def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
+    """Stage-A2 target tables: row = patch label id (0 = empty, see `patch_labels`), value =
+    the summed LM input embeddings of the label's words, `(n_labels, D)`. An empty patch is
+    zero for colour and size and E(" empty") for shape; "zero" is the `(D,)` zero vector."""
     from lsg.data import COLOUR_NAMES, SHAPES, SIZES
 
     emb = model.model.language_model.get_input_embeddings().weight.detach().float()
 
     def word(w: str) -> torch.Tensor:
-        ids = tokenizer(" " + w, add_special_tokens=False)["input_ids"]
-        return emb[ids].sum(0)
+        return emb[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].sum(0)
 
-    colour = torch.stack([torch.zeros_like(emb[0])] + [word(c) for c in COLOUR_NAMES])  # label 0 = empty
-    shape = torch.stack([word("empty")] + [word(s) for s in SHAPES])
-    size = torch.stack([torch.zeros_like(emb[0])] + [word(s) for s in SIZES])
+    zero = torch.zeros_like(emb[0])
+    return {"colour": torch.stack([zero] + [word(c) for c in COLOUR_NAMES]),
+            "shape": torch.stack([word("empty")] + [word(s) for s in SHAPES]),
+            "size": torch.stack([zero] + [word(s) for s in SIZES]),
+            "zero": zero}
+
+
+def stage_a2(model, processor, tokenizer, args) -> float:
+    """Fit the projector to word embeddings of each patch's content; returns the final
+    cosine similarity between projected tokens and their targets."""
+    tables = word_tables(model, tokenizer)
+    colour, shape, size = tables["colour"], tables["shape"], tables["size"]
     projector = model.model.multi_modal_projector.requires_grad_(True).train()
     tower = model.model.vision_tower
     opt = torch.optim.Adam(projector.parameters(), lr=args.lr_stage_a2)
@@ -230,8 +238,7 @@ def stage_b_loss(bb: Backbone, batch: dict, records: list[dict], n_free: int, mc
                        torch.tensor([k for _, _, k in mc]), torch.tensor([LETTERS.index(a) for _, a, _ in mc]),
                        hidden[n_free:]) * len(mc)
     if n_free:
-        free = {**batch, "labels": batch["labels"][:n_free]}
-        loss = loss + answer_loss(bb, {k: v[:n_free] for k, v in free.items()}, hidden[:n_free]) * n_free
+        loss = loss + answer_loss(bb, {k: v[:n_free] for k, v in batch.items()}, hidden[:n_free]) * n_free
     return loss / len(records)
 
 
@@ -277,12 +284,8 @@ def dialogue_loss(bb: Backbone, batch: dict, turns: list[tuple[int, int, int, in
     """Mean loss per answered question of a `dialogue_batch` (see `stage_b_loss`)."""
     if mc_loss == "next-token":
         return answer_loss(bb, batch)
-    hidden = decoder_hidden(bb, batch)
     rows, pos, k, answer = (torch.tensor(c) for c in zip(*turns))
-    letter_ids = option_letter_ids(bb, int(k.max()))
-    logits = bb.model.lm_head(hidden[rows, pos])[:, letter_ids].float()
-    absent = torch.arange(len(letter_ids))[None] >= k[:, None]
-    return F.cross_entropy(logits.masked_fill(absent, float("-inf")), answer)
+    return option_cross_entropy(bb, decoder_hidden(bb, batch)[rows, pos], k, answer)
 
 
 def evaluate(bb: Backbone, n: int, root: Path = VAL_ROOT) -> dict[str, float]:
