@@ -56,7 +56,8 @@ def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torc
 def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: torch.Tensor,
                 answer_index: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Multiple-choice classification loss (scalar, nats): cross-entropy over the option
-    letters' logits at the last prompt token, the closed set `option_scores` reads.
+    letters' logits at the last prompt token, the closed set `option_scores` reads (SPEC
+    section 6 scores the option letter; this trains that reading directly).
 
     Unlike `answer_loss` it has no pull towards the letters as a class of tokens; all of
     its gradient separates the right option from the others.
@@ -79,7 +80,8 @@ def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: t
 
 def option_cross_entropy(backbone: Backbone, hidden: torch.Tensor, n_options: torch.Tensor,
                          answer_index: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (scalar, nats) over the option letters' logits of N answer positions.
+    """Mean cross-entropy (scalar, nats) over the option letters' logits of N answer positions
+    (SPEC section 6's option-letter reading).
 
     The core of `option_loss`, for callers that know the positions themselves (e.g. one
     per question of a multi-turn conversation).
