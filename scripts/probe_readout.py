@@ -15,9 +15,10 @@ read content delivered in this form".
              empty patch: the target `scripts/train_embedded.py` stage A2 fits the projector to.
   two-token  two tokens per patch, E(colour) then E(shape) (zero, then E(" empty"), for an
              empty patch): the object reads as the phrase "red circle".
-  quadrant   what an 8 px-patch tower (12x12 tokens, LLaVA's one token per patch) could
-             emit: in each cell's 2x2 patches, E(colour) top left, E(shape) top right,
-             zero below, so "red circle" is two adjacent tokens of the raster order.
+  quadrant   what the 8 px-patch tower (12x12 tokens, LLaVA's one token per patch) is fitted
+             to emit: in each cell's 2x2 patches, E(colour) top left, E(shape) top right,
+             E(size) bottom left, E(column digit) bottom right, so "red circle" is two
+             adjacent tokens of the raster order (stage A2's `visual_targets`).
   text       no visual content (zero tokens); the scene's caption (`describe`) is written
              before the question instead.
 
@@ -41,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lsg import embedded  # noqa: E402
 from lsg.backbones import Backbone  # noqa: E402
 from lsg.data import SUBTASKS  # noqa: E402
-from lsg.data.shapes import describe, patch_labels, render, sample_scene  # noqa: E402
+from lsg.data.shapes import ShapesConfig, describe, patch_labels, render, sample_scene  # noqa: E402
 from lsg.scoring import LETTERS, option_loss, option_scores  # noqa: E402
-from train_embedded import record_to_sample, subtask_index, word_tables  # noqa: E402
+from train_embedded import record_to_sample, scene_labels, subtask_index, visual_targets, word_tables  # noqa: E402
 
 TOKENS_PER_PATCH = {"word-sum": 1, "two-token": 2, "quadrant": 4, "text": 1}  # per 16 px grid cell
 
@@ -66,21 +67,16 @@ def parse_args(argv: list[str] | None = None):
 
 def oracle_tokens(scenes, tables: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """Visual tokens `(B, P * TOKENS_PER_PATCH[kind], D)` built from the scenes' patch labels
-    (P = grid cells), in the raster order the LM reads them."""
-    labels = [patch_labels(s) for s in scenes]
-    ids = {k: torch.as_tensor(np.stack([lab[k] for lab in labels])).long() for k in ("colour", "shape", "size")}
+    (P = grid cells), in the raster order the LM reads them. `word-sum` and `quadrant` are
+    `train_embedded.visual_targets` for 16 px and 8 px patches."""
+    labels = scene_labels([patch_labels(s) for s in scenes])
     if kind == "word-sum":
-        return tables["colour"][ids["colour"]] + tables["shape"][ids["shape"]] + tables["size"][ids["size"]]
-    if kind == "two-token":
-        return torch.stack([tables["colour"][ids["colour"]], tables["shape"][ids["shape"]]], 2).flatten(1, 2)
+        return visual_targets(labels, tables, 1)
     if kind == "quadrant":
-        b, cells = ids["colour"].shape
-        grid = int(round(cells ** 0.5))
-        out = torch.zeros(b, grid, 2, grid, 2, tables["zero"].shape[0])  # (B, row, dy, col, dx, D)
-        out[:, :, 0, :, 0] = tables["colour"][ids["colour"]].view(b, grid, grid, -1)
-        out[:, :, 0, :, 1] = tables["shape"][ids["shape"]].view(b, grid, grid, -1)
-        return out.flatten(1, 4)
-    return torch.zeros(*ids["colour"].shape, tables["zero"].shape[0])
+        return visual_targets(labels, tables, 2)
+    if kind == "two-token":
+        return torch.stack([tables["colour"][labels["colour"]], tables["shape"][labels["shape"]]], 2).flatten(1, 2)
+    return torch.zeros(*labels["colour"].shape, tables["zero"].shape[0])
 
 
 def main():
@@ -89,10 +85,11 @@ def main():
     from peft import get_peft_model
 
     lm, tokenizer = embedded.load_smollm2()
-    model, processor = embedded.assemble_llava(lm, tokenizer, embedded.VisionTowerConfig())
+    tower = embedded.VisionTowerConfig(patch_size=ShapesConfig().cell)  # one patch per cell; tokens multiplied below
+    model, processor = embedded.assemble_llava(lm, tokenizer, tower)
     model.requires_grad_(False)
     tables = word_tables(model, tokenizer)
-    patches = embedded.VisionTowerConfig().num_patches
+    patches = tower.num_patches
     # The processor writes num_patches + extra - 1 image tokens ("default" strategy drops CLS).
     processor.num_additional_image_tokens = 1 + patches * (TOKENS_PER_PATCH[args.tokens] - 1)
     current = {}

@@ -43,7 +43,7 @@ from lsg import embedded  # noqa: E402
 from lsg.backbones import IGNORE_INDEX, Backbone  # noqa: E402
 from lsg.data import SUBTASKS, generate_scene_sample, generate_split, load_llava_json  # noqa: E402
 from lsg.evaluation import evaluate as lsg_evaluate  # noqa: E402
-from lsg.data.shapes import CAPTION_PROMPT, describe, render, sample_scene, scene_questions  # noqa: E402
+from lsg.data.shapes import CAPTION_PROMPT, ShapesConfig, describe, render, sample_scene, scene_questions  # noqa: E402
 from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_cross_entropy, option_loss  # noqa: E402
 
 
@@ -107,17 +107,73 @@ def autocast(args):
     return torch.autocast("cpu", dtype=getattr(torch, args.autocast if enabled else "bfloat16"), enabled=enabled)
 
 
+def cell_to_patch(values: torch.Tensor, grid: int, factor: int) -> torch.Tensor:
+    """Per-cell values `(B, grid*grid, ...)` (row-major cells) to per-patch values
+    `(B, (grid*factor)**2, ...)` (row-major patches): each cell's value is copied to its
+    `factor x factor` ViT patches."""
+    b, rest = values.shape[0], values.shape[2:]
+    cells = values.reshape(b, grid, 1, grid, 1, *rest)
+    return cells.expand(b, grid, factor, grid, factor, *rest).reshape(b, (grid * factor) ** 2, *rest)
+
+
+def quadrant_ids(grid: int, factor: int) -> torch.Tensor:
+    """`(P,)` place of every patch inside its cell, `dy * factor + dx` (0 = top left), row-major."""
+    side = torch.arange(grid * factor) % factor
+    return (side.view(-1, 1) * factor + side.view(1, -1)).flatten()
+
+
+def scene_labels(samples_labels: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack `patch_labels` dicts into `(B, cells)` long tensors, plus "column": the cell's
+    column + 1 where an object sits, 0 where the cell is empty."""
+    out = {k: torch.as_tensor(np.stack([lab[k] for lab in samples_labels])).long() for k in ("colour", "shape", "size")}
+    grid = int(round(out["colour"].shape[1] ** 0.5))
+    out["column"] = (torch.arange(grid * grid) % grid + 1) * (out["colour"] > 0)
+    return out
+
+
+def visual_targets(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], factor: int) -> torch.Tensor:
+    """Stage-A2 targets `(B, P, D)`: the LM input embeddings each ViT patch's visual token
+    should carry, for a tower whose patches split every grid cell `factor x factor`.
+
+    With `factor = 1` (one 16 px patch per cell) the cell's words are summed into one token,
+    E(colour) + E(shape) + E(size) (the `word-sum` form). With `factor = 2` (8 px patches)
+    each of the cell's four patches carries one word, so the raster order reads like text:
+    E(colour) top left, E(shape) top right ("red circle" as two adjacent tokens), E(size)
+    bottom left and E(column digit) bottom right; an empty cell is E(" empty") top right
+    and zero elsewhere. `labels` comes from `scene_labels`, `tables` from `word_tables`.
+
+    Raises:
+        ValueError: `factor` is not 1 or 2.
+    """
+    words = {k: tables[k][labels[k]] for k in ("colour", "shape", "size", "column")}  # (B, cells, D) each
+    if factor == 1:
+        return words["colour"] + words["shape"] + words["size"]
+    if factor != 2:
+        raise ValueError(f"visual_targets supports 1 or 2 patches per cell side, got {factor}; "
+                         "choose the tower's patch_size as the cell size or half of it")
+    b, cells, d = words["colour"].shape
+    grid = int(round(cells ** 0.5))
+    out = torch.stack([words["colour"], words["shape"], words["size"], words["column"]], 2)  # (B, cells, 4, D)
+    out = out.view(b, grid, grid, 2, 2, d).permute(0, 1, 3, 2, 4, 5)  # (B, row, dy, col, dx, D)
+    return out.reshape(b, cells * 4, d)
+
+
 def stage_a(model, processor, args) -> float:
-    """Pretrain the ViT on per-patch labels; returns the final per-patch colour accuracy."""
+    """Pretrain the ViT on per-patch labels of the patch's grid cell (colour, shape, size,
+    row, column), the patch's place inside its cell, and the object count from the mean
+    token; returns the final per-patch colour accuracy."""
     tower = model.model.vision_tower
     d = tower.config.hidden_size
-    grid = tower.config.image_size // tower.config.patch_size
+    patches_side = tower.config.image_size // tower.config.patch_size
+    grid = ShapesConfig().grid
+    factor = patches_side // grid
     heads = nn.ModuleDict({
         "colour": nn.Linear(d, 9), "shape": nn.Linear(d, 5), "size": nn.Linear(d, 3),
         "row": nn.Linear(d, grid), "col": nn.Linear(d, grid), "count": nn.Linear(d, 7),
+        "quadrant": nn.Linear(d, factor * factor),
     })
-    rows = torch.arange(grid * grid) // grid
-    cols = torch.arange(grid * grid) % grid
+    cell_ids = cell_to_patch(torch.arange(grid * grid)[None], grid, factor)[0]  # (P,)
+    fixed = {"row": cell_ids // grid, "col": cell_ids % grid, "quadrant": quadrant_ids(grid, factor)}
     tower.train().requires_grad_(True)
     opt = torch.optim.Adam(list(tower.parameters()) + list(heads.parameters()), lr=args.lr_stage_a)
     layer = model.config.vision_feature_layer
@@ -128,15 +184,16 @@ def stage_a(model, processor, args) -> float:
         with autocast(args):
             feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # (B, P, d)
         feats = feats.float()
+        labels = scene_labels([s[2] for s in samples])
         loss = 0.0
         for key in ("colour", "shape", "size"):
-            target = torch.as_tensor(np.stack([s[2][key] for s in samples])).long()
+            target = cell_to_patch(labels[key], grid, factor)
             logits = heads[key](feats)
             loss = loss + F.cross_entropy(logits.flatten(0, 1), target.flatten())
             if key == "colour":
                 acc = (logits.argmax(-1) == target).float().mean().item()
-        loss = loss + F.cross_entropy(heads["row"](feats).flatten(0, 1), rows.repeat(len(samples)))
-        loss = loss + F.cross_entropy(heads["col"](feats).flatten(0, 1), cols.repeat(len(samples)))
+        for key, target in fixed.items():
+            loss = loss + F.cross_entropy(heads[key](feats).flatten(0, 1), target.repeat(len(samples)))
         count = torch.tensor([int(s[2]["count"]) for s in samples])
         loss = loss + F.cross_entropy(heads["count"](feats.mean(1)), count)
         opt.zero_grad()
@@ -151,9 +208,10 @@ def stage_a(model, processor, args) -> float:
 
 
 def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
-    """Stage-A2 target tables: row = patch label id (0 = empty, see `patch_labels`), value =
-    the summed LM input embeddings of the label's words, `(n_labels, D)`. An empty patch is
-    zero for colour and size and E(" empty") for shape; "zero" is the `(D,)` zero vector."""
+    """Stage-A2 target tables: row = cell label id (0 = empty, see `patch_labels` and
+    `scene_labels`), value = the summed LM input embeddings of the label's words,
+    `(n_labels, D)`. An empty cell is zero for colour, size and column and E(" empty") for
+    shape; "column" holds the digits "1".."6" (grid column + 1); "zero" is the `(D,)` zero vector."""
     from lsg.data import COLOUR_NAMES, SHAPES, SIZES
 
     emb = model.model.language_model.get_input_embeddings().weight.detach().float()
@@ -162,17 +220,22 @@ def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
         return emb[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].sum(0)
 
     zero = torch.zeros_like(emb[0])
+    grid = ShapesConfig().grid
+    # Digits without a leading space: " 1" is two tokens in SmolLM2's vocabulary, "1" is one.
+    digits = [emb[tokenizer(str(c + 1), add_special_tokens=False)["input_ids"]].sum(0) for c in range(grid)]
     return {"colour": torch.stack([zero] + [word(c) for c in COLOUR_NAMES]),
             "shape": torch.stack([word("empty")] + [word(s) for s in SHAPES]),
             "size": torch.stack([zero] + [word(s) for s in SIZES]),
+            "column": torch.stack([zero] + digits),
             "zero": zero}
 
 
 def stage_a2(model, processor, tokenizer, args) -> float:
-    """Fit the projector to word embeddings of each patch's content; returns the final
-    cosine similarity between projected tokens and their targets."""
+    """Fit the projector to `visual_targets` (word embeddings of each patch's content);
+    returns the final cosine similarity between projected tokens and their non-zero targets."""
     tables = word_tables(model, tokenizer)
-    colour, shape, size = tables["colour"], tables["shape"], tables["size"]
+    tower_config = model.model.vision_tower.config
+    factor = tower_config.image_size // tower_config.patch_size // ShapesConfig().grid
     projector = model.model.multi_modal_projector.requires_grad_(True).train()
     tower = model.model.vision_tower
     opt = torch.optim.Adam(projector.parameters(), lr=args.lr_stage_a2)
@@ -185,14 +248,14 @@ def stage_a2(model, processor, tokenizer, args) -> float:
         pixels = torch.as_tensor(np.stack(processor.image_processor([s[0] for s in samples])["pixel_values"]))
         with torch.no_grad(), autocast(args):
             feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
-        labels = {k: torch.as_tensor(np.stack([s[2][k] for s in samples])).long() for k in ("colour", "shape", "size")}
-        target = colour[labels["colour"]] + shape[labels["shape"]] + size[labels["size"]]  # (B, P, D)
+        target = visual_targets(scene_labels([s[2] for s in samples]), tables, factor)  # (B, P, D)
         pred = projector(feats.float())
         loss = F.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        cos = F.cosine_similarity(pred, target, dim=-1).mean().item()
+        words = target.norm(dim=-1) > 0  # zero targets (empty slots) have no direction
+        cos = F.cosine_similarity(pred[words], target[words], dim=-1).mean().item()
         if step % 50 == 0 or step == args.stage_a2_steps - 1:
             print(f"[stage A2] step {step} mse {loss.item():.5f} cosine {cos:.3f}", flush=True)
     projector.eval()

@@ -99,7 +99,7 @@ def test_readout_probe_builds_oracle_tokens_from_the_scene():
     probe = load_script("probe_readout")
     scene = two_objects()  # red circle (large) at cell (0, 0), blue square (small) at cell (5, 5)
     d = 4
-    tables = {"colour": torch.randn(9, d), "shape": torch.randn(5, d), "size": torch.randn(3, d), "zero": torch.zeros(d)}
+    tables = random_tables(d)
     red, blue, circle, square, large, small = 1, 3, 1, 2, 2, 1  # label ids: index in COLOUR_NAMES/SHAPES/SIZES + 1
     one = probe.oracle_tokens([scene], tables, "word-sum")
     assert one.shape == (1, 36, d)
@@ -140,16 +140,50 @@ def test_stage_b_loss_weights_free_form_and_multiple_choice_rows_per_sample(trai
     torch.testing.assert_close(got, (free + mc) / 4, atol=1e-5, rtol=1e-5)
 
 
-def test_readout_probe_quadrant_tokens_follow_an_8px_raster():
+def random_tables(d):
     import torch
+
+    def with_empty_zero(n):  # as `word_tables`: label 0 (empty cell) is the zero vector
+        return torch.cat([torch.zeros(1, d), torch.randn(n, d)])
+
+    return {"colour": with_empty_zero(8), "shape": torch.randn(5, d), "size": with_empty_zero(2),
+            "column": with_empty_zero(6), "zero": torch.zeros(d)}
+
+
+def test_quadrant_targets_put_one_word_of_the_cell_in_each_8px_patch(train_embedded):
+    import torch
+
+    from lsg.data import patch_labels
 
     probe = load_script("probe_readout")
     d = 3
-    tables = {"colour": torch.randn(9, d), "shape": torch.randn(5, d), "size": torch.randn(3, d), "zero": torch.zeros(d)}
+    tables = random_tables(d)
     quad = probe.oracle_tokens([two_objects()], tables, "quadrant")  # 12 x 12 patches of 8 px
     assert quad.shape == (1, 144, d)
-    # Red circle in cell (0, 0): patches (0, 0) and (0, 1); blue square in cell (5, 5): patches (10, 10), (10, 11).
-    torch.testing.assert_close(quad[0, [0, 1]], torch.stack([tables["colour"][1], tables["shape"][1]]))
-    torch.testing.assert_close(quad[0, [10 * 12 + 10, 10 * 12 + 11]], torch.stack([tables["colour"][3], tables["shape"][2]]))
-    assert quad[0, 12:24].abs().sum() == 0  # the bottom halves of row-0 cells are empty
-    torch.testing.assert_close(quad[0, 2 * 12 + 1], tables["shape"][0])  # an empty cell's top right: E(" empty")
+    # Red circle (large) in cell (0, 0): patches (0, 0), (0, 1), (1, 0), (1, 1) in a 12-wide raster.
+    expect = torch.stack([tables["colour"][1], tables["shape"][1], tables["size"][2], tables["column"][1]])
+    torch.testing.assert_close(quad[0, [0, 1, 12, 13]], expect)
+    # Blue square (small) in cell (5, 5): patches (10, 10), (10, 11), (11, 10), (11, 11).
+    expect = torch.stack([tables["colour"][3], tables["shape"][2], tables["size"][1], tables["column"][6]])
+    torch.testing.assert_close(quad[0, [130, 131, 142, 143]], expect)
+    # An empty cell, (1, 0): E(" empty") top right, zero in its other three patches.
+    torch.testing.assert_close(quad[0, 2 * 12 + 1], tables["shape"][0])
+    assert quad[0, [2 * 12, 3 * 12, 3 * 12 + 1]].abs().sum() == 0
+    with pytest.raises(ValueError, match="1 or 2"):
+        train_embedded.visual_targets(train_embedded.scene_labels([patch_labels(two_objects())]), tables, 3)
+
+
+def test_stage_a_patch_labels_copy_each_cell_to_its_patches(train_embedded):
+    import torch
+
+    from lsg.data import patch_labels
+
+    labels = train_embedded.scene_labels([patch_labels(two_objects())])
+    assert labels["column"].view(6, 6)[0, 0] == 1 and labels["column"].view(6, 6)[5, 5] == 6
+    assert labels["column"].sum() == 7  # empty cells have no column word
+    colour = train_embedded.cell_to_patch(labels["colour"], 6, 2).view(12, 12)
+    by_hand = torch.zeros(12, 12, dtype=torch.long)
+    by_hand[:2, :2], by_hand[10:, 10:] = 1, 3  # red at cell (0, 0), blue at cell (5, 5)
+    assert torch.equal(colour, by_hand)
+    quadrant = train_embedded.quadrant_ids(6, 2).view(12, 12)
+    assert quadrant[0, :4].tolist() == [0, 1, 0, 1] and quadrant[1, :4].tolist() == [2, 3, 2, 3]
