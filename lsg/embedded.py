@@ -55,13 +55,13 @@ CHATML_TEMPLATE = (
 
 @dataclass(frozen=True)
 class VisionTowerConfig:
-    """The embedded CLIP ViT. 96x96 images in 8x8 patches give 144 visual tokens: each
-    16 px cell of the `shapes` grid is 2x2 patches and LLaVA's one token per ViT patch is
-    kept, so each visual token can carry one word of its cell
-    (`scripts/train_embedded.py`, `visual_targets`)."""
+    """The embedded CLIP ViT. 96x96 images in 16x16 patches give 36 visual tokens, one per
+    cell of the `shapes` grid (the committed weights). `patch_size=8` gives 144 tokens,
+    2x2 per cell, still one token per ViT patch as in LLaVA, so each visual token can carry
+    one word of its cell (`scripts/train_embedded.py --patch-size 8`, `visual_targets`)."""
 
     image_size: int = 96
-    patch_size: int = 8
+    patch_size: int = 16
     hidden_size: int = 192
     intermediate_size: int = 768
     num_hidden_layers: int = 6

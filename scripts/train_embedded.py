@@ -5,14 +5,18 @@
 
 Two stages on the synthetic `shapes` train split, SmolLM2 weights frozen throughout:
 
-A. The CLIP ViT alone, on the generator's own per-patch labels (colour, shape, size,
-   row, column) read from its feature layer, plus the object count from the mean
-   token. Fast (no LM), and it gives the tower features worth aligning.
+A. The CLIP ViT alone, on the generator's own labels read from its feature layer: each
+   patch learns its grid cell's colour, shape, size, row and column and its place in the
+   cell, plus the object count from the mean token. Fast (no LM), and it gives the tower
+   features worth aligning.
 A2. The projector alone, regressed (ViT frozen, no LM forward) onto word embeddings of
-   each patch's content: `E(" red") + E(" circle") + E(" large")` for an object, `E(" empty")`
-   otherwise. This hands stage B visual tokens the frozen LM can already read, instead of
-   waiting thousands of samples for the first signal to get through (measured: the loss
-   sat at chance for the first 2,000 samples of stage B without it).
+   each patch's content (`visual_targets`). With 16 px patches (`--patch-size 16`, one
+   per grid cell) a token is `E(" red") + E(" circle") + E(" large")` for an object and
+   `E(" empty")` otherwise. With 8 px patches (`--patch-size 8`, 2x2 per cell) each token
+   carries one word: E(colour) top left, E(shape) top right, E(size) bottom left, the
+   column digit bottom right, so the raster order reads "red circle" as two adjacent
+   tokens, the form `scripts/probe_readout.py` found SmolLM2 + LoRA can learn to read
+   (it never learned the summed form within 5,760 questions).
 B. LLaVA stage-1 style alignment through the frozen LM: projector at `--lr-projector`
    from the start, a LoRA adapter on the LM's attention at `--lr-lora`, and the ViT
    unfrozen after `--unfreeze-vit-after` steps at `--lr-vit`. Loss: next-token loss
@@ -50,6 +54,10 @@ from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_cross_entro
 def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=embedded.EMBEDDED_DIR)
+    p.add_argument("--patch-size", type=int, choices=[8, 16], default=embedded.VisionTowerConfig().patch_size,
+                   help="ViT patch in px: 16 = one patch per grid cell, its words summed into one visual "
+                        "token (the committed weights); 8 = 2x2 patches per cell, one word per visual token "
+                        "(`visual_targets`)")
     p.add_argument("--stage-a-steps", type=int, default=1500)
     p.add_argument("--stage-a-batch", type=int, default=64)
     p.add_argument("--lr-stage-a", type=float, default=1e-3)
@@ -362,7 +370,7 @@ def main():
     args = parse_args()
     if args.threads_stage_a:
         torch.set_num_threads(args.threads_stage_a)
-    vision = embedded.VisionTowerConfig()
+    vision = embedded.VisionTowerConfig(patch_size=args.patch_size)
     lm, tokenizer = embedded.load_smollm2()
     model, processor = embedded.assemble_llava(lm, tokenizer, vision)
     model.requires_grad_(False)
