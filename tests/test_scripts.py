@@ -187,3 +187,22 @@ def test_stage_a_patch_labels_copy_each_cell_to_its_patches(train_embedded):
     assert torch.equal(colour, by_hand)
     quadrant = train_embedded.quadrant_ids(6, 2).view(12, 12)
     assert quadrant[0, :4].tolist() == [0, 1, 0, 1] and quadrant[1, :4].tolist() == [2, 3, 2, 3]
+
+
+def test_slot_accuracy_reads_each_word_slot_of_the_8px_targets(train_embedded):
+    import torch
+
+    from lsg.data import patch_labels
+
+    torch.manual_seed(0)
+    tables = random_tables(8)
+    labels = train_embedded.scene_labels([patch_labels(two_objects())])
+    perfect = train_embedded.visual_targets(labels, tables, 2)
+    assert train_embedded.slot_accuracy(perfect, labels, tables, 2) == {"colour": 1.0, "shape": 1.0, "size": 1.0,
+                                                                         "column": 1.0}
+    # Give the red circle (cell 0) the blue colour word: colour is right for 1 of 2 objects.
+    wrong = perfect.clone()
+    wrong[0, 0] = tables["colour"][3]
+    assert train_embedded.slot_accuracy(wrong, labels, tables, 2)["colour"] == 0.5
+    with pytest.raises(ValueError, match="factor 2"):
+        train_embedded.slot_accuracy(perfect, labels, tables, 1)
