@@ -1,7 +1,8 @@
 """Train the vision side of the embedded backbone `smol-llava` and commit its weights.
 
-    python scripts/train_embedded.py                      # the committed recipe
+    python scripts/train_embedded.py                      # the recipe (README: the committed weights' flags)
     python scripts/train_embedded.py --stage-b-minutes 5  # a shorter run
+    python scripts/train_embedded.py --patch-size 8 --lr-stage-a 3e-4  # one word per visual token
 
 Two stages on the synthetic `shapes` train split, SmolLM2 weights frozen throughout:
 
