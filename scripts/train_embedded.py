@@ -193,7 +193,8 @@ def slot_accuracy(tokens: torch.Tensor, labels: dict[str, torch.Tensor], tables:
 def stage_a(model, processor, args) -> float:
     """Pretrain the ViT on per-patch labels of the patch's grid cell (colour, shape, size,
     row, column), the patch's place inside its cell, and the object count from the mean
-    token; returns the final per-patch colour accuracy."""
+    token; returns the final colour accuracy on patches of occupied cells (empty cells are
+    ~90% of patches and would hide a tower that misses objects)."""
     tower = model.model.vision_tower
     d = tower.config.hidden_size
     patches_side = tower.config.image_size // tower.config.patch_size
