@@ -143,6 +143,14 @@ def scene_labels(samples_labels: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
+WORD_SLOTS = ("colour", "shape", "size", "column")  # word per place in a 2x2 cell: `quadrant_ids` 0..3
+
+
+def patches_per_cell(tower_config) -> int:
+    """ViT patches per side of one `shapes` grid cell: 1 for 16 px patches, 2 for 8 px."""
+    return tower_config.image_size // tower_config.patch_size // ShapesConfig().grid
+
+
 def visual_targets(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor], factor: int) -> torch.Tensor:
     """Stage-A2 targets `(B, P, D)`: the LM input embeddings each ViT patch's visual token
     should carry, for a tower whose patches split every grid cell `factor x factor`.
@@ -157,17 +165,18 @@ def visual_targets(labels: dict[str, torch.Tensor], tables: dict[str, torch.Tens
     Raises:
         ValueError: `factor` is not 1 or 2.
     """
-    words = {k: tables[k][labels[k]] for k in ("colour", "shape", "size", "column")}  # (B, cells, D) each
+    words = {k: tables[k][labels[k]] for k in WORD_SLOTS}  # (B, cells, D) each
     if factor == 1:
         return words["colour"] + words["shape"] + words["size"]
     if factor != 2:
         raise ValueError(f"visual_targets supports 1 or 2 patches per cell side, got {factor}; "
                          "choose the tower's patch_size as the cell size or half of it")
     b, cells, d = words["colour"].shape
-    grid = int(round(cells ** 0.5))
-    out = torch.stack([words["colour"], words["shape"], words["size"], words["column"]], 2)  # (B, cells, 4, D)
-    out = out.view(b, grid, grid, 2, 2, d).permute(0, 1, 3, 2, 4, 5)  # (B, row, dy, col, dx, D)
-    return out.reshape(b, cells * 4, d)
+    slot = quadrant_ids(int(round(cells ** 0.5)), factor)  # (P,): patches of one slot visit the cells row-major
+    out = words["colour"].new_zeros(b, cells * factor * factor, d)
+    for k, name in enumerate(WORD_SLOTS):
+        out[:, slot == k] = words[name]
+    return out
 
 
 def slot_accuracy(tokens: torch.Tensor, labels: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
@@ -178,14 +187,12 @@ def slot_accuracy(tokens: torch.Tensor, labels: dict[str, torch.Tensor], tables:
     Chance is 1 / (number of words): 1/8, 1/4, 1/2, 1/6."""
     if factor != 2:
         raise ValueError(f"slot_accuracy reads the one-word-per-patch form (factor 2), got factor {factor}")
-    b, p, d = tokens.shape
-    grid = int(round((p // 4) ** 0.5))
-    cells = tokens.view(b, grid, 2, grid, 2, d).permute(0, 1, 3, 2, 4, 5).reshape(b, grid * grid, 4, d)
+    slot = quadrant_ids(int(round(labels["colour"].shape[1] ** 0.5)), factor)  # as in `visual_targets`
     occupied = labels["colour"] > 0
     out = {}
-    for slot, name in enumerate(("colour", "shape", "size", "column")):
+    for k, name in enumerate(WORD_SLOTS):
         words = tables[name][1:]  # label 0 is the empty cell
-        sims = F.cosine_similarity(cells[:, :, slot][occupied][:, None], words[None], dim=-1)
+        sims = F.cosine_similarity(tokens[:, slot == k][occupied][:, None], words[None], dim=-1)
         out[name] = (sims.argmax(1) + 1 == labels[name][occupied]).float().mean().item()
     return out
 
@@ -197,9 +204,8 @@ def stage_a(model, processor, args) -> float:
     ~90% of patches and would hide a tower that misses objects)."""
     tower = model.model.vision_tower
     d = tower.config.hidden_size
-    patches_side = tower.config.image_size // tower.config.patch_size
     grid = ShapesConfig().grid
-    factor = patches_side // grid
+    factor = patches_per_cell(tower.config)
     heads = nn.ModuleDict({
         "colour": nn.Linear(d, 9), "shape": nn.Linear(d, 5), "size": nn.Linear(d, 3),
         "row": nn.Linear(d, grid), "col": nn.Linear(d, grid), "count": nn.Linear(d, 7),
@@ -249,17 +255,16 @@ def word_tables(model, tokenizer) -> dict[str, torch.Tensor]:
 
     emb = model.model.language_model.get_input_embeddings().weight.detach().float()
 
-    def word(w: str) -> torch.Tensor:
-        return emb[tokenizer(" " + w, add_special_tokens=False)["input_ids"]].sum(0)
+    def embed(text: str) -> torch.Tensor:
+        return emb[tokenizer(text, add_special_tokens=False)["input_ids"]].sum(0)
 
     zero = torch.zeros_like(emb[0])
-    grid = ShapesConfig().grid
-    # Digits without a leading space: " 1" is two tokens in SmolLM2's vocabulary, "1" is one.
-    digits = [emb[tokenizer(str(c + 1), add_special_tokens=False)["input_ids"]].sum(0) for c in range(grid)]
-    return {"colour": torch.stack([zero] + [word(c) for c in COLOUR_NAMES]),
-            "shape": torch.stack([word("empty")] + [word(s) for s in SHAPES]),
-            "size": torch.stack([zero] + [word(s) for s in SIZES]),
-            "column": torch.stack([zero] + digits),
+    # Words with a leading space, as inside a sentence; digits without: " 1" is two tokens
+    # in SmolLM2's vocabulary, "1" is one.
+    return {"colour": torch.stack([zero] + [embed(" " + c) for c in COLOUR_NAMES]),
+            "shape": torch.stack([embed(" empty")] + [embed(" " + s) for s in SHAPES]),
+            "size": torch.stack([zero] + [embed(" " + s) for s in SIZES]),
+            "column": torch.stack([zero] + [embed(str(c + 1)) for c in range(ShapesConfig().grid)]),
             "zero": zero}
 
 
@@ -275,8 +280,7 @@ def stage_a2(model, processor, tokenizer, args) -> float:
     targets, nearest colour word right for 11% of tokens, chance 12.5%).
     """
     tables = word_tables(model, tokenizer)
-    tower_config = model.model.vision_tower.config
-    factor = tower_config.image_size // tower_config.patch_size // ShapesConfig().grid
+    factor = patches_per_cell(model.model.vision_tower.config)
     projector = model.model.multi_modal_projector.requires_grad_(True).train()
     tower = model.model.vision_tower
     opt = torch.optim.Adam(projector.parameters(), lr=args.lr_stage_a2)
