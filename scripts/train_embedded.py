@@ -98,6 +98,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--continue-stage-b", action="store_true",
                    help="start from the saved vision/projector/LoRA weights in --out and train stage B further")
+    p.add_argument("--fresh-lora", action="store_true",
+                   help="with --continue-stage-b: keep the saved vision tower and projector but start "
+                        "a new LoRA (B = 0, so the LM starts unmodified) instead of loading lora.safetensors")
     p.add_argument("--reuse-stage-a", action="store_true",
                    help="load the stage-A tower saved by an earlier run instead of retraining it")
     p.add_argument("--threads", type=int, default=0, help="torch threads for stage B (0 = torch default)")
@@ -111,6 +114,8 @@ def parse_args(argv: list[str] | None = None):
     if args.open_answer_fraction + args.caption_fraction > 1.0:
         p.error(f"--open-answer-fraction + --caption-fraction = {args.open_answer_fraction + args.caption_fraction} "
                 "exceeds 1; the rest of each batch is multiple choice, so keep their sum <= 1")
+    if args.fresh_lora and not args.continue_stage_b:
+        p.error("--fresh-lora only applies with --continue-stage-b (a run from scratch always starts a new LoRA)")
     return args
 
 
@@ -325,6 +330,16 @@ VAL_SPLIT_SIZE = 350  # conf/data/shapes.yaml `n_val`: reuse train.py's split in
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
 
+def scene_dialogues(start: int, n: int, subtasks: list[str]) -> list[tuple]:
+    """Scenes start .. start+n-1 of the multi-question stream (`scene_questions`), each with its
+    records restricted to `subtasks`. A scene that poses none of them (possible only when
+    "count", which every scene poses, is left out) is dropped, so a batch can be smaller
+    than n."""
+    dialogues = [(scene, [r for r in records if r["subtask"] in subtasks])
+                 for scene, records in (scene_questions("train", start + b) for b in range(n))]
+    return [(scene, records) for scene, records in dialogues if records]
+
+
 def subtask_index(n: int, subtasks: list[str]) -> int:
     """Index of the n-th `sample_scene` sample whose sub-task is in `subtasks` (sample i asks
     SUBTASKS[i % 7]); with every sub-task it is n itself."""
@@ -452,7 +467,7 @@ def main():
 
     lora = {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_targets}
     peft_lm = get_peft_model(model.model.language_model, embedded.lora_config(lora))
-    if args.continue_stage_b:
+    if args.continue_stage_b and not args.fresh_lora:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -486,8 +501,7 @@ def main():
             model.model.vision_tower.requires_grad_(True).train()
         if args.multi_question:
             rng = random.Random(f"stage-b/{offset + seen}")
-            dialogues = [scene_questions("train", offset + seen + b) for b in range(args.stage_b_batch)]
-            seen += len(dialogues)
+            dialogues, seen = scene_dialogues(offset + seen, args.stage_b_batch, args.subtasks), seen + args.stage_b_batch
             for _, records in dialogues:
                 rng.shuffle(records)  # no fixed sub-task order to lean on
             batch, turns = dialogue_batch(bb, [render(scene) for scene, _ in dialogues], [r for _, r in dialogues])

@@ -56,8 +56,9 @@ def test_open_answer_sample_is_the_question_answered_with_the_correct_option_tex
     (["--caption-fraction", "1.5"], "--caption-fraction is a share"),
     (["--open-answer-fraction", "-0.1"], "--open-answer-fraction is a share"),
     (["--caption-fraction", "0.6", "--open-answer-fraction", "0.6"], "keep their sum <= 1"),
+    (["--fresh-lora"], "--fresh-lora only applies with --continue-stage-b"),
 ])
-def test_stage_b_sample_shares_are_checked(train_embedded, argv, message, capsys):
+def test_bad_stage_b_flags_are_refused(train_embedded, argv, message, capsys):
     with pytest.raises(SystemExit):
         train_embedded.parse_args(argv)
     assert message in capsys.readouterr().err
@@ -206,3 +207,14 @@ def test_slot_accuracy_reads_each_word_slot_of_the_8px_targets(train_embedded):
     assert train_embedded.slot_accuracy(wrong, labels, tables, 2)["colour"] == 0.5
     with pytest.raises(ValueError, match="factor 2"):
         train_embedded.slot_accuracy(perfect, labels, tables, 1)
+
+
+def test_scene_dialogues_keep_only_the_chosen_subtasks(train_embedded):
+    from lsg.data.shapes import scene_questions
+
+    full = [scene_questions("train", 100 + b)[1] for b in range(6)]
+    kept = train_embedded.scene_dialogues(100, 6, ["colour", "shape"])
+    expected = [[r["id"] for r in records if r["subtask"] in ("colour", "shape")] for records in full]
+    assert [[r["id"] for r in records] for _, records in kept] == [ids for ids in expected if ids]
+    assert all(records for _, records in kept)  # scenes posing neither sub-task are dropped
+    assert len(train_embedded.scene_dialogues(100, 6, list(train_embedded.SUBTASKS))) == 6  # count is always posed
