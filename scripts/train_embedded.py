@@ -3,6 +3,7 @@
     python scripts/train_embedded.py                      # the recipe (README: the committed weights' flags)
     python scripts/train_embedded.py --stage-b-minutes 5  # a shorter run
     python scripts/train_embedded.py --patch-size 8 --lr-stage-a 3e-4  # one word per visual token
+    python scripts/train_embedded.py --continue-stage-b --fresh-lora ...  # a new LoRA on a saved tower
 
 Two stages on the synthetic `shapes` train split, SmolLM2 weights frozen throughout:
 
@@ -21,7 +22,9 @@ A2. The projector alone, regressed (ViT frozen, no LM forward) onto word embeddi
 B. LLaVA stage-1 style alignment through the frozen LM: projector at `--lr-projector`
    from the start, a LoRA adapter on the LM's attention at `--lr-lora`, and the ViT
    unfrozen after `--unfreeze-vit-after` steps at `--lr-vit`. Loss: next-token loss
-   on the answer letter only. Constant learning rates.
+   on the answer letter only (`--mc-loss options`: over the options' letters). Constant
+   learning rates. `--continue-stage-b` goes on from saved weights, so stage B can be a
+   curriculum of runs (e.g. one sub-task, then several, then all: README).
 
 Writes `checkpoints/smol-llava/{vision,lora}.safetensors` and `embedded.json`
 (recipe, steps, per-sub-task validation accuracy), and saves them every
@@ -57,8 +60,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--out", type=Path, default=embedded.EMBEDDED_DIR)
     p.add_argument("--patch-size", type=int, choices=[8, 16], default=embedded.VisionTowerConfig().patch_size,
                    help="ViT patch in px: 16 = one patch per grid cell, its words summed into one visual "
-                        "token (the committed weights); 8 = 2x2 patches per cell, one word per visual token "
-                        "(`visual_targets`)")
+                        "token (the first weights, README history); 8 = 2x2 patches per cell, one word per "
+                        "visual token (`visual_targets`; the committed weights, README for their commands)")
     p.add_argument("--stage-a-steps", type=int, default=1500)
     p.add_argument("--stage-a-batch", type=int, default=64)
     p.add_argument("--lr-stage-a", type=float, default=1e-3)
@@ -66,8 +69,11 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--lr-stage-a2", type=float, default=3e-3)
     p.add_argument("--a2-loss", choices=["balanced", "mean"], default="balanced",
                    help="stage-A2 squared error: occupied and empty cells weighted equally, or a plain mean "
-                        "over patches (the committed 16 px weights)")
-    p.add_argument("--stage-b-minutes", type=float, default=40.0)
+                        "over patches (the first, 16 px weights)")
+    p.add_argument("--stage-b-minutes", type=float, default=40.0, help="wall-clock budget of stage B")
+    p.add_argument("--stage-b-steps", type=int, default=0,
+                   help="stop stage B after this many optimizer steps of this run, if the minutes last that "
+                        "long (0 = the minutes alone decide): makes a run repeatable on another machine")
     p.add_argument("--stage-b-batch", type=int, default=16)
     p.add_argument("--lr-projector", type=float, default=1e-3)
     p.add_argument("--lr-lora", type=float, default=3e-4)
@@ -485,7 +491,10 @@ def main():
 
     def save(step: int, metrics: dict | None = None):
         # Save a merged-free copy: peft state for the LoRA, plain weights for the vision side.
-        extra = {"recipe": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        recipe = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        # Every command that shaped these weights, oldest first (a continuation appends to its start's).
+        earlier = previous.get("recipes", [previous["recipe"]] if "recipe" in previous else [])
+        extra = {"recipe": recipe, "recipes": earlier + [recipe],
                  "stage_a_patch_colour_acc": acc_a, "stage_a2_cosine": cos_a2, "stage_b_steps": step0 + step, "stage_b_samples": seen0 + seen,
                  "val_accuracy": metrics}
         embedded.save_embedded(model, args.out, vision, lora, get_peft_model_state_dict(peft_lm), extra)
@@ -496,7 +505,7 @@ def main():
     # Records written before "stage_b_samples" existed: steps x the batch they were trained with.
     seen0 = previous.get("stage_b_samples", step0 * previous.get("recipe", {}).get("stage_b_batch", 0))
     offset = (args.stage_a_steps + args.stage_a2_steps) * args.stage_a_batch + seen0  # fresh samples for stage B
-    while time.time() - t0 < args.stage_b_minutes * 60:
+    while time.time() - t0 < args.stage_b_minutes * 60 and not (args.stage_b_steps and step >= args.stage_b_steps):
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
         if args.multi_question:
