@@ -38,6 +38,7 @@ import json
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,8 @@ def parse_args(argv: list[str] | None = None):
     if args.open_answer_fraction + args.caption_fraction > 1.0:
         p.error(f"--open-answer-fraction + --caption-fraction = {args.open_answer_fraction + args.caption_fraction} "
                 "exceeds 1; the rest of each batch is multiple choice, so keep their sum <= 1")
+    if args.stage_b_steps < 0:
+        p.error(f"--stage-b-steps must be >= 0 (0 = the minutes alone decide), got {args.stage_b_steps}")
     if args.fresh_lora and not args.continue_stage_b:
         p.error("--fresh-lora only applies with --continue-stage-b (a run from scratch always starts a new LoRA)")
     return args
@@ -336,14 +339,23 @@ VAL_SPLIT_SIZE = 350  # conf/data/shapes.yaml `n_val`: reuse train.py's split in
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
 
-def scene_dialogues(start: int, n: int, subtasks: list[str]) -> list[tuple]:
-    """Scenes start .. start+n-1 of the multi-question stream (`scene_questions`), each with its
-    records restricted to `subtasks`. A scene that poses none of them (possible only when
-    "count", which every scene poses, is left out) is dropped, so a batch can be smaller
-    than n."""
-    dialogues = [(scene, [r for r in records if r["subtask"] in subtasks])
-                 for scene, records in (scene_questions("train", start + b) for b in range(n))]
-    return [(scene, records) for scene, records in dialogues if records]
+def scene_dialogues(start: int, n: int, subtasks: list[str]) -> tuple[list[tuple], int]:
+    """The first n scenes from `start` on in the multi-question stream (`scene_questions`) that
+    pose at least one of `subtasks`, each with its records restricted to them, and how many
+    stream positions were read to find them (> n only when a scene poses none of them, which
+    needs "count", posed by every scene, to be left out).
+
+    Raises ValueError if 100 * n scenes in a row pose none of them."""
+    dialogues, i = [], start
+    while len(dialogues) < n:
+        if i - start >= 100 * n:
+            raise ValueError(f"no scene from {start} to {i} poses any of {subtasks}; choose other --subtasks")
+        scene, records = scene_questions("train", i)
+        i += 1
+        records = [r for r in records if r["subtask"] in subtasks]
+        if records:
+            dialogues.append((scene, records))
+    return dialogues, i - start
 
 
 def subtask_index(n: int, subtasks: list[str]) -> int:
@@ -504,13 +516,17 @@ def main():
     step0 = previous.get("stage_b_steps", 0)
     # Records written before "stage_b_samples" existed: steps x the batch they were trained with.
     seen0 = previous.get("stage_b_samples", step0 * previous.get("recipe", {}).get("stage_b_batch", 0))
-    offset = (args.stage_a_steps + args.stage_a2_steps) * args.stage_a_batch + seen0  # fresh samples for stage B
+    # Fresh samples for stage B: past the scenes the first run's stages A and A2 used (its recipe,
+    # when continuing), then past every stage-B scene read so far.
+    first = (previous.get("recipes") or [previous.get("recipe") or vars(args)])[0]
+    offset = (first["stage_a_steps"] + first["stage_a2_steps"]) * first["stage_a_batch"] + seen0
     while time.time() - t0 < args.stage_b_minutes * 60 and not (args.stage_b_steps and step >= args.stage_b_steps):
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
         if args.multi_question:
             rng = random.Random(f"stage-b/{offset + seen}")
-            dialogues, seen = scene_dialogues(offset + seen, args.stage_b_batch, args.subtasks), seen + args.stage_b_batch
+            dialogues, read = scene_dialogues(offset + seen, args.stage_b_batch, args.subtasks)
+            seen += read  # stream position: every scene read, trained on or not
             for _, records in dialogues:
                 rng.shuffle(records)  # no fixed sub-task order to lean on
             batch, turns = dialogue_batch(bb, [render(scene) for scene, _ in dialogues], [r for _, r in dialogues])
@@ -547,6 +563,10 @@ def main():
             model.train()
             print(f"[quick val] step {step} samples {seen} " + json.dumps({k: round(v, 2) for k, v in quick.items()})
                   + f" overall {np.mean(list(quick.values())):.3f}", flush=True)
+    if args.stage_b_steps and step < args.stage_b_steps:
+        warnings.warn(f"stage B ran out of --stage-b-minutes {args.stage_b_minutes} after {step} of "
+                      f"--stage-b-steps {args.stage_b_steps} steps; continue with --continue-stage-b "
+                      f"--stage-b-steps {args.stage_b_steps - step}, or give more minutes", stacklevel=1)
     model.eval()
     with autocast(args):
         metrics = evaluate(bb, args.val_samples)

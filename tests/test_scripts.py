@@ -57,6 +57,7 @@ def test_open_answer_sample_is_the_question_answered_with_the_correct_option_tex
     (["--open-answer-fraction", "-0.1"], "--open-answer-fraction is a share"),
     (["--caption-fraction", "0.6", "--open-answer-fraction", "0.6"], "keep their sum <= 1"),
     (["--fresh-lora"], "--fresh-lora only applies with --continue-stage-b"),
+    (["--stage-b-steps", "-1"], "--stage-b-steps must be >= 0"),
 ])
 def test_bad_stage_b_flags_are_refused(train_embedded, argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -212,9 +213,13 @@ def test_slot_accuracy_reads_each_word_slot_of_the_8px_targets(train_embedded):
 def test_scene_dialogues_keep_only_the_chosen_subtasks(train_embedded):
     from lsg.data.shapes import scene_questions
 
-    full = [scene_questions("train", 100 + b)[1] for b in range(6)]
-    kept = train_embedded.scene_dialogues(100, 6, ["colour", "shape"])
-    expected = [[r["id"] for r in records if r["subtask"] in ("colour", "shape")] for records in full]
-    assert [[r["id"] for r in records] for _, records in kept] == [ids for ids in expected if ids]
-    assert all(records for _, records in kept)  # scenes posing neither sub-task are dropped
-    assert len(train_embedded.scene_dialogues(100, 6, list(train_embedded.SUBTASKS))) == 6  # count is always posed
+    # Relation needs two objects a cell apart on the dominant axis: some scenes pose none.
+    stream = [scene_questions("train", 100 + i)[1] for i in range(40)]
+    expected = [[r["id"] for r in records if r["subtask"] == "relation"] for records in stream]
+    expected = [ids for ids in expected if ids][:6]
+    kept, read = train_embedded.scene_dialogues(100, 6, ["relation"])
+    assert [[r["id"] for r in records] for _, records in kept] == expected
+    assert read > 6  # scenes without a relation question were read and skipped, not returned
+    assert read == 1 + [i for i, records in enumerate(stream) if any(r["subtask"] == "relation" for r in records)][5]
+    every, read_all = train_embedded.scene_dialogues(100, 6, list(train_embedded.SUBTASKS))
+    assert read_all == 6 and [len(r) for _, r in every] == [len(records) for records in stream[:6]]
