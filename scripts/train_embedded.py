@@ -339,16 +339,26 @@ VAL_SPLIT_SIZE = 350  # conf/data/shapes.yaml `n_val`: reuse train.py's split in
 OPEN_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 
 
+def recipe_history(previous: dict) -> list[dict]:
+    """The recipes (`vars(args)` of each run) that shaped the weights an `embedded.json` describes,
+    oldest first: its `recipes`, or for a file written before histories were kept its single
+    `recipe`, or [] for a run from scratch (`previous` = {})."""
+    return previous.get("recipes") or ([previous["recipe"]] if "recipe" in previous else [])
+
+
+MAX_SKIPPED_SCENES = 100  # per requested scene: `scene_dialogues` gives up after n * this many reads
+
+
 def scene_dialogues(start: int, n: int, subtasks: list[str]) -> tuple[list[tuple], int]:
     """The first n scenes from `start` on in the multi-question stream (`scene_questions`) that
     pose at least one of `subtasks`, each with its records restricted to them, and how many
     stream positions were read to find them (> n only when a scene poses none of them, which
     needs "count", posed by every scene, to be left out).
 
-    Raises ValueError if 100 * n scenes in a row pose none of them."""
+    Raises ValueError if n * MAX_SKIPPED_SCENES scenes are read without finding n."""
     dialogues, i = [], start
     while len(dialogues) < n:
-        if i - start >= 100 * n:
+        if i - start >= n * MAX_SKIPPED_SCENES:
             raise ValueError(f"no scene from {start} to {i} poses any of {subtasks}; choose other --subtasks")
         scene, records = scene_questions("train", i)
         i += 1
@@ -454,6 +464,7 @@ def main():
     model, processor = embedded.assemble_llava(lm, tokenizer, vision)
     model.requires_grad_(False)
     previous = json.loads((args.out / "embedded.json").read_text()) if args.continue_stage_b else {}
+    history = recipe_history(previous)
     stage_a_path = args.out / "stage_a_vision.safetensors"
     if args.continue_stage_b:
         from safetensors.torch import load_file
@@ -505,8 +516,7 @@ def main():
         # Save a merged-free copy: peft state for the LoRA, plain weights for the vision side.
         recipe = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         # Every command that shaped these weights, oldest first (a continuation appends to its start's).
-        earlier = previous.get("recipes", [previous["recipe"]] if "recipe" in previous else [])
-        extra = {"recipe": recipe, "recipes": earlier + [recipe],
+        extra = {"recipe": recipe, "recipes": history + [recipe],
                  "stage_a_patch_colour_acc": acc_a, "stage_a2_cosine": cos_a2, "stage_b_steps": step0 + step, "stage_b_samples": seen0 + seen,
                  "val_accuracy": metrics}
         embedded.save_embedded(model, args.out, vision, lora, get_peft_model_state_dict(peft_lm), extra)
@@ -518,7 +528,7 @@ def main():
     seen0 = previous.get("stage_b_samples", step0 * previous.get("recipe", {}).get("stage_b_batch", 0))
     # Fresh samples for stage B: past the scenes the first run's stages A and A2 used (its recipe,
     # when continuing), then past every stage-B scene read so far.
-    first = (previous.get("recipes") or [previous.get("recipe") or vars(args)])[0]
+    first = (history or [vars(args)])[0]
     offset = (first["stage_a_steps"] + first["stage_a2_steps"]) * first["stage_a_batch"] + seen0
     while time.time() - t0 < args.stage_b_minutes * 60 and not (args.stage_b_steps and step >= args.stage_b_steps):
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):

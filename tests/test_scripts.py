@@ -223,3 +223,16 @@ def test_scene_dialogues_keep_only_the_chosen_subtasks(train_embedded):
     assert read == 1 + [i for i, records in enumerate(stream) if any(r["subtask"] == "relation" for r in records)][5]
     every, read_all = train_embedded.scene_dialogues(100, 6, list(train_embedded.SUBTASKS))
     assert read_all == 6 and [len(r) for _, r in every] == [len(records) for records in stream[:6]]
+
+
+def test_recipe_history_reads_old_and_new_embedded_json(train_embedded):
+    first, second = {"stage_a_steps": 1200}, {"stage_a_steps": 1500}
+    assert train_embedded.recipe_history({}) == []  # a run from scratch
+    assert train_embedded.recipe_history({"recipe": first}) == [first]  # written before histories were kept
+    assert train_embedded.recipe_history({"recipe": second, "recipes": [first, second]}) == [first, second]
+
+
+def test_scene_dialogues_give_up_when_no_scene_poses_the_subtasks(train_embedded, monkeypatch):
+    monkeypatch.setattr(train_embedded, "scene_questions", lambda split, i: (None, [{"subtask": "count"}]))
+    with pytest.raises(ValueError, match="choose other --subtasks"):
+        train_embedded.scene_dialogues(0, 2, ["relation"])
