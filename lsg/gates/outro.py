@@ -1,161 +1,223 @@
-"""OutRo (Yoo, Jang, Chung 2026): sink-guided causal relaxation and output rotation, SPEC section 5.
+"""OutRo (Yoo, Jang, Chung 2026): sink enhancement and output rotation, SPEC section 5 "OutRo".
 
-Only the paper's abstract is public here; this module implements the SPEC's reading of it.
+The SPEC follows the authors' released code (kaistmm/OutRo, `model/outro.py`); the
+abstract in `papers/` is background only. Both parts act on the per-head attention
+output `o` (before `o_proj`) of the layers of a window, enhancement first, then rotation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from lsg.context import LayerView, fit_columns
+from lsg.context import ForwardContext, LayerView, fit_columns
 from lsg.gates.base import Gate, HookPoint, register
-from lsg.gates.var import llm_sinks
-from lsg.sinks import NORMALISATIONS
 
 
-def relax_layer_for(num_layers: int) -> int:
-    """SPEC default l* = round(L/7) (5 for a 32-layer model; L/7 is never a tie)."""
-    return round(num_layers / 7)
+def massive_activation_sinks(hidden: torch.Tensor, prompt: torch.Tensor, abs_thr: float,
+                             med_mul: float) -> torch.Tensor:
+    """Sinks `(B, T)`: prompt tokens whose largest `|x|` over all channels reaches
+    `max(abs_thr, med_mul * median|x|)` (SPEC section 5 "OutRo", the Sun et al. rule).
+
+    The median runs over every channel of the sample's prompt tokens (padding and `out`
+    tokens excluded), one per sample; it is the lower median, as `torch.median` in the
+    released code. Leaving `out` out keeps a teacher-forced forward or a full recompute
+    on the same sinks as the prefill of KV-cache generation.
+
+    Args:
+        hidden: `(B, T, D)` hidden state entering the layer.
+        prompt: `(B, T)` bool, the real prompt tokens.
+    """
+    magnitude = hidden.detach().abs().float()
+    median = magnitude.masked_fill(~prompt[..., None], float("nan")).flatten(1).nanmedian(1).values  # (B,)
+    threshold = (med_mul * median).clamp_min(abs_thr)  # NaN (a sample without prompt) flags nothing
+    return (magnitude.amax(-1) >= threshold[:, None]) & prompt
 
 
-def rotate_layers_for(num_layers: int) -> list[int]:
-    """Default rotation layers l*+1 .. L//2 (6..16 for a 32-layer model)."""
-    return list(range(relax_layer_for(num_layers) + 1, num_layers // 2 + 1))
+def rotate_toward_sink(outputs: torch.Tensor, vbar: torch.Tensor, gamma: float, temp: float,
+                       rescale: bool) -> torch.Tensor:
+    """OutRo's output rotation (SPEC section 5 "OutRo"), elementwise over the leading dims:
+    `c = cos(o, v̄)`, `m = tanh(relu(c) / temp)`,
+    `o' = o + gamma * m * (|o·v̄| / (|v̄|² + 1e-8)) * v̄`, and with `rescale`
+    `o'' = o' * |o| / (|o'| + 1e-8)`. A zero `v̄` leaves `o` unchanged.
+
+    Args:
+        outputs: `(..., d)` per-head outputs `o`.
+        vbar: `(..., d)` broadcastable mean sink value of each output's KV head.
+    """
+    o, v = outputs.float(), vbar.float()
+    cos = (F.normalize(o, dim=-1) * F.normalize(v, dim=-1)).sum(-1, keepdim=True)
+    gate = torch.tanh(torch.relu(cos) / temp)
+    projection = (o * v).sum(-1, keepdim=True).abs() / (v.pow(2).sum(-1, keepdim=True) + 1e-8) * v
+    turned = o + gamma * gate * projection
+    if rescale:
+        turned = turned * (o.norm(dim=-1, keepdim=True) / (turned.norm(dim=-1, keepdim=True) + 1e-8))
+    return turned.to(outputs.dtype)
 
 
 @dataclass
 class OutRoState:
-    """Per-layer state from prefill: sinks `(B, T_prefill)` and which parts apply here."""
+    """What one window layer decided at prefill. Masks are `(B, T_prefill)` bool.
 
-    sinks: torch.Tensor
-    relax: bool
-    rotate: bool
-
-
-def rotate_toward(outputs: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
-    """`o~ = o + lam * tanh(relu(cos(o, u))) * |o| * u/|u|`, rescaled to `|o|`.
-
-    Args:
-        outputs: `(..., d)` per-head outputs `o`.
-        u: `(..., d)` broadcastable target directions (zero vectors leave `o` unchanged).
+    Attributes:
+        owner: the gate that made this state (so the next layer finds its own predecessor).
+        sinks: this layer's sinks; `v̄` is the mean of their value vectors.
+        seen: sinks at this or any earlier window layer; rotation skips them.
+        enhance: positions whose output this layer replaces (enhancement).
+        enhanced: positions enhanced at this or any earlier layer of this forward.
     """
-    o, u = outputs.float(), u.float()
-    eps = torch.finfo(torch.float32).tiny
-    o_norm = o.norm(dim=-1, keepdim=True)
-    u_norm = u.norm(dim=-1, keepdim=True)
-    u_hat = u / u_norm.clamp_min(eps)
-    cos = (o * u_hat).sum(-1, keepdim=True) / o_norm.clamp_min(eps)
-    turned = o + lam * torch.tanh(torch.relu(cos)) * o_norm * u_hat
-    turned = turned * (o_norm / turned.norm(dim=-1, keepdim=True).clamp_min(eps))
-    return torch.where((o_norm > 0) & (u_norm > 0), turned, o).to(outputs.dtype)
+
+    owner: "OutRoGate" = field(repr=False, compare=False)
+    sinks: torch.Tensor
+    seen: torch.Tensor
+    enhance: torch.Tensor
+    enhanced: torch.Tensor
 
 
 @register
 class OutRoGate(Gate):
-    """The SPEC's reading of OutRo's two parts (only the abstract is public), each switchable.
+    """OutRo as released by its authors (SPEC section 5 "OutRo"), both parts switchable.
 
-    1. Causal relaxation (`relax`), at `relax_layer` only, at prefill only: the query rows
-       of the sink tokens attend to every real prompt token, future ones included (never to
-       padding and never to `out` tokens, so a teacher-forced forward or a full recompute
-       relaxes exactly as the prefill of KV-cache generation does).
-       Consequence: the sink tokens' outputs at `relax_layer` change, so their hidden
-       states, and the keys and values they write into the cache in every later layer,
-       carry information from the whole prompt. Decode steps add no relaxed rows (a
-       decoded token is never a sink); the cached K/V stay as the relaxed prefill made them.
-    2. Output rotation (`rotate`), at the layers in `rotate_layers`: the per-head attention
-       output `o_i` of every real non-sink token is turned toward the mean sink value `u`
-       of its head (the mean of that KV head's value vectors over the sink positions,
-       GQA-expanded to query heads): `o~ = o + lam * tanh(relu(cos(o, u))) * |o| * u/|u|`,
-       then rescaled to `|o|`. Sink rows, padding rows and samples without sinks are left
-       unchanged. Needs no attention weights, so the layer stays on SDPA.
+    The gate sits at every layer of its window `start <= l < end` (`default_layers`).
+    At prefill, entering each window layer `l`, it finds the sinks of `l`
+    (`massive_activation_sinks`). Then, in the attention of `l`:
 
-    Sinks (both parts): prompt tokens with massive activation entering the layer
-    (`phi >= tau`); `tau=None` uses the backbone's sink config (`model.sinks`).
+    1. Sink enhancement (`relax`), prefill only, at enhancement layers
+       `l % enhance_interval == 0` (default interval `max(1, L // 7)`): the per-head
+       output of every sink `s` of `l` becomes `softmax(q_s K^T / sqrt(d)) V` over every
+       real prompt position, future ones included (`q`, `K` after RoPE, GQA as
+       `repeat_kv`). Done through the MASK hook: the sink's row attends to exactly the
+       prompt keys (never padding, never `out` tokens), so the layer stays on SDPA and a
+       teacher-forced forward or full recompute enhances exactly as the prefill of
+       KV-cache generation does.
+       `apply_once` (the released code's flag, default on): a position is enhanced at
+       most once per forward; a sink already enhanced at an earlier enhancement layer is
+       left to ordinary causal attention here. Off: every sink of every enhancement
+       layer is enhanced, including those enhanced before.
+    2. Output rotation (`rotate`), at every window layer where the sample has at least
+       one sink: `v̄_g` = mean value vector of the layer's sinks, per KV head `g`. Every
+       real token that was not a sink at this or any earlier window layer (`out` tokens
+       included; padding rows untouched) has each head `h` turned toward `v̄_{g(h)}` by
+       `rotate_toward_sink`. Enhanced rows are sinks of this layer, so never rotated.
 
-    Layers. Attach the gate at `default_layers(L)` (or any subset of
-    `{relax_layer} ∪ rotate_layers`): at each layer it applies the parts configured for that
-    layer. Defaults: `relax_layer = round(L/7)` (SPEC), and rotation at `relax_layer+1 ..
-    L//2` (our choice, not from the paper): after the relaxation, so the sink value already
-    carries the prompt-wide context gathered by relaxation, through the first half of the
-    network where context is integrated, and away from the deep layers where residual
-    norms grow and sink detection over-flags (SPEC section 2).
+    Decode steps: sinks, `v̄` (recomputed from the cached prefill values, which are the
+    same) and the enhanced set come from prefill; a decoded token is never a sink, is
+    never enhanced, and is rotated at every window layer that has sinks.
+
+    Cross-layer state: `prepare` at layer `l > start` reads the `OutRoState` this same
+    gate left at layer `l - 1` in this forward's `ForwardContext.gate_state` (sinks seen
+    so far, positions enhanced so far). So the gate must sit at every window layer from
+    `start` up to its deepest layer; elsewhere it refuses to run.
 
     Args:
-        num_layers: decoder depth L, used for the default layers (not needed if both
-            `relax_layer` and `rotate_layers` are given).
-        relax_layer: l* (default round(L/7)).
-        rotate_layers: rotation layers (default relax_layer+1 .. L//2).
-        relax: apply part 1.
-        rotate: apply part 2.
-        lam: rotation strength lambda (0.1; not given in the abstract).
-        tau: sink threshold on `phi`; None = the backbone's sink config.
-        normalisation: "raw" or "rms" for `tau`; None = the backbone's.
+        num_layers: decoder depth L (for the default window and interval).
+        start, end: window `start <= l < end`; `end=None` means `L - 2`.
+        relax: part 1, sink enhancement.
+        rotate: part 2, output rotation.
+        apply_once: enhance each position at most once per forward.
+        abs_thr, med_mul: sink threshold `max(abs_thr, med_mul * median|x|)`.
+        gamma, temp, rescale: rotation strength, gate temperature, norm preservation.
+        enhance_interval: enhancement at layers `l % interval == 0`; None = `max(1, L // 7)`.
 
     Raises:
-        ValueError: default layers requested without `num_layers`; attached at a layer
-            that is neither `relax_layer` nor in `rotate_layers`.
+        ValueError: a bad config; at run time, the gate attached outside its window or
+            without its state from the previous window layer.
     """
 
     name = "outro"
     hook_points = frozenset({HookPoint.HIDDEN, HookPoint.MASK, HookPoint.HEAD_OUTPUTS})
 
-    def __init__(self, num_layers: int | None = None, relax_layer: int | None = None,
-                 rotate_layers: Sequence[int] | None = None, relax: bool = True, rotate: bool = True,
-                 lam: float = 0.1, tau: float | None = None, normalisation: str | None = None):
+    def __init__(self, num_layers: int | None = None, start: int = 0, end: int | None = None,
+                 relax: bool = True, rotate: bool = True, apply_once: bool = True,
+                 abs_thr: float = 100.0, med_mul: float = 1000.0, gamma: float = 3.0, temp: float = 0.1,
+                 rescale: bool = True, enhance_interval: int | None = None):
         super().__init__()
-        if (relax_layer is None or rotate_layers is None) and num_layers is None:
-            raise ValueError("OutRoGate needs num_layers (the backbone's decoder depth) for its default layers, "
-                             "or explicit relax_layer and rotate_layers.")
-        if normalisation is not None and normalisation not in NORMALISATIONS:
-            raise ValueError(f"normalisation must be one of {NORMALISATIONS} or None, got {normalisation!r}.")
-        self.num_layers = num_layers
-        self.relax_layer = relax_layer_for(num_layers) if relax_layer is None else int(relax_layer)
-        self.rotate_layers = rotate_layers_for(num_layers) if rotate_layers is None else [int(l) for l in rotate_layers]
-        self.relax, self.rotate, self.lam = bool(relax), bool(rotate), float(lam)
-        self.tau = None if tau is None else float(tau)
-        self.normalisation = normalisation
-
-    @staticmethod
-    def default_layers(num_layers: int) -> list[int]:
-        """`round(L/7)` (relaxation) and `round(L/7)+1 .. L//2` (rotation)."""
-        return [relax_layer_for(num_layers)] + rotate_layers_for(num_layers)
+        if num_layers is None or int(num_layers) < 1:
+            raise ValueError(f"OutRoGate needs num_layers, the backbone's decoder depth (got {num_layers!r}): "
+                             f"it sets the window end L - 2 and the enhancement interval max(1, L // 7).")
+        self.num_layers = int(num_layers)
+        self.start = int(start)
+        self.end = self.num_layers - 2 if end is None else int(end)
+        if not 0 <= self.start < self.end <= self.num_layers:
+            raise ValueError(f"OutRoGate window start={self.start}, end={self.end} must satisfy "
+                             f"0 <= start < end <= num_layers={self.num_layers} (end defaults to L - 2).")
+        self.enhance_interval = max(1, self.num_layers // 7) if enhance_interval is None else int(enhance_interval)
+        if self.enhance_interval < 1:
+            raise ValueError(f"OutRoGate enhance_interval must be >= 1 (or null), got {enhance_interval!r}.")
+        if temp <= 0:
+            raise ValueError(f"OutRoGate temp must be > 0, got {temp!r}.")
+        if abs_thr < 0 or med_mul < 0:
+            raise ValueError(f"OutRoGate abs_thr and med_mul must be >= 0, got {abs_thr!r} and {med_mul!r}.")
+        self.relax, self.rotate, self.apply_once = bool(relax), bool(rotate), bool(apply_once)
+        self.abs_thr, self.med_mul = float(abs_thr), float(med_mul)
+        self.gamma, self.temp, self.rescale = float(gamma), float(temp), bool(rescale)
 
     def config(self) -> dict[str, Any]:
-        return {"num_layers": self.num_layers, "relax_layer": self.relax_layer, "rotate_layers": self.rotate_layers,
-                "relax": self.relax, "rotate": self.rotate, "lam": self.lam, "tau": self.tau,
-                "normalisation": self.normalisation}
+        return {"num_layers": self.num_layers, "start": self.start, "end": self.end, "relax": self.relax,
+                "rotate": self.rotate, "apply_once": self.apply_once, "abs_thr": self.abs_thr,
+                "med_mul": self.med_mul, "gamma": self.gamma, "temp": self.temp, "rescale": self.rescale,
+                "enhance_interval": self.enhance_interval}
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """The window `start .. end - 1` (default `0 .. L - 3`): the gate sits at every window layer."""
+        if num_layers != self.num_layers:
+            raise ValueError(f"OutRoGate was built for {self.num_layers} layers, not {num_layers}.")
+        return list(range(self.start, self.end))
+
+    def is_enhancement_layer(self, layer: int) -> bool:
+        """Window layers with `layer % enhance_interval == 0` (SPEC section 5 "OutRo")."""
+        return self.start <= layer < self.end and layer % self.enhance_interval == 0
+
+    def _previous(self, ctx: ForwardContext, layer: int) -> OutRoState | None:
+        """This gate's state at `layer - 1` in this forward, if it was attached there."""
+        return next((s for (l, _), s in ctx.gate_state.items()
+                     if l == layer - 1 and isinstance(s, OutRoState) and s.owner is self), None)
 
     def prepare(self, view: LayerView, hidden: torch.Tensor) -> OutRoState:
-        if view.layer != self.relax_layer and view.layer not in self.rotate_layers:
-            raise ValueError(f"OutRoGate attached at layer {view.layer}, which is neither its relax_layer "
-                             f"({self.relax_layer}) nor one of its rotate_layers {self.rotate_layers}.")
-        return OutRoState(llm_sinks(view, hidden, self.tau, self.normalisation),
-                          relax=self.relax and view.layer == self.relax_layer,
-                          rotate=self.rotate and view.layer in self.rotate_layers)
+        """Sinks of this layer `(B, T)` from `hidden` `(B, T, D)`, and the running sets."""
+        layer = view.layer
+        if not self.start <= layer < self.end:
+            raise ValueError(f"OutRoGate attached at layer {layer}, outside its window start={self.start} <= l < "
+                             f"end={self.end}; attach it at its default_layers or change start/end.")
+        prompt = fit_columns(view.segments.prompt, hidden.shape[1]).to(hidden.device)
+        sinks = massive_activation_sinks(hidden, prompt, self.abs_thr, self.med_mul)
+        if layer == self.start:
+            seen, enhanced = sinks, torch.zeros_like(sinks)
+        else:
+            previous = self._previous(view.ctx, layer)
+            if previous is None:
+                raise ValueError(f"OutRoGate at layer {layer} needs its state from layer {layer - 1} (sinks of "
+                                 f"earlier window layers, positions already enhanced): attach it at every layer "
+                                 f"of its window {self.start}..{self.end - 1}, or set start={layer}.")
+            seen, enhanced = previous.seen | sinks, previous.enhanced
+        enhance = sinks & ~enhanced if self.apply_once else sinks
+        if not (self.relax and self.is_enhancement_layer(layer)):
+            enhance = torch.zeros_like(sinks)
+        return OutRoState(self, sinks, seen, enhance, enhanced | enhance)
 
     def edit_mask(self, view: LayerView, state: OutRoState, mask: torch.Tensor) -> torch.Tensor:
-        if not (state.relax and view.is_prefill):
+        """Enhanced rows attend to exactly the prompt keys; `mask`: `(B, 1, T_q, T_kv)` bool."""
+        if not view.is_prefill or not state.enhance.any():
             return mask
-        n_kv = mask.shape[-1]
-        rows = fit_columns(state.sinks, view.q_start + view.n_queries)[:, view.query_slice]  # (B, T_q)
-        keys = fit_columns(view.segments.prompt, n_kv)  # (B, T_kv)
-        return mask | (rows[:, None, :, None] & keys[:, None, None, :])
+        rows = fit_columns(state.enhance, view.q_start + view.n_queries)[:, view.query_slice]  # (B, T_q)
+        keys = fit_columns(view.segments.prompt, mask.shape[-1])  # (B, T_kv)
+        return torch.where(rows[:, None, :, None], keys[:, None, None, :], mask)
 
     def edit_head_outputs(self, view: LayerView, state: OutRoState, outputs: torch.Tensor,
                           value: torch.Tensor) -> torch.Tensor:
-        if not state.rotate:
+        """Rotate `(B, T_q, H, d)` outputs toward `v̄` from `value` `(B, H_kv, T_kv, d)`."""
+        if not self.rotate:
             return outputs
-        n_kv = value.shape[2]
-        sinks = fit_columns(state.sinks, n_kv)  # (B, T_kv)
-        weights = sinks.to(value.dtype) / sinks.sum(1, keepdim=True).clamp_min(1).to(value.dtype)
-        u = torch.einsum("bt,bhtd->bhd", weights, value)  # (B, H_kv, d); zero without sinks
-        u = repeat_kv(u[:, :, None], outputs.shape[2] // value.shape[1])[:, :, 0]  # (B, H, d)
-        seg = view.segments
-        real = (seg.sys | seg.vis | seg.user | seg.out)[:, view.query_slice]
-        rows = real & ~fit_columns(state.sinks, view.q_start + view.n_queries)[:, view.query_slice]  # (B, T_q)
-        turned = rotate_toward(outputs, u[:, None], self.lam)
+        n_prefill = state.sinks.shape[1]
+        weights = state.sinks.float() / state.sinks.sum(1, keepdim=True).clamp_min(1)  # (B, T_prefill)
+        vbar = torch.einsum("bt,bgtd->bgd", weights, value[:, :, :n_prefill].float())  # (B, H_kv, d)
+        vbar = repeat_kv(vbar[:, :, None], outputs.shape[2] // value.shape[1])[:, :, 0]  # (B, H, d)
+        seg, n_seen = view.segments, view.q_start + view.n_queries
+        real = (seg.prompt | seg.out)[:, view.query_slice]
+        rows = real & ~fit_columns(state.seen, n_seen)[:, view.query_slice] & state.sinks.any(1, keepdim=True)
+        turned = rotate_toward_sink(outputs, vbar[:, None], self.gamma, self.temp, self.rescale)
         return torch.where(rows[:, :, None, None], turned, outputs)
