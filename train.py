@@ -3,7 +3,8 @@
     python train.py layer=10                        # embedded default, < 10 min on 2 CPU cores
     python train.py model=llava-1.5-7b data=llava-json data.train_json=... trainer=ddp
 
-Re-running the same command resumes an interrupted run from its last checkpoint.
+Re-running the same command resumes an interrupted run (killed at any point) from its last
+checkpoint, with the same data order.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import lsg
 from lsg.datamodule import VQADataModule, load_records
 from lsg.evaluation import evaluate, print_comparison
 from lsg.loggers import build_logger
-from lsg.training import (GateTrainingModule, SafetensorsCheckpointIO, SafetensorsModelCheckpoint,
-                          SaveOnException, EpochGateExport, check_resumable)
+from lsg.training import (EpochGateExport, GateTrainingModule, SafetensorsCheckpointIO, SafetensorsModelCheckpoint,
+                          accumulation_steps, check_resumable)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -35,34 +36,36 @@ def main(cfg: DictConfig) -> dict:
     module = GateTrainingModule(backbone, gate, layer, cfg.lr)
 
     run_dir = Path(cfg.run_dir)
-    identity = {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, "layer": layer, "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(),
-                "data": data_cfg}
+    identity = {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, "layer": layer,
+                "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(), "data": data_cfg}
     module.identity = identity
+    module.batch_log = Path(cfg.batch_log) if cfg.batch_log else None
     resume = check_resumable(run_dir / "last.safetensors", identity)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    devices = trainer_cfg.get("devices", 1)
-    world = devices if isinstance(devices, int) and devices > 0 else 1
-    accumulate = max(1, cfg.effective_batch_size // (cfg.batch_size * world))
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), f"{backbone.name}-lsg-L{layer}",
                           OmegaConf.to_container(cfg, resolve=True))
     trainer = L.Trainer(
         **trainer_cfg,
-        accumulate_grad_batches=accumulate,
         logger=logger,
         plugins=[SafetensorsCheckpointIO()],
         callbacks=[
             SafetensorsModelCheckpoint(dirpath=run_dir, filename="step{step}", save_last=True, save_top_k=0,
                                        every_n_train_steps=cfg.checkpoint_every_n_steps),
-            SaveOnException(run_dir),
             EpochGateExport(run_dir, identity),
         ],
         default_root_dir=run_dir,
     )
+    # The effective batch is the paper's for any device count (devices=-1 included).
+    trainer.accumulate_grad_batches = accumulation_steps(cfg.effective_batch_size, cfg.batch_size, trainer.world_size)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     if trainer_cfg.get("fast_dev_run"):
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        print(f"fast_dev_run metrics: {metrics}")
+        return metrics
+    if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and writes the export
         return {}
 
-    export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors")
+    export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors").to(backbone.device)
     val = load_records(data_cfg, "val")
     baseline = evaluate(backbone, val, None, cfg.eval_batch_size, progress="baseline (val)")
     gated = evaluate(backbone, val, {layer: export}, cfg.eval_batch_size, progress=f"gated L{layer} (val)")

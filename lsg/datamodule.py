@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lsg.backbones import Backbone
 from lsg.data import VQARecord, generate_split, load_llava_json
@@ -68,6 +67,52 @@ class Collator:
         return batch
 
 
+class EpochSampler(DistributedSampler):
+    """This rank's share of a seeded permutation that depends only on `(seed, epoch)`.
+
+    Lightning calls `set_epoch` before every epoch, so epoch e sees the same order in an
+    uninterrupted run, in a resumed one and under any number of processes: with R ranks,
+    rank r reads positions r, r + R, ... of the permutation (`torch.utils.data.DistributedSampler`,
+    which pads the last round by repeating samples when R does not divide the dataset).
+    `skip` drops this many samples from the start of the next pass only (mid-epoch resume).
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints and restores mid-epoch (its `state_dict` /
+    `load_state_dict` protocol for stateful loaders).
+
+    The state is the epoch and the number of batches of it already trained, read from the
+    trainer's own progress when the checkpoint is written (the loader itself runs one batch
+    ahead: Lightning prefetches). Restoring it sets the sampler's epoch and skips those batches,
+    so a resumed run sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, *args, progress=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress  # () -> (epoch, batches of it trained); set by the datamodule
+
+    def state_dict(self) -> dict:
+        epoch, done = self.progress() if self.progress is not None else (0, 0)
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        done, epoch = state["batches_done"], state["epoch"]
+        if done >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = done * self.batch_size
+
+
 class VQADataModule(L.LightningDataModule):
     """Train / val / test loaders for gate training (answers as labels on train and val)."""
 
@@ -84,13 +129,25 @@ class VQADataModule(L.LightningDataModule):
                 self.records[split] = load_records(self.data_cfg, split)
 
     def _loader(self, split: str, shuffle: bool, with_answers: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(VQADataset(self.records[split]), batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=Collator(self.backbone, with_answers),
-                          generator=generator, persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0)
+
+    def _training_progress(self) -> tuple[int, int]:
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, with_answers=True)
+        """Shuffled by `EpochSampler` (order depends only on seed and epoch, split across ranks),
+        resumable mid-epoch (`ResumableDataLoader`)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = VQADataset(self.records["train"])
+        return ResumableDataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            sampler=EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.seed),
+            collate_fn=Collator(self.backbone, True), persistent_workers=self.num_workers > 0,
+            progress=self._training_progress if trainer is not None else None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False, with_answers=True)

@@ -3,7 +3,9 @@
 SPEC section 3: Adam, constant learning rate, next-token loss on answer tokens only,
 only gate parameters optimised. Lightning's own checkpoints are written as
 safetensors (tensors) plus a JSON header (everything else) by `SafetensorsCheckpointIO`,
-never as pickles, so an interrupted run resumes from `last.safetensors`.
+never as pickles, atomically after every optimizer step, so a run killed at any point
+(SIGKILL included) resumes from `last.safetensors` with the same data order
+(`lsg.datamodule.ResumableDataLoader`) and ends with the same gate.
 """
 
 from __future__ import annotations
@@ -29,6 +31,24 @@ TENSOR_TAG = "__tensor__"
 
 
 # ----------------------------------------------------------------- checkpoint format
+def accumulation_steps(effective_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Gradient-accumulation steps that make `batch_size` x steps x `world_size` equal
+    `effective_batch_size` (SPEC section 3: 128), for any number of devices.
+
+    Raises:
+        ValueError: the effective batch is not a multiple of `batch_size * world_size`; the
+            message names the settings that would divide.
+    """
+    per_step = batch_size * world_size
+    if effective_batch_size % per_step:
+        fits = [b for b in range(1, effective_batch_size + 1) if effective_batch_size % (b * world_size) == 0]
+        raise ValueError(
+            f"effective_batch_size={effective_batch_size} is not a multiple of batch_size={batch_size} x "
+            f"{world_size} device(s) = {per_step}. Set batch_size to one of {fits} (per device), or change "
+            f"effective_batch_size or the number of devices.")
+    return effective_batch_size // per_step
+
+
 def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """JSON-able copy of `obj` with every tensor moved into `tensors` under its path."""
     if isinstance(obj, torch.Tensor):
@@ -85,17 +105,6 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
     FILE_EXTENSION = ".safetensors"
 
 
-class SaveOnException(Callback):
-    """Write `last.safetensors` when training dies (Ctrl-C included), so re-running resumes."""
-
-    def __init__(self, dirpath: Path):
-        self.path = Path(dirpath) / "last.safetensors"
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
-
-
 # ----------------------------------------------------------------- the module
 class GateTrainingModule(L.LightningModule):
     """Trains `gate` at decoder `layer` of a frozen `backbone`.
@@ -117,9 +126,10 @@ class GateTrainingModule(L.LightningModule):
         self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
         self.gate.float()
-        self._val = defaultdict(lambda: [0, 0])
+        self._val: dict[str, tuple[str, bool]] = {}  # record id -> (sub-task, correct)
 
     identity: dict = {}
+    batch_log: Path | None = None  # JSONL of every training batch's record ids (data-order checks)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lsg_identity"] = self.identity
@@ -138,8 +148,23 @@ class GateTrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Training loss is {loss.item()} at optimizer step {self.global_step} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}); stopping before it reaches the gate. The last finite state is "
+                f"the run's last.safetensors; lower lr, or check the data of this batch.")
+        if self.batch_log is not None:
+            with open(self.batch_log, "a") as f:
+                f.write(json.dumps({"epoch": self.current_epoch, "batch": batch_idx, "rank": self.global_rank,
+                                    "ids": [r.id for r in batch["records"]]}) + "\n")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["records"]))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        bad = [n for n, p in self.gate.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise FloatingPointError(f"Non-finite gradient of {bad} at optimizer step {self.global_step}; "
+                                     f"stopping before it reaches the gate (lower lr).")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         inputs = {k: v for k, v in batch.items() if k != "records"}
@@ -151,17 +176,24 @@ class GateTrainingModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
         for row, r in zip(scores, records):
             if r.options and r.answer_letter:
-                hit = LETTERS[int(row[: len(r.options)].argmax())] == r.answer_letter
-                self._val[r.subtask][0] += int(hit)
-                self._val[r.subtask][1] += 1
+                self._val[r.id] = (r.subtask, LETTERS[int(row[: len(r.options)].argmax())] == r.answer_letter)
 
     def on_validation_epoch_end(self) -> None:
-        hits = sum(c for c, _ in self._val.values())
-        total = sum(n for _, n in self._val.values())
-        for task, (c, n) in self._val.items():
-            self.log(f"val/acc_{task}", c / n)
-        if total:
-            self.log("val/acc", hits / total, prog_bar=True)
+        """Accuracy over the whole validation split: under DDP every rank's answers are
+        gathered, and records the distributed sampler repeated to even out ranks count once."""
+        answers = dict(self._val)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, answers)
+            answers = {k: v for shard in shards for k, v in shard.items()}
+        per_task = defaultdict(list)
+        for task, hit in answers.values():
+            per_task[task].append(hit)
+        for task, hits in per_task.items():
+            self.log(f"val/acc_{task}", sum(hits) / len(hits), sync_dist=True)
+        if answers:
+            self.log("val/acc", sum(h for _, h in answers.values()) / len(answers), prog_bar=True, sync_dist=True)
+            self.log("val/n", float(len(answers)), sync_dist=True)
         self._val.clear()
 
     def configure_optimizers(self):

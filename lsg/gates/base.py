@@ -133,7 +133,13 @@ class Gate(nn.Module):
 
         Metadata always holds the gate name, its config and the git commit; callers add
         backbone, layer, sinks, data, steps and metrics.
+
+        Raises:
+            ValueError: a tensor holds NaN or inf (a diverged gate is never written).
         """
+        bad = [k for k, v in self.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"Refusing to save gate {self.name!r} to {path}: {bad} hold NaN or inf values.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"gate": self.name, "config": self.config(), "git_commit": git_commit(), **metadata}
