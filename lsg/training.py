@@ -173,7 +173,7 @@ class GateTrainingModule(L.LightningModule):
             hidden = decoder_hidden(self.backbone, inputs)
         loss = answer_loss(self.backbone, inputs, hidden)
         scores = option_scores(self.backbone, inputs, max(max(len(r.options) for r in records), 1), hidden)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(records), sync_dist=True)
         for row, r in zip(scores, records):
             if r.options and r.answer_letter:
                 self._val[r.id] = (r.subtask, LETTERS[int(row[: len(r.options)].argmax())] == r.answer_letter)
@@ -202,7 +202,8 @@ class GateTrainingModule(L.LightningModule):
 
 class EpochGateExport(Callback):
     """After every training epoch, save the gate alone as `run_dir/gate-epoch{e}.safetensors`
-    with its metadata (backbone, layer, gate config, sinks, data, steps)."""
+    with its metadata (backbone, layer, gate config, sinks, data, steps, and the epoch's
+    validation metrics `val`, gathered over every rank). Rank 0 alone writes."""
 
     def __init__(self, run_dir: Path, identity: dict):
         self.run_dir, self.identity = Path(run_dir), identity
@@ -210,8 +211,9 @@ class EpochGateExport(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
             epoch = trainer.current_epoch + 1
+            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             pl_module.gate.save(self.run_dir / f"gate-epoch{epoch}.safetensors", **self.identity,
-                                epoch=epoch, steps=trainer.global_step)
+                                epoch=epoch, steps=trainer.global_step, val=val)
 
 
 def check_resumable(path: Path, identity: dict) -> str | None:
