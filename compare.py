@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import lsg
 from lsg.comparison import compare, plot_deltas, write_table
 from lsg.datamodule import load_records
-from lsg.loggers import wandb_mode
+from lsg.loggers import start_run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="compare")
@@ -33,16 +33,14 @@ def main(cfg: DictConfig) -> list[dict]:
     png_path = plot_deltas(rows, tasks, out_dir / "comparison.png")
     print(md_path.read_text())
     print(f"Wrote {csv_path}, {md_path}, {png_path}")
-    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    if logger_cfg.get("name") == "wandb":
+    run = start_run(OmegaConf.to_container(cfg.logger, resolve=True), f"compare-{backbone.name}-{cfg.split}",
+                    OmegaConf.to_container(cfg, resolve=True))
+    if run is not None:
         import wandb
 
-        Path(logger_cfg["save_dir"]).mkdir(parents=True, exist_ok=True)
-        with wandb.init(project=logger_cfg["project"], name=f"compare-{backbone.name}-{cfg.split}",
-                        mode=wandb_mode(logger_cfg.get("mode", "auto")), dir=logger_cfg["save_dir"],
-                        config=OmegaConf.to_container(cfg, resolve=True)) as run:
+        with run:
             run.log({"comparison": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
-                     "comparison_chart": wandb.Image(str(png_path))})
+                     **({"comparison_chart": wandb.Image(str(png_path))} if png_path else {})})
     return rows
 
 
