@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     overrides = {k: v for k, v in model_cfg.items() if k != "name"}
     overrides["attn_implementation"] = "eager"  # attention weights for the share statistic
+    overrides["device"] = cfg.device
     backbone = lsg.load_backbone(model_cfg["name"], **overrides)
     records = load_records(OmegaConf.to_container(cfg.data, resolve=True), cfg.split)[: cfg.n_samples]
     batches = [backbone.build_batch(*images_and_questions(records[i : i + cfg.batch_size]))

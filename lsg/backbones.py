@@ -12,7 +12,11 @@ All three go through `LlavaForConditionalGeneration`, so every other code path i
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -81,6 +85,10 @@ class Backbone:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's tensors moved to the backbone's device (other entries unchanged)."""
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def check_layer(self, layer: int) -> int:
         """Return `layer` if it is a valid 0-based decoder layer, else raise ValueError."""
@@ -160,7 +168,7 @@ class Backbone:
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int = 16, **kwargs) -> list[str]:
         """Greedy generation through the KV cache; returns the decoded new text per sample."""
-        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        batch = self.on_device({k: v for k, v in batch.items() if k != "labels"})
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
         new = out[:, batch["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -169,18 +177,70 @@ class Backbone:
 # --------------------------------------------------------------------------- builders
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a weight file. The hub cache stores files as blobs named by their sha256
+    (snapshots link to them), so those cost nothing; other files are hashed once and
+    remembered in `<cache>/fingerprints.json` by path, size and modification time."""
+    blob = path.resolve()
+    if path.is_symlink() and blob.parent.name == "blobs" and HEX64.fullmatch(blob.name):
+        return blob.name
+    memo_path = embedded.cache_dir() / "fingerprints.json"
+    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    stat = blob.stat()
+    key = f"{blob}:{stat.st_size}:{stat.st_mtime_ns}"
+    if key not in memo:
+        memo[key] = embedded.sha256_of(blob)
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(memo, indent=1))
+        tmp.replace(memo_path)
+    return memo[key]
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """Short sha256 naming the weights in a `save_pretrained` / hub snapshot folder: over every
+    weight file's name and content hash (`_file_sha256`). A local copy of a hub model gets the
+    fingerprint of the hub model; a fine-tune with the same name does not.
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+    """
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"No weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}.")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}:{_file_sha256(f)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def local_weights_dir(hf_id: str) -> Path:
+    """The folder `from_pretrained(hf_id)` read: `hf_id` itself if it is a folder, else its
+    snapshot in the hub cache (after loading, so nothing is downloaded here)."""
+    if Path(hf_id).is_dir():
+        return Path(hf_id)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(hf_id, local_files_only=True))
+
+
 def _build_llava_hub(hf_id: str, dtype: str = "bfloat16", attn_implementation: str = "sdpa", **_) -> tuple:
     processor = LlavaProcessor.from_pretrained(hf_id)
     model = LlavaForConditionalGeneration.from_pretrained(
         hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
     )
-    return model, processor
+    return model, processor, weights_fingerprint(local_weights_dir(hf_id))
 
 
 def _build_smol_llava(dtype: str = "float32", attn_implementation: str = "sdpa", **_) -> tuple:
     model, processor = embedded.load_embedded(dtype=getattr(torch, dtype))
     model.set_attn_implementation(attn_implementation)
-    return model, processor
+    return model, processor, embedded.fingerprint()
 
 
 TINY_VOCAB = (
@@ -239,9 +299,10 @@ def _build_tiny_random(
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
+    return model, processor, embedded.weights_digest(model.state_dict())
 
 
+# name -> builder(**config) -> (model, processor, fingerprint of the weights)
 BUILDERS: dict[str, Callable[..., tuple]] = {
     "llava-1.5-7b": lambda **kw: _build_llava_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
     "smol-llava": _build_smol_llava,
@@ -266,15 +327,34 @@ def backbone_config(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    """"auto" -> the first CUDA GPU if there is one, else the CPU; otherwise `torch.device(spec)`.
+
+    Raises:
+        ValueError: an unknown device, or a CUDA device on a machine without one.
+    """
+    spec = "auto" if spec is None else str(spec)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise ValueError(f"device={spec!r} is not a device: use auto, cpu, cuda or cuda:N ({error}).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={spec!r} but torch sees no CUDA GPU here: use device=auto or device=cpu.")
+    return device
+
+
 def load_backbone(name: str, **overrides) -> Backbone:
     """Load a registered backbone by name, in eval mode with every parameter frozen.
 
     Defaults come from `conf/model/<name>.yaml` (the same file Hydra's `model=` uses);
     keyword arguments override them (e.g. `attn_implementation="eager"`,
-    `padding_side="left"`, `sinks={...}`).
+    `padding_side="left"`, `sinks={...}`, `device="auto"`). `Backbone.fingerprint` is derived
+    from the weights themselves (`weights_fingerprint`), never from the name or hub id.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones) or bad padding side.
+        ValueError: unknown name (the message lists the known ones), bad padding side or device.
     """
     cfg = {**backbone_config(name), **overrides}
     cfg.pop("name", None)
@@ -285,8 +365,8 @@ def load_backbone(name: str, **overrides) -> Backbone:
     padding_side = cfg.pop("padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    model, processor = BUILDERS[name](**cfg)
-    model.eval().requires_grad_(False)
-    fingerprint = embedded.fingerprint() if name == "smol-llava" else f"{name}:{cfg.get('hf_id', '')}"
+    device = resolve_device(cfg.pop("device", "cpu"))
+    model, processor, fingerprint = BUILDERS[name](**cfg)
+    model.eval().requires_grad_(False).to(device)
     return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt,
                     padding_side=padding_side, sinks=sinks, fingerprint=fingerprint)

@@ -87,6 +87,7 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
     dims = cfg.llm_dims
     collected = []
     for batch in batches:
+        batch = backbone.on_device(batch)
         out = model(**batch, output_hidden_states=True, output_attentions=True)
         seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], backbone.image_token_id)
         real = batch["attention_mask"].bool()
@@ -96,7 +97,7 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
         feats = vit.hidden_states[model.config.vision_feature_layer][:, 1:].float()
         norms = feats.norm(dim=-1)
         vit_ratio = max(vit_ratio, float((norms.amax(1) / norms.median(1).values).max()))
-        vit_dims.update(massive_dims(feats, torch.ones(feats.shape[:2], dtype=torch.bool), min_abs, ratio).keys())
+        vit_dims.update(massive_dims(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device), min_abs, ratio).keys())
         collected.append((out, seg, real))
     dim_layers = Counter(d for found in dims_by_layer for d in found)  # dim -> layers where flagged
     if not dims:
@@ -104,7 +105,7 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
     tau = tau if tau is not None else (cfg.tau_at(0) if cfg.tau_llm is not None else None)
     for out, seg, real in collected:
         upto = torch.zeros_like(seg.vis)
-        rows = torch.arange(seg.vis.shape[0])
+        rows = torch.arange(seg.vis.shape[0], device=seg.vis.device)
         for layer in range(num_layers):
             x = out.hidden_states[layer]
             if dims:

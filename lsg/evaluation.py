@@ -83,7 +83,7 @@ def evaluate(
         for i in track(batches, description=progress, transient=True) if progress else batches:
             chunk = records[i : i + batch_size]
             batch = backbone.build_batch(*images_and_questions(chunk))
-            batch = {k: v.to(backbone.device) for k, v in batch.items()}
+            batch = backbone.on_device(batch)
             scores = option_scores(backbone, batch, max(len(r.options) for r in chunk))
             for row, r in zip(scores, chunk):
                 pred = LETTERS[int(row[: len(r.options)].argmax())]

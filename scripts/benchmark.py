@@ -1,60 +1,57 @@
 """Prefill and decode overhead of every gate vs the unmodified SDPA forward, in one process.
 
     python scripts/benchmark.py                       # embedded backbone, all gates
-    python scripts/benchmark.py --model tiny-random --batch 4
+    python scripts/benchmark.py model=tiny-random batch=4
+    python scripts/benchmark.py model=llava-1.5-7b model.hf_id=/path/to/checkpoint 'specs=[none,var]'
 
+Takes the same `model=` config group as train.py and compare.py (conf/benchmark.yaml).
 Prints a markdown table: ms per prefill forward and per decode step (KV cache), and
-their ratios to the unmodified backbone. Timings are medians over `--repeats` runs.
+their ratios to the unmodified backbone. Timings are medians over `repeats` runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import hydra
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsg  # noqa: E402
-from lsg.backbones import backbone_config  # noqa: E402
 from lsg.comparison import parse_stack  # noqa: E402
 from lsg.data import generate_scene_sample  # noqa: E402
 
-DEFAULT_SPECS = ["none", "oracle@{mid}:0.3", "lsg-fresh@{mid}", "var", "vaf", "spear", "outro",
-                 "knockout@{mid}", "zero-v@{mid}", "mean-v@{mid}"]
 
-
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of `fn()` over `repeats` runs (CUDA work waited for)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smol-llava")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--specs", nargs="*", default=DEFAULT_SPECS)
-    args = p.parse_args()
-    cfg = backbone_config(args.model)
-    bb = lsg.load_backbone(args.model)
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+def main(args: DictConfig) -> None:
+    cfg = OmegaConf.to_container(args.model, resolve=True)
+    bb = lsg.load_backbone(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"}, device=args.device)
     mid = bb.num_layers // 3
     samples = [generate_scene_sample("test", i) for i in range(args.batch)]
     prompts = [s[1]["conversations"][0]["value"].replace("<image>\n", "", 1) for s in samples]
-    batch = bb.build_batch([s[0] for s in samples], prompts, padding_side="left")
+    batch = bb.on_device(bb.build_batch([s[0] for s in samples], prompts, padding_side="left"))
     with torch.no_grad():  # process-wide warm-up (allocator, kernels, generation path) so the first row is not cold
         bb.model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     rows = []
-    for spec in args.specs:
+    for spec in list(args.specs):
         spec = spec.format(mid=mid)
         if spec.startswith("lsg-fresh"):  # an untrained LSG gate: same cost as a trained one
             stack = parse_stack(f"oracle{spec[len('lsg-fresh'):]}:1.0", bb, cfg)
@@ -64,15 +61,15 @@ def main():
             stack = parse_stack(spec, bb, cfg)
         with torch.no_grad(), lsg.attach(bb, stack.layers) if stack.layers else torch.no_grad():
             bb.model(**batch)  # warm-up
-            prefill = median_time(lambda: bb.model(**batch), args.repeats)
+            prefill = median_time(lambda: bb.model(**batch), args.repeats, bb.device)
             total = median_time(lambda: bb.model.generate(**batch, max_new_tokens=args.new_tokens,
                                                           min_new_tokens=args.new_tokens, do_sample=False),
-                                args.repeats)
+                                args.repeats, bb.device)
         decode = (total - prefill) / (args.new_tokens - 1)
         rows.append((spec, prefill, decode))
         print(f"{spec}: prefill {1000 * prefill:.1f} ms, decode {1000 * decode:.2f} ms/token", flush=True)
     base_prefill, base_decode = rows[0][1], rows[0][2]
-    print(f"\n{args.model}, batch {args.batch}, {batch['input_ids'].shape[1]} prompt tokens, "
+    print(f"\n{bb.name} ({bb.fingerprint}, {bb.device}), batch {args.batch}, {batch['input_ids'].shape[1]} prompt tokens, "
           f"{args.new_tokens} new tokens, median of {args.repeats}, torch threads {torch.get_num_threads()}\n")
     print("| gate | prefill ms | prefill x | decode ms/token | decode x |\n|---|---|---|---|---|")
     for spec, prefill, decode in rows:

@@ -43,7 +43,7 @@ def test_embedded_fingerprint_is_the_one_the_committed_gate_was_trained_on():
 
 @pytest.fixture(scope="module")
 def smol():
-    return lsg.load_backbone("smol-llava", dtype="bfloat16")
+    return lsg.load_backbone("smol-llava")
 
 
 @pytest.fixture(scope="module")
