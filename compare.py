@@ -29,11 +29,11 @@ def main(cfg: DictConfig) -> list[dict]:
     records = load_records(data_cfg, cfg.split)
     out_dir = Path(cfg.out_dir)
     rows, tasks = compare(backbone, model_cfg, list(cfg.gates), records, data_cfg, cfg.split, out_dir,
-                          cfg.batch_size, cfg.timing_batches, cfg.timing_repeats)
+                          cfg.batch_size, cfg.timing_batches, cfg.timing_repeats, cfg.allow_layer_move)
     csv_path, md_path = write_table(rows, tasks, out_dir)
     png_path = plot_deltas(rows, tasks, out_dir / "comparison.png")
     print(md_path.read_text())
-    print(f"Wrote {csv_path}, {md_path}, {png_path}")
+    print(f"Wrote {csv_path}, {md_path}" + (f", {png_path}" if png_path else " (no gate to chart)"))
     run = start_run(OmegaConf.to_container(cfg.logger, resolve=True), f"compare-{backbone.name}-{cfg.split}",
                     OmegaConf.to_container(cfg, resolve=True))
     if run is not None:

@@ -74,11 +74,15 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict) -> GateStack:
+def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_move: bool = False) -> GateStack:
     """Build the gates of one spec (see the module docstring).
 
+    A trained gate runs at the layer it was trained at; `lsg@N:ckpt` at another layer is
+    refused unless `allow_layer_move` (compare.py `allow_layer_move=true`).
+
     Raises:
-        ValueError: unknown gate, bad layers, a checkpoint for another backbone or sink setup.
+        ValueError: unknown gate, bad layers, a checkpoint for another backbone or sink setup,
+            a trained gate moved to another layer without `allow_layer_move`.
         FileNotFoundError: a checkpoint path that does not exist.
     """
     layers: dict[int, list[Gate]] = {}
@@ -94,7 +98,12 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict) -> GateStack:
                                  f"{backbone.name}/lsg-L10.safetensors")
             gate = Gate.load(arg, backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
                              sinks=backbone.sinks.to_dict())
-            chosen = parse_layers(layer_text, backbone.num_layers) if layer_text else [gate.metadata["layer"]]
+            trained_at = gate.metadata["layer"]
+            chosen = parse_layers(layer_text, backbone.num_layers) if layer_text else [trained_at]
+            if chosen != [trained_at] and not allow_layer_move:
+                raise ValueError(f"{element!r}: this gate was trained at layer {trained_at}; running it at {chosen} "
+                                 f"moves it to layers it never saw. Drop '@{layer_text}', or pass "
+                                 f"allow_layer_move=true to compare.py to do it on purpose.")
             ident = {"gate": "lsg", "checkpoint": _file_digest(Path(arg)), "layers": chosen}
         elif name == "oracle":
             if not layer_text or not arg:
@@ -124,9 +133,15 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict) -> GateStack:
     return GateStack(spec, layers, {"spec": parts})
 
 
-def cache_key(stack: GateStack, backbone: Backbone, data_cfg: dict, split: str, n: int) -> str:
-    blob = json.dumps({"stack": stack.identity, "backbone": backbone.name, "dtype": str(backbone.model.dtype),
-                       "sinks": backbone.sinks.to_dict(), "data": data_cfg, "split": split, "n": n}, sort_keys=True)
+def cache_key(stack: GateStack, backbone: Backbone, records: Sequence[VQARecord], data_cfg: dict, split: str) -> str:
+    """Key of one stack's cached answers: the stack (gate configs, checkpoint digests, layers),
+    the backbone's weights (`Backbone.fingerprint`, never just its name), dtype and sinks, the
+    data config, the split and the questions themselves (ids and answers), so a cache never
+    serves another model's, another gate's or another split's answers."""
+    questions = hashlib.sha256(json.dumps([(r.id, r.question, r.answer) for r in records]).encode()).hexdigest()
+    blob = json.dumps({"stack": stack.identity, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
+                       "dtype": str(backbone.model.dtype), "sinks": backbone.sinks.to_dict(), "data": data_cfg,
+                       "split": split, "questions": questions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -176,8 +191,11 @@ def write_table(rows: list[dict], tasks: list[str], out_dir: Path) -> tuple[Path
     return csv_path, md_path
 
 
-def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path:
-    """Heatmap of accuracy delta (points) vs baseline: gates x sub-tasks."""
+def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path | None:
+    """Heatmap of accuracy delta (points) vs baseline: gates x sub-tasks. None (and no file)
+    when there is no gated row, e.g. `gates=[none]`."""
+    if not any(r["method"] != "baseline" for r in rows):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,7 +223,7 @@ def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path:
 
 def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], records: Sequence[VQARecord],
             data_cfg: dict, split: str, out_dir: Path, batch_size: int = 32, timing_batches: int = 4,
-            timing_repeats: int = 2) -> tuple[list[dict], list[str]]:
+            timing_repeats: int = 2, allow_layer_move: bool = False) -> tuple[list[dict], list[str]]:
     """Evaluate every spec on the same records; returns table rows and sub-task names.
 
     Baseline answers are computed once (and cached); each stack's results are cached per
@@ -215,13 +233,13 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
     from lsg.evaluation import mc_records
 
     records = mc_records(records)
-    stacks = [parse_stack(s, backbone, backbone_cfg) for s in specs]
+    stacks = [parse_stack(s, backbone, backbone_cfg, allow_layer_move) for s in specs]
     if not any(s.spec == "none" for s in stacks):
         stacks.insert(0, GateStack("none", {}, {"spec": "none"}))
     stacks.sort(key=lambda s: s.spec != "none")  # the baseline row first
     results = {}
     for stack in stacks:
-        key = cache_key(stack, backbone, data_cfg, split, len(records))
+        key = cache_key(stack, backbone, records, data_cfg, split)
         results[stack.spec], hit = cached_evaluate(stack, backbone, records, out_dir / "cache", key, batch_size)
         print(f"{stack.spec}: overall {100 * results[stack.spec].overall:.1f}%"
               f" ({'cached' if hit else f'{results[stack.spec].elapsed_s:.1f} s'})", flush=True)

@@ -46,3 +46,19 @@ def batch(tiny):
     # Vary the prompt lengths so padding really happens.
     questions = [q + " ?" * i for i, q in enumerate(questions)]
     return tiny.build_batch(images, questions, answers, padding_side="right")
+
+
+def save_tiny_hub_checkpoint(folder, seed: int = 0):
+    """The tiny random LLaVA written in the hub's exact format (`save_pretrained` of the model
+    and its processor), loadable as `load_backbone("llava-1.5-7b", hf_id=folder)`."""
+    from lsg.backbones import _build_tiny_random
+
+    model, processor, _ = _build_tiny_random(seed=seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_dir(tmp_path_factory):
+    return save_tiny_hub_checkpoint(tmp_path_factory.mktemp("tiny-hub"))

@@ -73,3 +73,85 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
     csv_path, md_path = write_table(rows, tasks, tmp_path / "out")
     assert md_path.read_text().count("\n") == len(rows) + 2
     assert plot_deltas(rows, tasks, tmp_path / "out" / "c.png").stat().st_size > 1000
+
+
+def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tmp_path, tiny, monkeypatch):
+    """Two checkpoints with one name (another seed = a fine-tune, a 13B...) get separate cache
+    entries: the second's baseline is evaluated, and equals a direct evaluation."""
+    import lsg
+    import lsg.comparison as comparison
+    from lsg.evaluation import evaluate
+
+    cfg = backbone_config("tiny-random")
+    other = lsg.load_backbone("tiny-random", seed=1)
+    assert other.name == tiny.name and other.fingerprint != tiny.fingerprint
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
+    records = load_records(data, "val")
+    compare(tiny, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
+            timing_repeats=1)
+    calls = []
+    monkeypatch.setattr(comparison, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    rows, _ = compare(other, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
+                      timing_batches=1, timing_repeats=1)
+    assert calls == [1], "the other checkpoint's baseline must be evaluated, not read from the cache"
+    assert rows[0]["overall"] == pytest.approx(100 * evaluate(other, records, batch_size=7).overall)
+    assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 2
+    # Another split of the same size is another key too.
+    stack = parse_stack("none", tiny, cfg)
+    assert comparison.cache_key(stack, tiny, records, data, "val") != comparison.cache_key(
+        stack, tiny, records[::-1], data, "val")
+
+
+def test_compare_with_only_the_baseline_writes_the_table_without_a_chart(tmp_path, tiny):
+    cfg = backbone_config("tiny-random")
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 7, "n_test": 0}
+    rows, tasks = compare(tiny, cfg, ["none"], load_records(data, "val"), data, "val", tmp_path / "out",
+                          batch_size=7, timing_batches=1, timing_repeats=1)
+    assert [r["method"] for r in rows] == ["baseline"]
+    assert plot_deltas(rows, tasks, tmp_path / "out" / "c.png") is None
+    assert not (tmp_path / "out" / "c.png").exists()
+
+
+def test_a_trained_gate_is_not_moved_to_another_layer_unless_asked(tmp_path, tiny):
+    cfg = backbone_config("tiny-random")
+    ckpt = LSGGate(tiny.hidden_size, cfg["lsg_grouping"]).save(
+        tmp_path / "g.safetensors", backbone="tiny-random", backbone_fingerprint=tiny.fingerprint, layer=2,
+        sinks=tiny.sinks.to_dict())
+    assert list(parse_stack(f"lsg@2:{ckpt}", tiny, cfg).layers) == [2]
+    with pytest.raises(ValueError, match="trained at layer 2.*allow_layer_move=true"):
+        parse_stack(f"lsg@3:{ckpt}", tiny, cfg)
+    assert list(parse_stack(f"lsg@3:{ckpt}", tiny, cfg, allow_layer_move=True).layers) == [3]
+
+
+def test_hub_fingerprint_comes_from_the_weights_not_the_id(tmp_path, tiny_hub_dir):
+    """A local copy of a hub checkpoint has the hub checkpoint's fingerprint (so its gates are
+    accepted); other weights saved under the same folder name do not."""
+    import hashlib
+    import shutil
+
+    import lsg
+    from lsg.backbones import weights_fingerprint
+    from tests.conftest import save_tiny_hub_checkpoint
+
+    copy = shutil.copytree(tiny_hub_dir, tmp_path / "copy")
+    # The hub cache layout: snapshot files are links to blobs named by their sha256.
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "abc", tmp_path / "hub" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(tiny_hub_dir.iterdir()):
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, blob)
+        (snapshot / f.name).symlink_to(blob)
+    fine_tune = save_tiny_hub_checkpoint(tmp_path / "ft" / tiny_hub_dir.name, seed=1)
+    prints = {name: weights_fingerprint(folder) for name, folder in
+              (("hub", tiny_hub_dir), ("copy", copy), ("snapshot", snapshot), ("fine-tune", fine_tune))}
+    assert prints["hub"] == prints["copy"] == prints["snapshot"] != prints["fine-tune"]
+
+    hub = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32")
+    local = lsg.load_backbone("llava-1.5-7b", hf_id=str(copy), dtype="float32")
+    assert hub.fingerprint == local.fingerprint == prints["hub"]
+    path = LSGGate(hub.hidden_size).save(tmp_path / "g.safetensors", backbone=hub.name,
+                                         backbone_fingerprint=hub.fingerprint, layer=1)
+    LSGGate.load(path, backbone=local.name, backbone_fingerprint=local.fingerprint, layer=1)
+    with pytest.raises(ValueError, match="backbone_fingerprint"):
+        LSGGate.load(path, backbone=hub.name, backbone_fingerprint=prints["fine-tune"], layer=1)
