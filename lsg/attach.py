@@ -80,6 +80,11 @@ def attach(
     Works for training forwards, scoring, and `generate` with the KV cache (gate state
     is computed at prefill and reused at every decode step).
 
+    Several gates at one layer (`{10: [a, b]}`, or a stack naming one layer twice) compose
+    without retraining: their key scales multiply (`k_j <- c_a(j) c_b(j) k_j`), and their
+    value, mask, logit, weight and per-head output edits apply in list order, a before b
+    (tested against hand computations in tests/test_interventions.py).
+
     Args:
         backbone: a loaded `Backbone`.
         gates: decoder layer (0-based) -> gate(s) applied in that layer.

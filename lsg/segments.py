@@ -63,7 +63,9 @@ class Segments:
             labels: `(B, T)` answer labels (teacher forcing) or None (prompt only).
 
         Raises:
-            ValueError: shapes differ.
+            ValueError: shapes differ; a sample has no image token, or several separate runs
+                of image tokens (several images): every prompt must hold exactly one image,
+                or `sys`/`user` would overlap or leave tokens in no segment.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -75,6 +77,12 @@ class Segments:
         real = attention_mask.bool()
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         vis = (input_ids == image_token_id) & real
+        runs = (vis & ~torch.nn.functional.pad(vis, (1, 0))[:, :-1]).sum(1)  # separate runs of image tokens
+        if (bad := (runs != 1).nonzero().flatten().tolist()):
+            raise ValueError(
+                f"Sample(s) {bad} hold {runs[bad].tolist()} images (runs of image tokens, id {image_token_id}); "
+                f"lsg needs exactly one image per prompt, placed by the chat template (Backbone.build_batch). "
+                f"Drop text-only samples or give them an image; split multi-image samples.")
         last = last_prompt_positions(attention_mask, labels)
         big = input_ids.shape[1]
         first_vis = torch.where(vis.any(1), torch.where(vis, pos, big).amin(1), big)

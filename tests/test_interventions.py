@@ -192,3 +192,37 @@ def test_intervention_inputs_get_clear_errors(tiny, batch):
     with pytest.raises(ValueError, match="needs V-sinks"):
         with torch.no_grad(), lsg.attach(tiny, {LAYER: ZeroValueGate("vsinks")}, sinks=no_vit):
             tiny.model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_two_gates_at_one_layer_compose_key_scales_multiply_value_edits_in_list_order(tiny, tiny_eager, batch, impl):
+    """`{layer: [a, b]}`: key scales multiply; value edits apply in list order (a, then b)."""
+    from lsg.gates import KeyScaleGate
+
+    bb = tiny if impl == "sdpa" else tiny_eager
+    vis, prompt, real, x, sinks = sink_case(bb, batch, LAYER)
+    first, second = KeyScaleGate([0.3, 1.7, 0.6], "vsink-lsink-ordinary"), KeyScaleGate([2.0, 0.5, 1.5],
+                                                                                         "vsink-lsink-ordinary")
+    with torch.no_grad(), lsg.attach(bb, {LAYER: first}) as run:
+        bb.model(**batch)
+        groups = run.ctx.visual_groups("vsink-lsink-ordinary", LAYER)  # the groups both gates scale
+    product = torch.tensor([0.3 * 2.0, 1.7 * 0.5, 0.6 * 1.5])
+    key_scale = torch.where(groups >= 0, product[groups.clamp_min(0)], torch.ones(()))
+    expected = attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]), key_scale=key_scale)
+    got = attention_outputs(bb, batch, {LAYER: [first, second]}, [LAYER])[LAYER]
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+    def zero(v):
+        return v.masked_fill(sinks[:, None, :, None], 0.0)
+
+    def substitute(v):  # sink values <- mean value of the other prompt tokens
+        v = v.clone()
+        for b in range(v.shape[0]):
+            v[b][:, sinks[b]] = v[b][:, prompt[b] & ~sinks[b]].mean(1)[:, None]
+        return v
+
+    for order, edit in (([ZeroValueGate(), MeanValueGate()], lambda v: substitute(zero(v))),
+                        ([MeanValueGate(), ZeroValueGate()], lambda v: zero(substitute(v)))):
+        expected = attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]), edit_values=edit)
+        got = attention_outputs(bb, batch, {LAYER: order}, [LAYER])[LAYER]
+        torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)

@@ -68,3 +68,46 @@ def test_bad_sink_config_is_a_clear_error(kwargs, match):
 def test_sink_value_rejects_out_of_range_dims():
     with pytest.raises(ValueError, match="out of range for hidden size 16"):
         sink_value(torch.zeros(1, 16), [16])
+
+
+def test_a_prompt_without_an_image_or_with_two_images_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"Sample\(s\) \[1\] hold \[0\] images.*exactly one image"):
+        Segments.from_batch(torch.tensor([[1, IMG, 3, 4], [1, 2, 3, 4]]), None, IMG)
+    with pytest.raises(ValueError, match=r"Sample\(s\) \[0\] hold \[2\] images"):
+        Segments.from_batch(torch.tensor([[1, IMG, IMG, 3, IMG, 4]]), None, IMG)
+    # Image tokens under padding do not count: one real image is fine.
+    seg = Segments.from_batch(torch.tensor([[IMG, 1, IMG, 3]]), torch.tensor([[0, 1, 1, 1]]), IMG)
+    assert seg.vis[0].tolist() == [False, False, True, False]
+
+
+def flagged_by_hand(phi: dict[int, torch.Tensor], taus: list[float], layer: int, scope: str) -> torch.Tensor:
+    """Tokens with phi >= tau(l) at `layer` ("layer"), or at any recorded l <= layer ("upto")."""
+    layers = [layer] if scope == "layer" else [l for l in phi if l <= layer]
+    out = torch.zeros_like(phi[layer], dtype=torch.bool)
+    for l in layers:
+        out |= phi[l] >= taus[l]
+    return out
+
+
+@pytest.mark.parametrize("scope", ["layer", "upto"])
+def test_lsinks_follow_per_layer_thresholds_and_the_scope(scope):
+    """Per-layer `tau_llm` lists and `lsink_scope` (both the embedded defaults) against a hand rule:
+    a token flagged only at layer 1 is an L-sink at layer 3 under "upto", not under "layer"."""
+    from lsg.context import ForwardContext
+
+    ids = torch.tensor([[1, IMG, IMG, IMG, IMG, 3]])
+    taus = [100.0, 5.0, 50.0, 20.0]
+    phi = {0: torch.tensor([[900.0, 1, 1, 1, 1, 1]]),     # layer 0: nothing reaches 100 but the BOS
+           1: torch.tensor([[9.0, 6, 1, 1, 1, 1]]),       # token 1 flagged at layer 1 only
+           2: torch.tensor([[9.0, 1, 60, 1, 1, 1]]),      # token 2 at layer 2 only
+           3: torch.tensor([[30.0, 1, 1, 25, 19, 1]])}    # token 3 at layer 3; token 4 just under 20
+    ctx = ForwardContext(Segments.from_batch(ids, None, IMG), SinkConfig(llm_dims=[0], tau_llm=taus,
+                                                                         lsink_scope=scope), sink_phi=phi)
+    vis = ids == IMG
+    for layer in range(4):
+        expected = flagged_by_hand(phi, taus, layer, scope)
+        assert ctx.flagged(layer).tolist() == expected.tolist(), layer
+        assert ctx.lsinks(layer).tolist() == (expected & vis).tolist(), layer
+        assert ctx.text_sinks(layer).tolist() == (expected & ~vis).tolist(), layer
+    want = {"layer": [False, False, False, True, False, False], "upto": [False, True, True, True, False, False]}
+    assert ctx.lsinks(3)[0].tolist() == want[scope]
