@@ -102,7 +102,15 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
 
 class SafetensorsModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint writing `.safetensors` files (through `SafetensorsCheckpointIO`)."""
+
     FILE_EXTENSION = ".safetensors"
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6 writes `last` here even under fast_dev_run, which checkpoints nothing
+        # else; a real run would then resume from that one-batch smoke test.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
 
 
 # ----------------------------------------------------------------- the module
@@ -209,7 +217,7 @@ class EpochGateExport(Callback):
         self.run_dir, self.identity = Path(run_dir), identity
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
+        if trainer.is_global_zero and not trainer.sanity_checking and not trainer.fast_dev_run:
             epoch = trainer.current_epoch + 1
             val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             pl_module.gate.save(self.run_dir / f"gate-epoch{epoch}.safetensors", **self.identity,

@@ -50,10 +50,24 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
     records = load_records(data, "val")
     specs = ["none", "vaf@1", "oracle@2:0.0"]
+    import lsg.comparison as comparison
+
+    seconds = {None: 0.5, "vaf@1": 0.75, "oracle@2:0.0": 0.625}  # prefill seconds per batch, by stack
+    timed = []
+
+    def fake_time_forward(backbone, batches, stack, repeats=1):
+        timed.append((None if stack is None else stack.spec, len(batches), repeats))
+        return seconds[None if stack is None else stack.spec]
+
+    monkeypatch.setattr(comparison, "time_forward", fake_time_forward)
     rows, tasks = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
                           timing_batches=1, timing_repeats=1)
     assert [r["method"] for r in rows] == ["baseline", "vaf@1", "oracle@2:0.0"]
-    assert rows[0]["overhead"] == 1.0 and all(r["overhead"] > 0 for r in rows)
+    # Overhead = the stack's prefill time / the baseline's, both measured in this run.
+    assert [r["overhead"] for r in rows] == [1.0, 1.5, 1.25]
+    assert [r["prefill_ms_per_batch"] for r in rows] == [500.0, 750.0, 625.0]
+    assert sorted(timed, key=str) == sorted([(None, 1, 1), ("vaf@1", 1, 1), ("oracle@2:0.0", 1, 1)], key=str)
+    monkeypatch.undo()
     cached = sorted((tmp_path / "out" / "cache").glob("*.json"))
     assert len(cached) == 3
     # Recompute overall accuracy from the cached predictions, independently of the table.
@@ -64,8 +78,6 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
         assert row["overall"] == pytest.approx(100 * hits / len(records))
 
     # A re-run evaluates nothing: make evaluation fail if it is called.
-    import lsg.comparison as comparison
-
     monkeypatch.setattr(comparison, "evaluate", lambda *a, **k: pytest.fail("cache not used"))
     rows2, _ = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
                        timing_batches=1, timing_repeats=1)

@@ -210,7 +210,31 @@ def test_bad_gate_inputs_get_clear_errors(tiny):
         KeyScaleGate([1, 1], "vsink-lsink-ordinary")
     with pytest.raises(ValueError, match="Unknown grouping"):
         LSGGate(8, grouping="sinks")
-    assert tiny.model.config.text_config._attn_implementation == "sdpa"  # restored after the error
+
+
+def test_attach_removes_everything_when_the_block_raises(tiny, batch):
+    """An error inside the block (after hooks, bindings and the attention path were switched
+    on) leaves the backbone exactly as before."""
+    from lsg.attention import ATTN_IMPLEMENTATION, BINDING_ATTR
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = tiny.model
+    layers = model.model.language_model.layers
+    with torch.no_grad():
+        base = model(**inputs).logits
+    hooks_before = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with lsg.attach(tiny, {LAYER: KeyScaleGate([0.1, 3.0, 0.5], "vsink-lsink-ordinary")}):
+            assert model.config.text_config._attn_implementation == ATTN_IMPLEMENTATION
+            assert all(hasattr(layer.self_attn, BINDING_ATTR) for layer in layers)
+            raise RuntimeError("boom")
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert not any(hasattr(layer.self_attn, BINDING_ATTR) for layer in layers)
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks_before
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base)
+    with lsg.attach(tiny, {}):  # and a new block can start
+        pass
 
 
 def test_vsink_gate_on_backbone_without_vit_sink_is_a_clear_error(tiny, batch):

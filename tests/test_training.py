@@ -80,7 +80,13 @@ def test_checkpoint_io_round_trips_lightning_state_without_pickle(tmp_path):
                  {"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]}], "loops": {"fit": {"x": None, "y": [1, 2]}}}
     io = SafetensorsCheckpointIO()
     io.save_checkpoint(state, tmp_path / "c.safetensors")
-    assert b"pickle" not in (tmp_path / "c.safetensors").read_bytes()[:8]
+    # No pickle: the file is a safetensors file (8-byte header length, a JSON header naming
+    # every tensor, raw bytes), which torch.load cannot read and safe_open can.
+    raw = (tmp_path / "c.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert set(header) - {"__metadata__"} == {"/state_dict/gate.w", "/optimizer_states/0/state/0/step"}
+    json.loads(header["__metadata__"]["lightning"])
+    assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:2]  # neither torch.save's zip nor a raw pickle
     back = io.load_checkpoint(tmp_path / "c.safetensors")
     assert torch.equal(back["state_dict"]["gate.w"], state["state_dict"]["gate.w"])
     assert back["optimizer_states"][0]["state"][0]["step"] == 7.0
@@ -100,8 +106,18 @@ def run_train(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess
 
 
 def test_train_py_fast_dev_run_on_tiny_random(tmp_path):
-    result = run_train(tmp_path, "trainer.fast_dev_run=true")
-    assert "fast_dev_run" in result.stdout + result.stderr
+    """One training and one validation batch, then stop: a finite loss, four validation
+    answers, one logged batch, and nothing written that a real run would resume from."""
+    import ast
+    import math
+
+    result = run_train(tmp_path, "trainer.fast_dev_run=true", f"batch_log={tmp_path / 'batches.jsonl'}")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("fast_dev_run metrics: "))
+    metrics = ast.literal_eval(line.removeprefix("fast_dev_run metrics: "))
+    assert math.isfinite(metrics["train/loss"]) and metrics["train/loss"] > 0
+    assert metrics["val/n"] == 4 and 0 <= metrics["val/acc"] <= 1
+    assert len((tmp_path / "batches.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ck").exists()
 
 
 def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):

@@ -7,43 +7,72 @@ import torch
 
 import lsg
 from lsg.gates import SPEARGate, VAFGate
-from lsg.segments import Segments
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
-from tests.test_gates import LAYER, gated_attention_output
+from tests.test_gates import LAYER
+from tests.test_interventions import attention_outputs, hand_segments
 
 ALPHA, BETA = 1.3, 0.8  # far from 1 so a wrong column or row shows
 
 
 def hand_logit_scale(bb, batch, x, kind: str) -> torch.Tensor:
-    """(B, T, T) multiplier: text rows (user/out) x column scale; other rows 1."""
-    seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], bb.image_token_id, batch.get("labels"))
-    col = torch.ones(seg.vis.shape)
+    """(B, T, T) multiplier: text rows (user/out) x column scale; other rows 1. Segments by
+    hand (`hand_segments`): with labels, answer tokens are `out` rows and columns."""
+    vis, prompt, real = hand_segments(bb, batch)
+    pos = torch.arange(vis.shape[1]).expand_as(vis)
+    first_vis = torch.where(vis, pos, vis.shape[1]).amin(1, keepdim=True)
+    last_vis = torch.where(vis, pos, -1).amax(1, keepdim=True)
+    sys, user, out = prompt & (pos < first_vis), prompt & (pos > last_vis), real & ~prompt
+    col = torch.ones(vis.shape)
     if kind == "vaf":
-        col[seg.sys] = BETA
+        col[sys] = BETA
     else:
         cfg = bb.sinks
         phi = x[..., cfg.llm_dims].abs().amax(-1) / x.pow(2).mean(-1).sqrt()  # rms criterion of tiny-random
-        text_sink = (phi >= cfg.tau_llm) & seg.sys
-        assert text_sink.any() and (seg.sys & ~text_sink).any(), "test data must have sys sinks and non-sinks"
-        col[(seg.sys & ~text_sink) | seg.user | seg.out] = BETA
-    col[seg.vis] = ALPHA
-    rows = seg.user | seg.out
+        text_sink = (phi >= cfg.tau_llm) & sys
+        assert text_sink.any() and (sys & ~text_sink).any(), "test data must have sys sinks and non-sinks"
+        col[(sys & ~text_sink) | user | out] = BETA
+    col[vis] = ALPHA
+    rows = user | out
     return torch.where(rows[:, :, None], col[:, None, :].expand(-1, col.shape[1], -1), torch.ones(()))
 
 
+@pytest.fixture(scope="module")
+def sharp():
+    """tiny-random with sharper attention at LAYER (q and k weights x 8, logits x 64): at
+    random init one logit is ~0.01, too small for scaling a single column to show."""
+    def build(impl):
+        bb = lsg.load_backbone("tiny-random", attn_implementation=impl)
+        attn = bb.model.model.language_model.layers[LAYER].self_attn
+        with torch.no_grad():
+            attn.q_proj.weight.mul_(8.0)
+            attn.k_proj.weight.mul_(8.0)
+        return bb
+    return {"sdpa": build("sdpa"), "eager": build("eager")}
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["prompt-only", "with-answers"])
 @pytest.mark.parametrize("kind,gate_cls", [("vaf", VAFGate), ("spear", SPEARGate)])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_text_rows_see_hand_scaled_logits_and_other_rows_are_untouched(tiny, tiny_eager, batch, kind, gate_cls, impl):
-    bb = tiny if impl == "sdpa" else tiny_eager
+def test_text_rows_see_hand_scaled_logits_and_other_rows_are_untouched(sharp, batch, kind, gate_cls, impl,
+                                                                       labelled):
+    """With answers (teacher forcing), answer tokens are `out`: VAF scales their rows, and SPEAR
+    also suppresses their columns for the answer tokens after them."""
+    bb = sharp[impl]
+    inputs = batch if labelled else {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         x = bb.model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states[LAYER]
-    scale = hand_logit_scale(bb, batch, x, kind)
+    scale = hand_logit_scale(bb, inputs, x, kind)
+    if labelled:
+        out = batch["attention_mask"].bool() & (batch["labels"] != -100)
+        assert out.sum(1).min() >= 2, "each sample needs two answer tokens: an out row sees an out column"
     allowed = causal_allowed(batch["attention_mask"])
     expected = attention_by_hand(bb, x, LAYER, allowed, logit_scale=scale)
     baseline = attention_by_hand(bb, x, LAYER, allowed)
-    got = gated_attention_output(bb, batch, {LAYER: gate_cls(ALPHA, BETA)})
+    got = attention_outputs(bb, inputs, {LAYER: gate_cls(ALPHA, BETA)}, [LAYER])[LAYER]
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+    if labelled:  # the answer rows alone, where SPEAR also suppresses the earlier answer columns
+        torch.testing.assert_close(got[out], expected[out], atol=1e-6, rtol=1e-5)
     text_rows = (scale != 1).any(-1)
     untouched = real & ~text_rows
     torch.testing.assert_close(got[untouched], baseline[untouched], atol=1e-5, rtol=1e-4)
