@@ -59,12 +59,17 @@ def _decoder_layers(model) -> Sequence[torch.nn.Module]:
 
 
 def _normalise(gates: Mapping[int, Gate | Sequence[Gate]], backbone: Backbone) -> dict[int, list[Gate]]:
+    """`{layer: [gates]}`, every gate on the backbone's device (moved in place if needed)."""
     out = {}
+    device = backbone.device
     for layer, g in gates.items():
         backbone.check_layer(layer)
         group = [g] if isinstance(g, Gate) else list(g)
         if not all(isinstance(x, Gate) for x in group):
             raise TypeError(f"attach expects Gate objects per layer, got {[type(x).__name__ for x in group]}.")
+        for gate in group:
+            if any(t.device != device for t in (*gate.parameters(), *gate.buffers())):
+                gate.to(device)
         out[layer] = group
     return out
 
@@ -87,7 +92,8 @@ def attach(
 
     Args:
         backbone: a loaded `Backbone`.
-        gates: decoder layer (0-based) -> gate(s) applied in that layer.
+        gates: decoder layer (0-based) -> gate(s) applied in that layer; gates on another
+            device than the backbone are moved to it (in place, as `nn.Module.to`).
         sinks: sink configuration (default: `backbone.sinks`).
 
     Raises:

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# CUDA checks on a GPU machine, on tiny hub-format LLaVA checkpoints the tests build
+# (no download): gated generation in bf16 through the KV cache, train.py (one GPU, and the
+# ddp trainer config), compare.py, calibrate.py and benchmark.py on the accelerator.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]          # needs torch with CUDA and the project's packages
+#
+# Exits non-zero at the first failing check; the log says which.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-runs/gpu_check}}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+python3 - <<'EOF'
+import torch, transformers, lightning
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {torch.cuda.get_device_name(0)}, "
+      f"transformers {transformers.__version__}, lightning {lightning.__version__}")
+EOF
+
+echo "== tiny hub-format checkpoint"
+python3 -c "from tests.conftest import save_tiny_hub_checkpoint as s; s('$WORK/hub')"
+# The tiny model's sinks (conf/model/tiny-random.yaml): the llava-1.5-7b config's dims do not exist in it.
+MODEL=(model=llava-1.5-7b "model.hf_id=$WORK/hub" "model.sinks.vit_dims=[0,1]" "model.sinks.llm_dims=[0,1]"
+       model.sinks.tau_vit=1.5 model.sinks.tau_llm=1.2 model.lsg_grouping=vsink-lsink-ordinary)
+DATA=("data.root=$WORK/shapes" data.n_train=64 data.n_val=28 data.n_test=0)
+
+echo "== gated generation on CUDA: KV cache vs full recompute, float32 and bf16"
+python3 - "$WORK/hub" <<'EOF'
+import sys, time
+import torch
+import lsg
+from lsg.comparison import parse_stack
+from lsg.backbones import backbone_config
+from tests.conftest import samples
+
+sinks = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
+         "lsink_scope": "layer"}
+for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
+    bb = lsg.load_backbone("llava-1.5-7b", hf_id=sys.argv[1], dtype=dtype, device="cuda", sinks=sinks)
+    cfg = {**backbone_config("llava-1.5-7b"), "lsg_grouping": "vsink-lsink-ordinary", "sinks": sinks}
+    images, questions, _ = samples(3)
+    batch = bb.on_device(bb.build_batch(images, questions, padding_side="left"))
+    width = batch["input_ids"].shape[1]
+    for spec in ("oracle@2:0.3", "var", "vaf@1-2", "spear@1-2", "outro", "knockout@2", "mean-v@2"):
+        stack = parse_stack(spec, bb, cfg)  # gates are built on the CPU; attach moves them to the GPU
+        with torch.no_grad(), lsg.attach(bb, stack.layers):
+            t = time.perf_counter()
+            gen = bb.model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            worst = 0.0
+            for step in range(4):
+                labels = ids.clone()
+                labels[:, :width] = -100
+                logits = bb.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                                  position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
+                                  use_cache=False).logits[:, -1].float()
+                worst = max(worst, (gen.logits[step].float() - logits).abs().max().item())
+                ids = torch.cat([ids, gen.sequences[:, width + step:width + step + 1]], 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        ok = worst <= tol
+        print(f"{dtype:9s} {spec:14s} cache vs recompute max |dlogit| {worst:.2e} (tol {tol:g}) "
+              f"{'ok' if ok else 'FAIL'}  {1000 * (time.perf_counter() - t):.0f} ms", flush=True)
+        assert ok, spec
+EOF
+
+echo "== train.py on one GPU (bf16-mixed), then resume is a no-op"
+python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 layer=2 logger=none batch_size=8 \
+    effective_batch_size=16 trainer.accelerator=gpu trainer.precision=bf16-mixed trainer.enable_progress_bar=false \
+    "run_dir=$WORK/run1" "export_path=$WORK/ck/lsg-L2.safetensors" "hydra.run.dir=$WORK/h1" 2>&1 | tail -16
+
+echo "== train.py trainer=ddp (devices=-1: every GPU here), final evaluation on the GPU"
+python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 layer=2 logger=none batch_size=8 \
+    effective_batch_size=16 trainer=ddp trainer.enable_progress_bar=false \
+    "run_dir=$WORK/run2" "export_path=$WORK/ck2/lsg-L2.safetensors" "hydra.run.dir=$WORK/h2" 2>&1 | tail -16
+test -f "$WORK/ck2/lsg-L2.safetensors"
+
+echo "== compare.py on the GPU (device=auto)"
+python3 compare.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 logger=none "out_dir=$WORK/compare" \
+    "gates=[none,var,vaf,spear,outro,oracle@2:0.3,lsg:$WORK/ck/lsg-L2.safetensors]" batch_size=14 \
+    "hydra.run.dir=$WORK/h3" 2>&1 | tail -14
+
+echo "== calibrate.py on the GPU"
+python3 calibrate.py "${MODEL[@]}" "${DATA[@]}" n_samples=8 "hydra.run.dir=$WORK/h4" 2>&1 | tail -12
+
+echo "== benchmark.py model=... on the GPU"
+python3 scripts/benchmark.py "${MODEL[@]}" model.dtype=bfloat16 batch=4 new_tokens=8 repeats=3 \
+    "specs=[none,oracle@1:0.3,var,vaf,outro]" "hydra.run.dir=$WORK/h5" 2>&1 | tail -10
+echo "ALL GPU CHECKS PASSED"
