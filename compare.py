@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import lsg
-from lsg.comparison import compare, plot_deltas, write_table
+from lsg.comparison import columns, compare, plot_deltas, write_table
 from lsg.datamodule import load_records
 from lsg.loggers import start_run
 
@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> list[dict]:
     records = load_records(data_cfg, cfg.split)
     out_dir = Path(cfg.out_dir)
     rows, tasks = compare(backbone, model_cfg, list(cfg.gates), records, data_cfg, cfg.split, out_dir,
-                          cfg.batch_size, cfg.timing_batches, cfg.timing_repeats, cfg.allow_layer_move)
+                          cfg.batch_size, cfg.timing_batches, cfg.timing_repeats, cfg.allow_layer_move,
+                          cfg.bootstrap_samples, cfg.ci_level)
     csv_path, md_path = write_table(rows, tasks, out_dir)
     png_path = plot_deltas(rows, tasks, out_dir / "comparison.png")
     print(md_path.read_text())
@@ -40,7 +41,8 @@ def main(cfg: DictConfig) -> list[dict]:
         import wandb
 
         with run:
-            run.log({"comparison": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows]),
+            cols = columns(rows)
+            run.log({"comparison": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows]),
                      **({"comparison_chart": wandb.Image(str(png_path))} if png_path else {})})
     return rows
 

@@ -69,7 +69,8 @@ def main(cfg: DictConfig) -> dict:
     val = load_records(data_cfg, "val")
     baseline = evaluate(backbone, val, None, cfg.eval_batch_size, progress="baseline (val)")
     gated = evaluate(backbone, val, {layer: export}, cfg.eval_batch_size, progress=f"gated L{layer} (val)")
-    print_comparison(baseline, {f"LSG L{layer} (epoch {cfg.export_epoch})": gated})
+    print_comparison(baseline, {f"LSG L{layer} (epoch {cfg.export_epoch})": gated}, cfg.bootstrap_samples,
+                     cfg.ci_level)
     metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}
     meta = export.metadata
     export.save(cfg.export_path, **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")},

@@ -30,7 +30,8 @@ from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
 from lsg.embedded import REPO_ROOT
-from lsg.evaluation import EvalResult, comparison_rows, evaluate, images_and_questions
+from lsg.evaluation import (BOOTSTRAP_SAMPLES, CI_LEVEL, EvalResult, comparison_rows, delta_cell, evaluate,
+                            images_and_questions)
 from lsg.gates.base import Gate
 
 GATE_CONF_DIR = REPO_ROOT / "conf" / "gate"
@@ -151,7 +152,9 @@ def cached_evaluate(stack: GateStack, backbone: Backbone, records: Sequence[VQAR
     path = Path(cache_dir) / f"{key}.json"
     if path.exists():
         d = json.loads(path.read_text())
-        return EvalResult(d["accuracy"], d["counts"], d["predictions"], d["elapsed_s"]), True
+        correct = [p == r.answer_letter for p, r in zip(d["predictions"], records)]
+        return EvalResult(d["accuracy"], d["counts"], d["predictions"], d["elapsed_s"], correct,
+                          [r.subtask for r in records]), True
     result = evaluate(backbone, records, stack.layers or None, batch_size, progress=stack.spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -174,18 +177,24 @@ def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack |
         return (time.perf_counter() - start) / (repeats * len(batches))
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """Every key of the rows, in first-seen order (gated rows add CI and p columns)."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def write_table(rows: list[dict], tasks: list[str], out_dir: Path) -> tuple[Path, Path]:
-    """Write `comparison.csv` and `comparison.md` (accuracy %, delta in points)."""
+    """Write `comparison.csv` and `comparison.md` (accuracy %, paired delta in points with its
+    bootstrap CI, `*` where the CI excludes zero; the CSV also holds McNemar p per cell)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "comparison.csv", out_dir / "comparison.md"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
         writer.writeheader()
         writer.writerows(rows)
     cols = tasks + ["overall"]
     lines = ["| gate | " + " | ".join(cols) + " | wall s | overhead x |", "|---" * (len(cols) + 3) + "|"]
     for r in rows:
-        cells = [f"{r[t]:.1f}" if r["method"] == "baseline" else f"{r[t]:.1f} ({r[t + '_delta']:+.1f})" for t in cols]
+        cells = [delta_cell(r, t) for t in cols]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['elapsed_s']:.1f} | {r['overhead']:.2f} |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
@@ -223,7 +232,8 @@ def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path | None:
 
 def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], records: Sequence[VQARecord],
             data_cfg: dict, split: str, out_dir: Path, batch_size: int = 32, timing_batches: int = 4,
-            timing_repeats: int = 2, allow_layer_move: bool = False) -> tuple[list[dict], list[str]]:
+            timing_repeats: int = 2, allow_layer_move: bool = False, bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+            ci_level: float = CI_LEVEL) -> tuple[list[dict], list[str]]:
     """Evaluate every spec on the same records; returns table rows and sub-task names.
 
     Baseline answers are computed once (and cached); each stack's results are cached per
@@ -247,7 +257,7 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
               for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
     base_s = time_forward(backbone, timing, None, timing_repeats)
     baseline = results.pop("none")
-    rows = comparison_rows(baseline, results)
+    rows = comparison_rows(baseline, results, bootstrap_samples, ci_level)
     for row, stack in zip(rows, stacks):
         row["overhead"] = 1.0 if stack.spec == "none" else time_forward(backbone, timing, stack, timing_repeats) / base_s
         row["prefill_ms_per_batch"] = 1000 * base_s * row["overhead"]

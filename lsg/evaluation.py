@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -19,14 +20,21 @@ from lsg.gates.base import Gate
 from lsg.scoring import LETTERS, option_scores
 
 
+BOOTSTRAP_SAMPLES = 2000  # resamples of the questions for a paired CI (config: bootstrap_samples)
+CI_LEVEL = 0.95  # (config: ci_level)
+
+
 @dataclass
 class EvalResult:
-    """Accuracy per sub-task (fractions in [0, 1]), counts and wall time in seconds."""
+    """Accuracy per sub-task (fractions in [0, 1]), counts and wall time in seconds, and per
+    question (in record order) the predicted letter, whether it was right and its sub-task."""
 
     accuracy: dict[str, float]
     counts: dict[str, int]
     predictions: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    correct: list[bool] = field(default_factory=list)
+    subtasks: list[str] = field(default_factory=list)
 
     @property
     def overall(self) -> float:
@@ -76,7 +84,7 @@ def evaluate(
         ValueError: no multiple-choice record.
     """
     records = mc_records(records)
-    correct, total, predictions = defaultdict(int), defaultdict(int), []
+    correct, total, predictions, hits = defaultdict(int), defaultdict(int), [], []
     batches = range(0, len(records), batch_size)
     start = time.perf_counter()
     with attach(backbone, gates) if gates else nullcontext():
@@ -90,12 +98,47 @@ def evaluate(
                 predictions.append(pred)
                 total[r.subtask] += 1
                 correct[r.subtask] += int(pred == r.answer_letter)
+                hits.append(pred == r.answer_letter)
     elapsed = time.perf_counter() - start
-    return EvalResult({t: correct[t] / total[t] for t in total}, dict(total), predictions, elapsed)
+    return EvalResult({t: correct[t] / total[t] for t in total}, dict(total), predictions, elapsed, hits,
+                      [r.subtask for r in records])
 
 
-def comparison_rows(baseline: EvalResult, results: Mapping[str, EvalResult]) -> list[dict]:
-    """One row per method: accuracy and delta vs baseline (points) per sub-task and overall."""
+def paired_delta(base: Sequence[bool], gated: Sequence[bool], samples: int = BOOTSTRAP_SAMPLES,
+                 level: float = CI_LEVEL, seed: int = 0) -> tuple[float, float, float, float]:
+    """Accuracy delta of `gated` over `base` on the same questions, in points, with its paired
+    percentile-bootstrap CI (questions resampled with replacement, `samples` times) and the
+    two-sided exact McNemar p-value on the discordant pairs (SPEC section 6).
+
+    Args:
+        base, gated: per-question correctness, same questions in the same order.
+
+    Returns:
+        (delta, ci_low, ci_high, p): points, points, points, probability.
+
+    Raises:
+        ValueError: lengths differ or there are no questions.
+    """
+    import numpy as np
+
+    a, b = np.asarray(base, dtype=float), np.asarray(gated, dtype=float)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired_delta needs the same non-empty questions: {a.size} vs {b.size}.")
+    diff = b - a
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(samples, diff.size))
+    boot = diff[idx].mean(1)
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    lost, won = int((diff < 0).sum()), int((diff > 0).sum())
+    n, k = lost + won, min(lost, won)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return 100 * float(diff.mean()), 100 * float(low), 100 * float(high), p
+
+
+def comparison_rows(baseline: EvalResult, results: Mapping[str, EvalResult], samples: int = BOOTSTRAP_SAMPLES,
+                    level: float = CI_LEVEL) -> list[dict]:
+    """One row per method: accuracy (%) per sub-task and overall, and for gated methods the
+    paired delta vs the baseline in points (`<task>_delta`), its CI (`<task>_ci_low`,
+    `<task>_ci_high`) and McNemar p (`<task>_p`), from `paired_delta` on the same questions."""
     tasks = sorted(baseline.counts)
     rows = []
     for name, res in {"baseline": baseline, **results}.items():
@@ -105,25 +148,40 @@ def comparison_rows(baseline: EvalResult, results: Mapping[str, EvalResult]) -> 
             base = baseline.overall if t == "overall" else baseline.accuracy[t]
             row[t] = 100 * acc
             row[f"{t}_delta"] = 100 * (acc - base)
+            if name != "baseline" and res.correct and baseline.correct:
+                keep = [t == "overall" or s == t for s in baseline.subtasks]
+                pick = lambda hits: [h for h, k in zip(hits, keep) if k]  # noqa: E731
+                _, row[f"{t}_ci_low"], row[f"{t}_ci_high"], row[f"{t}_p"] = paired_delta(
+                    pick(baseline.correct), pick(res.correct), samples, level)
         row["elapsed_s"] = res.elapsed_s
         rows.append(row)
     return rows
 
 
-def print_comparison(baseline: EvalResult, results: Mapping[str, EvalResult]) -> None:
+def delta_cell(row: dict, task: str) -> str:
+    """`acc (+delta [low, high])` for a gated row, `*` when the CI excludes zero; `acc` for the baseline."""
+    if row["method"] == "baseline" or f"{task}_ci_low" not in row:
+        return f"{row[task]:.1f}" if row["method"] == "baseline" else f"{row[task]:.1f} ({row[task + '_delta']:+.1f})"
+    low, high = row[f"{task}_ci_low"], row[f"{task}_ci_high"]
+    mark = "*" if low > 0 or high < 0 else ""
+    return f"{row[task]:.1f} ({row[task + '_delta']:+.1f} [{low:+.1f}, {high:+.1f}]{mark})"
+
+
+def print_comparison(baseline: EvalResult, results: Mapping[str, EvalResult], samples: int = BOOTSTRAP_SAMPLES,
+                     level: float = CI_LEVEL) -> None:
     """Print accuracy (%) per sub-task (rows) and method (columns), with the delta vs the
     baseline in points, as a rich table."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = comparison_rows(baseline, results)
-    table = Table(title="Validation accuracy (%), delta vs baseline in points")
+    rows = comparison_rows(baseline, results, samples, level)
+    table = Table(title=f"Validation accuracy (%), paired delta vs baseline in points [{level:.0%} bootstrap CI], "
+                        f"* = CI excludes 0")
     table.add_column("sub-task")
     table.add_column("n", justify="right")
     for row in rows:
         table.add_column(row["method"], justify="right")
     for t in sorted(baseline.counts) + ["overall"]:
         n = sum(baseline.counts.values()) if t == "overall" else baseline.counts[t]
-        cells = [f"{r[t]:.1f}" if r["method"] == "baseline" else f"{r[t]:.1f} ({r[t + '_delta']:+.1f})" for r in rows]
-        table.add_row(t, str(n), *cells)
+        table.add_row(t, str(n), *[delta_cell(r, t) for r in rows])
     Console().print(table)

@@ -167,3 +167,44 @@ def test_hub_fingerprint_comes_from_the_weights_not_the_id(tmp_path, tiny_hub_di
     LSGGate.load(path, backbone=local.name, backbone_fingerprint=local.fingerprint, layer=1)
     with pytest.raises(ValueError, match="backbone_fingerprint"):
         LSGGate.load(path, backbone=hub.name, backbone_fingerprint=prints["fine-tune"], layer=1)
+
+
+def test_paired_delta_gives_the_exact_mcnemar_p_and_a_bootstrap_ci_around_the_delta():
+    from lsg.evaluation import paired_delta
+
+    # 100 questions: 1 lost, 4 won, the rest agree. McNemar exact: n = 5 discordant, k = 1,
+    # p = 2 * (C(5,0) + C(5,1)) / 2**5 = 0.375.
+    base = [True] * 60 + [False] * 40
+    gated = list(base)
+    gated[0] = False
+    for i in (60, 61, 62, 63):
+        gated[i] = True
+    delta, low, high, p = paired_delta(base, gated, samples=4000)
+    assert delta == pytest.approx(3.0) and p == pytest.approx(0.375)
+    assert low < 0 < high and low <= delta <= high  # 3 net answers of 100 cannot be told from zero
+    # Identical answers: no change, no uncertainty.
+    assert paired_delta(base, base) == (0.0, 0.0, 0.0, 1.0)
+    # A large consistent gain: 30 of 100 won, none lost; the CI excludes 0; p = 2 / 2**30.
+    delta, low, high, p = paired_delta([False] * 30 + [True] * 70, [True] * 100)
+    assert delta == pytest.approx(30.0) and 15 < low < 30 < high < 45 and p == pytest.approx(2 / 2 ** 30)
+    with pytest.raises(ValueError, match="same non-empty questions"):
+        paired_delta([True], [True, False])
+
+
+def test_comparison_rows_carry_a_paired_ci_per_sub_task(tmp_path, tiny):
+    from lsg.evaluation import comparison_rows, evaluate, paired_delta
+
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
+    records = load_records(data, "val")
+    base = evaluate(tiny, records, batch_size=7)
+    gated = evaluate(tiny, records, {2: LSGGate(tiny.hidden_size, "vsink-lsink-ordinary", gain=1.0)}, batch_size=7)
+    rows = comparison_rows(base, {"lsg": gated}, samples=500)
+    assert "overall_ci_low" not in rows[0]
+    for task in sorted(base.counts):
+        mine = [i for i, r in enumerate(records) if r.subtask == task]
+        want = paired_delta([base.correct[i] for i in mine], [gated.correct[i] for i in mine], 500)
+        assert (rows[1][f"{task}_ci_low"], rows[1][f"{task}_ci_high"], rows[1][f"{task}_p"]) == want[1:]
+    for row in rows:
+        row["overhead"] = 1.0
+    md = write_table(rows, sorted(base.counts), tmp_path / "out")[1].read_text()
+    assert md.count("[") == len(base.counts) + 1  # every delta of the gated row has its CI
