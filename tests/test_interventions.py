@@ -57,9 +57,9 @@ def sink_case(bb, batch, layer):
 
 
 @torch.no_grad()
-def attention_outputs(bb, batch, gates, layers):
+def attention_outputs(bb, batch, gates, layers, with_hidden: bool = False):
     """Self-attention outputs `{layer: (B, T, D)}` of a forward with `gates` attached (labels
-    passed, so answers are `out`)."""
+    passed, so answers are `out`); with `with_hidden`, also the hidden states entering each layer."""
     captured, handles = {}, []
     for layer in layers:
         def keep(module, args, output, layer=layer):
@@ -67,14 +67,13 @@ def attention_outputs(bb, batch, gates, layers):
         handles.append(bb.model.model.language_model.layers[layer].self_attn.register_forward_hook(keep))
     try:
         with lsg.attach(bb, gates) if gates else nullcontext():
-            bb.model(**batch)
+            hidden = bb.model(**batch, output_hidden_states=with_hidden).hidden_states
     finally:
         for handle in handles:
             handle.remove()
-    return captured
+    return (captured, hidden) if with_hidden else captured
 
 
-@torch.no_grad()
 @torch.no_grad()
 def logits_with(bb, batch, gates):
     with lsg.attach(bb, gates):

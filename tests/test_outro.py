@@ -16,7 +16,7 @@ from lsg.gates.outro import OutRoGate, OutRoState, massive_activation_sinks
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
-from tests.test_interventions import hand_segments, logits_with
+from tests.test_interventions import attention_outputs, hand_segments, logits_with
 
 # The tiny random backbone has no massive activations (max |x| is ~6x the median, never
 # 100), so the model tests use test-time thresholds: with these, layers 1 and 2 of the
@@ -70,22 +70,10 @@ def relaxed(allowed, rows, prompt):
     return torch.where(rows[:, :, None], prompt[:, None, :], allowed)
 
 
-@torch.no_grad()
 def gated_run(bb, batch, gates, layers):
     """(self-attention outputs `{layer: (B, T, D)}`, hidden states entering each layer) of
     a forward with `gates` attached."""
-    captured, handles = {}, []
-    for layer in layers:
-        def keep(module, args, output, layer=layer):
-            captured[layer] = output[0]
-        handles.append(bb.model.model.language_model.layers[layer].self_attn.register_forward_hook(keep))
-    try:
-        with lsg.attach(bb, gates):
-            hidden = bb.model(**batch, output_hidden_states=True).hidden_states
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured, hidden
+    return attention_outputs(bb, batch, gates, layers, with_hidden=True)
 
 
 def window_gates(gate):
