@@ -128,9 +128,10 @@ class VQADataModule(L.LightningDataModule):
             if split not in self.records and (split != "test" or stage in (None, "test")):
                 self.records[split] = load_records(self.data_cfg, split)
 
-    def _loader(self, split: str, shuffle: bool, with_answers: bool) -> DataLoader:
-        return DataLoader(VQADataset(self.records[split]), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, collate_fn=Collator(self.backbone, with_answers),
+    def _eval_loader(self, split: str) -> DataLoader:
+        """In record order, with answers as labels (validation loss and option accuracy)."""
+        return DataLoader(VQADataset(self.records[split]), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=Collator(self.backbone, with_answers=True),
                           persistent_workers=self.num_workers > 0)
 
     def _training_progress(self) -> tuple[int, int]:
@@ -150,7 +151,7 @@ class VQADataModule(L.LightningDataModule):
             progress=self._training_progress if trainer is not None else None)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False, with_answers=True)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False, with_answers=True)
+        return self._eval_loader("test")
