@@ -6,7 +6,9 @@
 
 Takes the same `model=` config group as train.py and compare.py (conf/benchmark.yaml).
 Prints a markdown table: ms per prefill forward and per decode step (KV cache), and
-their ratios to the unmodified backbone. Timings are medians over `repeats` runs.
+their ratios to the unmodified backbone. Prefill: median over `repeats` forwards. Decode:
+median over every decode step of `repeats` greedy generations, each step timed by a logits
+processor that stamps the clock once per generated token (so prefill noise never leaks in).
 """
 
 from __future__ import annotations
@@ -19,12 +21,37 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsg  # noqa: E402
 from lsg.comparison import parse_stack  # noqa: E402
 from lsg.data import generate_scene_sample  # noqa: E402
+
+
+class StepClock(LogitsProcessor):
+    """Stamps the (synchronised) clock each time generate() produces a token's logits."""
+
+    def __init__(self, sync):
+        self.sync, self.stamps = sync, []
+
+    def __call__(self, input_ids, scores):
+        self.sync()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def decode_step_time(bb, batch, new_tokens: int, repeats: int) -> float:
+    """Median wall seconds of one decode step (KV cache) over `repeats` generations."""
+    sync = torch.cuda.synchronize if bb.device.type == "cuda" else (lambda: None)
+    steps = []
+    for _ in range(repeats):
+        clock = StepClock(sync)
+        bb.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          logits_processor=LogitsProcessorList([clock]))
+        steps += [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return statistics.median(steps)
 
 
 def median_time(fn, repeats: int, device: torch.device) -> float:
@@ -62,10 +89,7 @@ def main(args: DictConfig) -> None:
         with torch.no_grad(), lsg.attach(bb, stack.layers) if stack.layers else torch.no_grad():
             bb.model(**batch)  # warm-up
             prefill = median_time(lambda: bb.model(**batch), args.repeats, bb.device)
-            total = median_time(lambda: bb.model.generate(**batch, max_new_tokens=args.new_tokens,
-                                                          min_new_tokens=args.new_tokens, do_sample=False),
-                                args.repeats, bb.device)
-        decode = (total - prefill) / (args.new_tokens - 1)
+            decode = decode_step_time(bb, batch, args.new_tokens, args.repeats)
         rows.append((spec, prefill, decode))
         print(f"{spec}: prefill {1000 * prefill:.1f} ms, decode {1000 * decode:.2f} ms/token", flush=True)
     base_prefill, base_decode = rows[0][1], rows[0][2]
