@@ -208,3 +208,20 @@ def test_comparison_rows_carry_a_paired_ci_per_sub_task(tmp_path, tiny):
         row["overhead"] = 1.0
     md = write_table(rows, sorted(base.counts), tmp_path / "out")[1].read_text()
     assert md.count("[") == len(base.counts) + 1  # every delta of the gated row has its CI
+
+
+def test_bad_device_and_weightless_folder_get_clear_errors(tmp_path):
+    import torch
+
+    from lsg.backbones import resolve_device, weights_fingerprint
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="is not a device: use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU here: use device=auto or device=cpu"):
+            resolve_device("cuda:1")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="No weight files"):
+        weights_fingerprint(tmp_path)
