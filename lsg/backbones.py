@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,13 +190,16 @@ def _file_sha256(path: Path) -> str:
     if path.is_symlink() and blob.parent.name == "blobs" and HEX64.fullmatch(blob.name):
         return blob.name
     memo_path = embedded.cache_dir() / "fingerprints.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):  # absent, or torn by a crash: hash again
+        memo = {}
     stat = blob.stat()
     key = f"{blob}:{stat.st_size}:{stat.st_mtime_ns}"
     if key not in memo:
         memo[key] = embedded.sha256_of(blob)
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(".tmp")
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write at once
         tmp.write_text(json.dumps(memo, indent=1))
         tmp.replace(memo_path)
     return memo[key]

@@ -87,9 +87,9 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
     dims = cfg.llm_dims
     collected = []
     for batch in batches:
+        seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], backbone.image_token_id)  # host
         batch = backbone.on_device(batch)
         out = model(**batch, output_hidden_states=True, output_attentions=True)
-        seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], backbone.image_token_id)
         real = batch["attention_mask"].bool()
         for layer in range(num_layers):
             dims_by_layer[layer] |= set(massive_dims(out.hidden_states[layer], real, min_abs, ratio))
@@ -98,7 +98,10 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
         norms = feats.norm(dim=-1)
         vit_ratio = max(vit_ratio, float((norms.amax(1) / norms.median(1).values).max()))
         vit_dims.update(massive_dims(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device), min_abs, ratio).keys())
-        collected.append((out, seg, real))
+        # the second pass reads every layer of every batch: keep it in host memory, not on the GPU
+        out.hidden_states = tuple(h.cpu() for h in out.hidden_states)
+        out.attentions = tuple(a.cpu() for a in out.attentions)
+        collected.append((out, seg, real.cpu()))
     dim_layers = Counter(d for found in dims_by_layer for d in found)  # dim -> layers where flagged
     if not dims:
         dims = [dim_layers.most_common(1)[0][0]] if dim_layers else []

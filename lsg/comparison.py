@@ -29,7 +29,7 @@ from lsg import gates as gate_registry
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
-from lsg.embedded import REPO_ROOT
+from lsg.embedded import REPO_ROOT, sha256_of
 from lsg.evaluation import (BOOTSTRAP_SAMPLES, CI_LEVEL, EvalResult, comparison_rows, delta_cell, evaluate,
                             images_and_questions)
 from lsg.gates.base import Gate
@@ -71,10 +71,6 @@ def gate_config(name: str, backbone_cfg: dict) -> dict:
     return OmegaConf.to_container(root.gate, resolve=True)
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_move: bool = False) -> GateStack:
     """Build the gates of one spec (see the module docstring).
 
@@ -105,7 +101,7 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_m
                 raise ValueError(f"{element!r}: this gate was trained at layer {trained_at}; running it at {chosen} "
                                  f"moves it to layers it never saw. Drop '@{layer_text}', or pass "
                                  f"allow_layer_move=true to compare.py to do it on purpose.")
-            ident = {"gate": "lsg", "checkpoint": _file_digest(Path(arg)), "layers": chosen}
+            ident = {"gate": "lsg", "checkpoint": sha256_of(Path(arg))[:16], "layers": chosen}
         elif name == "oracle":
             if not layer_text or not arg:
                 raise ValueError(f"{element!r}: the oracle needs a layer and alpha, e.g. oracle@10:0.3")
@@ -163,6 +159,13 @@ def cached_evaluate(stack: GateStack, backbone: Backbone, records: Sequence[VQAR
     return result, False
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so wall-clock timings
+    measure the work, not its launch; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack | None, repeats: int = 1) -> float:
     """Seconds per prefill forward over `batches` (mean of `repeats` passes, after one warm-up)."""
@@ -170,10 +173,12 @@ def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack |
 
     with attach(backbone, stack.layers) if stack and stack.layers else nullcontext():
         backbone.model.model(**batches[0])  # warm-up on the path that is timed
+        synchronize(backbone.device)
         start = time.perf_counter()
         for _ in range(repeats):
             for batch in batches:
                 backbone.model.model(**batch)
+        synchronize(backbone.device)
         return (time.perf_counter() - start) / (repeats * len(batches))
 
 

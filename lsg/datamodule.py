@@ -99,18 +99,17 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args, progress=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.progress = progress  # () -> (epoch, batches of it trained); set by the datamodule
+        self.progress = progress  # () -> (epoch, batches of it trained, batches per epoch); set by the datamodule
 
     def state_dict(self) -> dict:
-        epoch, done = self.progress() if self.progress is not None else (0, 0)
+        epoch, done, per_epoch = self.progress() if self.progress is not None else (0, 0, len(self))
+        if done >= per_epoch:  # the epoch's last batch (`limit_train_batches` may end it early)
+            epoch, done = epoch + 1, 0
         return {"epoch": int(epoch), "batches_done": int(done)}
 
     def load_state_dict(self, state: dict) -> None:
-        done, epoch = state["batches_done"], state["epoch"]
-        if done >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
-            epoch, done = epoch + 1, 0
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip = done * self.batch_size
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip = state["batches_done"] * self.batch_size
 
 
 class VQADataModule(L.LightningDataModule):
@@ -134,9 +133,10 @@ class VQADataModule(L.LightningDataModule):
                           num_workers=self.num_workers, collate_fn=Collator(self.backbone, with_answers=True),
                           persistent_workers=self.num_workers > 0)
 
-    def _training_progress(self) -> tuple[int, int]:
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+    def _training_progress(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                int(trainer.num_training_batches))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by `EpochSampler` (order depends only on seed and epoch, split across ranks),

@@ -245,7 +245,12 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def smollm2_hf_dir() -> Path:
-    """The SmolLM2 weights as a Hugging Face folder in the cache, converted from the GGUF once."""
+    """The SmolLM2 weights as a Hugging Face folder in the cache, converted from the GGUF once.
+
+    Raises:
+        RuntimeError: the GGUF cannot be fetched, or converts to other weights or another
+            tokenizer than the committed digests (`gguf_to_hf`).
+    """
     out = cache_dir() / "smollm2" / CONVERTED_DIRNAME
     if not (out / "model.safetensors").exists():
         folder = fetch_smollm2_gguf()

@@ -169,8 +169,9 @@ def delta_cell(row: dict, task: str) -> str:
 
 def print_comparison(baseline: EvalResult, results: Mapping[str, EvalResult], samples: int = BOOTSTRAP_SAMPLES,
                      level: float = CI_LEVEL) -> None:
-    """Print accuracy (%) per sub-task (rows) and method (columns), with the delta vs the
-    baseline in points, as a rich table."""
+    """Print accuracy (%) per sub-task (rows) and method (columns) as a rich table, each gated
+    cell with its paired delta vs the baseline in points and its `level` bootstrap CI over
+    `samples` resamples of the questions (`paired_delta`); `*` marks a CI that excludes zero."""
     from rich.console import Console
     from rich.table import Table
 

@@ -78,7 +78,8 @@ class Segments:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         vis = (input_ids == image_token_id) & real
         runs = (vis & ~torch.nn.functional.pad(vis, (1, 0))[:, :-1]).sum(1)  # separate runs of image tokens
-        if (bad := (runs != 1).nonzero().flatten().tolist()):
+        if (runs != 1).any():
+            bad = (runs != 1).nonzero().flatten().tolist()
             raise ValueError(
                 f"Sample(s) {bad} hold {runs[bad].tolist()} images (runs of image tokens, id {image_token_id}); "
                 f"lsg needs exactly one image per prompt, placed by the chat template (Backbone.build_batch). "

@@ -137,6 +137,7 @@ class GateTrainingModule(L.LightningModule):
         self._val: dict[str, tuple[str, bool]] = {}  # record id -> (sub-task, correct)
 
     identity: dict = {}
+    _last_loss: torch.Tensor | None = None
     batch_log: Path | None = None  # JSONL of every training batch's record ids (data-order checks)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -156,11 +157,7 @@ class GateTrainingModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Training loss is {loss.item()} at optimizer step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); stopping before it reaches the gate. The last finite state is "
-                f"the run's last.safetensors; lower lr, or check the data of this batch.")
+        self._last_loss = loss.detach()  # checked with the gradients, after DDP's all-reduce
         if self.batch_log is not None:
             with open(self.batch_log, "a") as f:
                 f.write(json.dumps({"epoch": self.current_epoch, "batch": batch_idx, "rank": self.global_rank,
@@ -169,10 +166,19 @@ class GateTrainingModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        bad = [n for n, p in self.gate.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
-            raise FloatingPointError(f"Non-finite gradient of {bad} at optimizer step {self.global_step}; "
-                                     f"stopping before it reaches the gate (lower lr).")
+        """Stop before a NaN or inf reaches the gate. Checked on the gradients, which DDP has
+        already averaged, so every rank raises together (a per-rank loss check would leave the
+        other ranks waiting in the all-reduce). A NaN or inf loss always gives such gradients.
+        Not under fp16 mixed precision, whose scaler skips overflowing steps by design."""
+        if str(self.trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in self.gate.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads])).all():
+            bad = [n for n, p in self.gate.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise FloatingPointError(
+                f"Training loss is {self._last_loss.item()} and the gradient of {bad} is not finite at optimizer "
+                f"step {self.global_step} (0-based; epoch {self.current_epoch}); stopping before it reaches the "
+                f"gate. The last finite state is the run's last.safetensors; lower lr, or check the data.")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         inputs = {k: v for k, v in batch.items() if k != "records"}
@@ -209,19 +215,32 @@ class GateTrainingModule(L.LightningModule):
 
 
 class EpochGateExport(Callback):
-    """After every training epoch, save the gate alone as `run_dir/gate-epoch{e}.safetensors`
-    with its metadata (backbone, layer, gate config, sinks, data, steps, and the epoch's
-    validation metrics `val`, gathered over every rank). Rank 0 alone writes."""
+    """Save the gate alone as `run_dir/gate-epoch{e}.safetensors` with its metadata (backbone,
+    layer, gate config, sinks, data, steps), rank 0 alone.
+
+    It is written at the epoch's last training batch, before that step's resumable checkpoint
+    (Lightning runs checkpoint callbacks last), because a run resumed from that checkpoint
+    skips the rest of the epoch; after the epoch's validation it is written again with the
+    validation metrics `val` (gathered over every rank) added.
+    """
 
     def __init__(self, run_dir: Path, identity: dict):
         self.run_dir, self.identity = Path(run_dir), identity
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
+    def _save(self, trainer: L.Trainer, pl_module: GateTrainingModule, **extra) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking and not trainer.fast_dev_run:
             epoch = trainer.current_epoch + 1
-            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             pl_module.gate.save(self.run_dir / f"gate-epoch{epoch}.safetensors", **self.identity,
-                                epoch=epoch, steps=trainer.global_step, val=val)
+                                epoch=epoch, steps=trainer.global_step, **extra)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._save(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
+        self._save(trainer, pl_module,
+                   val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
 
 
 def check_resumable(path: Path, identity: dict) -> str | None:

@@ -26,28 +26,27 @@ from transformers import LogitsProcessor, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lsg  # noqa: E402
-from lsg.comparison import parse_stack  # noqa: E402
+from lsg.comparison import parse_stack, synchronize  # noqa: E402
 from lsg.data import generate_scene_sample  # noqa: E402
 
 
 class StepClock(LogitsProcessor):
     """Stamps the (synchronised) clock each time generate() produces a token's logits."""
 
-    def __init__(self, sync):
-        self.sync, self.stamps = sync, []
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
 
     def __call__(self, input_ids, scores):
-        self.sync()
+        synchronize(self.device)
         self.stamps.append(time.perf_counter())
         return scores
 
 
-def decode_step_time(bb, batch, new_tokens: int, repeats: int) -> float:
+def decode_step_time(bb: lsg.Backbone, batch: dict, new_tokens: int, repeats: int) -> float:
     """Median wall seconds of one decode step (KV cache) over `repeats` generations."""
-    sync = torch.cuda.synchronize if bb.device.type == "cuda" else (lambda: None)
     steps = []
     for _ in range(repeats):
-        clock = StepClock(sync)
+        clock = StepClock(bb.device)
         bb.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                           logits_processor=LogitsProcessorList([clock]))
         steps += [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
@@ -56,13 +55,12 @@ def decode_step_time(bb, batch, new_tokens: int, repeats: int) -> float:
 
 def median_time(fn, repeats: int, device: torch.device) -> float:
     """Median wall seconds of `fn()` over `repeats` runs (CUDA work waited for)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats):
-        sync()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -31,6 +31,9 @@ def massive_activation_sinks(hidden: torch.Tensor, prompt: torch.Tensor, abs_thr
     Args:
         hidden: `(B, T, D)` hidden state entering the layer.
         prompt: `(B, T)` bool, the real prompt tokens.
+
+    Returns:
+        `(B, T)` bool, True at the sinks (never outside `prompt`).
     """
     magnitude = hidden.detach().abs().float()
     median = magnitude.masked_fill(~prompt[..., None], float("nan")).flatten(1).nanmedian(1).values  # (B,)
