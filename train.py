@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and writes the export
         return {}
 
-    export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors").to(backbone.device)
+    export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors")  # attach moves it
     val = load_records(data_cfg, "val")
     baseline = evaluate(backbone, val, None, cfg.eval_batch_size, progress="baseline (val)")
     gated = evaluate(backbone, val, {layer: export}, cfg.eval_batch_size, progress=f"gated L{layer} (val)")

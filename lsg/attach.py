@@ -68,8 +68,7 @@ def _normalise(gates: Mapping[int, Gate | Sequence[Gate]], backbone: Backbone) -
         if not all(isinstance(x, Gate) for x in group):
             raise TypeError(f"attach expects Gate objects per layer, got {[type(x).__name__ for x in group]}.")
         for gate in group:
-            if any(t.device != device for t in (*gate.parameters(), *gate.buffers())):
-                gate.to(device)
+            gate.to(device)  # a no-op for tensors already there
         out[layer] = group
     return out
 

@@ -148,9 +148,7 @@ def cached_evaluate(stack: GateStack, backbone: Backbone, records: Sequence[VQAR
     path = Path(cache_dir) / f"{key}.json"
     if path.exists():
         d = json.loads(path.read_text())
-        correct = [p == r.answer_letter for p, r in zip(d["predictions"], records)]
-        return EvalResult(d["accuracy"], d["counts"], d["predictions"], d["elapsed_s"], correct,
-                          [r.subtask for r in records]), True
+        return EvalResult.from_predictions(records, d["predictions"], d["elapsed_s"]), True
     result = evaluate(backbone, records, stack.layers or None, batch_size, progress=stack.spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

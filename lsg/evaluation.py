@@ -41,6 +41,19 @@ class EvalResult:
         n = sum(self.counts.values())
         return sum(self.accuracy[t] * self.counts[t] for t in self.counts) / max(n, 1)
 
+    @classmethod
+    def from_predictions(cls, records: Sequence[VQARecord], predictions: Sequence[str],
+                         elapsed_s: float = 0.0) -> "EvalResult":
+        """Score predicted letters against multiple-choice `records` (same order): per-question
+        correctness and sub-task, per-sub-task accuracy and counts."""
+        correct = [p == r.answer_letter for p, r in zip(predictions, records)]
+        total, hits = defaultdict(int), defaultdict(int)
+        for ok, r in zip(correct, records):
+            total[r.subtask] += 1
+            hits[r.subtask] += int(ok)
+        return cls({t: hits[t] / total[t] for t in total}, dict(total), list(predictions), elapsed_s, correct,
+                   [r.subtask for r in records])
+
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "overall": self.overall, "counts": self.counts,
                 "elapsed_s": self.elapsed_s}
@@ -84,7 +97,7 @@ def evaluate(
         ValueError: no multiple-choice record.
     """
     records = mc_records(records)
-    correct, total, predictions, hits = defaultdict(int), defaultdict(int), [], []
+    predictions = []
     batches = range(0, len(records), batch_size)
     start = time.perf_counter()
     with attach(backbone, gates) if gates else nullcontext():
@@ -93,15 +106,8 @@ def evaluate(
             batch = backbone.build_batch(*images_and_questions(chunk))
             batch = backbone.on_device(batch)
             scores = option_scores(backbone, batch, max(len(r.options) for r in chunk))
-            for row, r in zip(scores, chunk):
-                pred = LETTERS[int(row[: len(r.options)].argmax())]
-                predictions.append(pred)
-                total[r.subtask] += 1
-                correct[r.subtask] += int(pred == r.answer_letter)
-                hits.append(pred == r.answer_letter)
-    elapsed = time.perf_counter() - start
-    return EvalResult({t: correct[t] / total[t] for t in total}, dict(total), predictions, elapsed, hits,
-                      [r.subtask for r in records])
+            predictions += [LETTERS[int(row[: len(r.options)].argmax())] for row, r in zip(scores, chunk)]
+    return EvalResult.from_predictions(records, predictions, time.perf_counter() - start)
 
 
 def paired_delta(base: Sequence[bool], gated: Sequence[bool], samples: int = BOOTSTRAP_SAMPLES,
