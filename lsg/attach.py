@@ -13,13 +13,18 @@ Hooks (all removed on exit, even on error):
   state entering the layer and let gates `prepare` (LSG reads `x_last` here);
 - each gated layer's attention module gets a `LayerBinding`, and the text model's
   attention implementation is switched to the registered `lsg` function.
+
+With `prefix=` (a `lsg.prefix.Prefix`), the block runs from decoder layer `prefix.layer`
+on: the context (segments, V-sinks, sink values below the layer) comes from the prefix,
+the layers below it pass their input through untouched, and the caller feeds the cached
+hidden state to the language model (`lsg.prefix.run_suffix`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
@@ -29,6 +34,9 @@ from lsg.context import ForwardContext, LayerView
 from lsg.gates.base import Gate
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig, sink_value
+
+if TYPE_CHECKING:
+    from lsg.prefix import Prefix
 
 
 RUN_ATTR = "_lsg_run"
@@ -58,6 +66,26 @@ def _decoder_layers(model) -> Sequence[torch.nn.Module]:
     return model.model.language_model.layers
 
 
+def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return hidden_states
+
+
+@contextmanager
+def skip_decoder_layers(backbone: Backbone, layers: Sequence[int]) -> Iterator[None]:
+    """Within the block, decoder `layers` return their input hidden state unchanged (their
+    `forward` is replaced on the instance; hooks still fire). The language model's own forward
+    then runs only the other layers: the prefix mechanism uses it to skip the frozen layers
+    below a cached hidden state, or the layers above the last one it needs."""
+    modules = [_decoder_layers(backbone.model)[l] for l in layers]
+    try:
+        for module in modules:
+            module.forward = _pass_through
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+
+
 def _normalise(gates: Mapping[int, Gate | Sequence[Gate]], backbone: Backbone) -> dict[int, list[Gate]]:
     """`{layer: [gates]}`, every gate on the backbone's device (moved in place if needed)."""
     out = {}
@@ -78,6 +106,9 @@ def attach(
     backbone: Backbone,
     gates: Mapping[int, Gate | Sequence[Gate]],
     sinks: SinkConfig | None = None,
+    *,
+    prefix: "Prefix | None" = None,
+    record_sinks_upto: int = -1,
 ) -> Iterator[AttachedRun]:
     """Install `gates` (`{layer: gate or [gates]}`) on `backbone`; always removes them.
 
@@ -94,9 +125,14 @@ def attach(
         gates: decoder layer (0-based) -> gate(s) applied in that layer; gates on another
             device than the backbone are moved to it (in place, as `nn.Module.to`).
         sinks: sink configuration (default: `backbone.sinks`).
+        prefix: run from `prefix.layer` on (see the module docstring); every gate must sit
+            at or above that layer, and the sinks are the prefix's.
+        record_sinks_upto: also record sink values entering layers `0..record_sinks_upto`
+            when no gate sits there (how `lsg.prefix.compute_prefixes` keeps them).
 
     Raises:
-        ValueError: a layer out of range.
+        ValueError: a layer out of range, a gate below the prefix's layer, or sinks other
+            than those the prefix was computed with.
         TypeError: something other than a `Gate` was given.
     """
     model = backbone.model
@@ -107,7 +143,17 @@ def attach(
     if getattr(model, RUN_ATTR, None) is not None or base == attention.ATTN_IMPLEMENTATION:
         raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone: pass all gates at once.")
     run = AttachedRun(backbone, sinks, "eager" if base == "eager" else "sdpa")
-    last_hooked = max(layer_gates, default=-1)
+    last_hooked = max(max(layer_gates, default=-1), record_sinks_upto)
+    first_hooked = 0
+    if prefix is not None:
+        below = [l for l in layer_gates if l < prefix.layer]
+        if below:
+            raise ValueError(f"Gates at layers {below} lie below the prefix's layer {prefix.layer}: their effect "
+                             f"would already be in the cached hidden state. Compute the prefix at layer {min(below)}.")
+        if sinks.to_dict() != prefix.sinks.to_dict():
+            raise ValueError("The prefix was computed with other sinks than this attach block's; recompute it.")
+        first_hooked = prefix.layer
+        run.ctx = prefix.context()
     feature_layer = model.config.vision_feature_layer
     drop_cls = model.config.vision_feature_select_strategy == "default"
 
@@ -170,18 +216,23 @@ def attach(
     handles = []
     decoder_layers = _decoder_layers(model)
     try:
-        handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
-        handles.append(model.model.register_forward_pre_hook(build_context, with_kwargs=True))
-        if sinks.has_vsinks:
-            handles.append(model.model.vision_tower.register_forward_hook(record_vsinks))
-        for layer in range(last_hooked + 1):
+        if prefix is None:
+            handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
+            handles.append(model.model.register_forward_pre_hook(build_context, with_kwargs=True))
+            if sinks.has_vsinks:
+                handles.append(model.model.vision_tower.register_forward_hook(record_vsinks))
+        for layer in range(first_hooked, last_hooked + 1):
             handles.append(decoder_layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
         for layer, attn_layer in enumerate(decoder_layers):  # every layer: ungated ones keep the base path
             setattr(attn_layer.self_attn, attention.BINDING_ATTR,
                     attention.LayerBinding(layer, layer_gates.get(layer, []), run))
         model.model.language_model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         setattr(model, RUN_ATTR, run)
-        yield run
+        if prefix is not None:
+            with skip_decoder_layers(backbone, range(prefix.layer)):
+                yield run
+        else:
+            yield run
     finally:
         model.model.language_model.set_attn_implementation(base)
         for handle in handles:

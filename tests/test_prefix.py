@@ -1,0 +1,129 @@
+"""Prefix reuse equals the plain path: every gate, both sink scopes, both paddings, the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import lsg
+from lsg.comparison import parse_stack
+from lsg.embedded import REPO_ROOT
+from lsg.gates import LSGGate
+from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
+from lsg.scoring import answer_loss, decoder_hidden
+from tests.conftest import samples
+
+TINY_CFG = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf/model/tiny-random.yaml"), resolve=True)
+SPECS = ["var", "vaf@1-2", "spear@2", "outro", "oracle@2:0.3", "oracle@0:0.8", "knockout@1", "mean-v@3",
+         "zero-v@2", "var@2-3+oracle@1:0.2"]
+
+
+def random_lsg(hidden_size, seed=1):
+    torch.manual_seed(seed)
+    gate = LSGGate(hidden_size, "vsink-lsink-ordinary")
+    torch.nn.init.normal_(gate.fc2.weight, std=0.5)
+    return gate
+
+
+def real(hidden, batch):
+    return hidden[batch["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("scope", ["layer", "upto"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_suffix_from_prefix_equals_full_gated_forward(tiny, batch, spec, scope):
+    sinks = dataclasses.replace(tiny.sinks, lsink_scope=scope)
+    stack = parse_stack(spec, tiny, TINY_CFG)
+    start = min(stack.layers)
+    with torch.no_grad():
+        with lsg.attach(tiny, stack.layers, sinks):
+            plain = decoder_hidden(tiny, batch)
+        prefixes, _ = compute_prefixes(tiny, batch, [start, 3], sinks)
+        suffix = run_suffix(tiny, prefixes[start], stack.layers)
+    torch.testing.assert_close(real(suffix, batch), real(plain, batch), atol=2e-5, rtol=1e-4)
+    assert (real(suffix, batch) - real(plain, batch)).abs().max() < 2e-5
+
+
+def test_lsg_gate_sees_the_same_ratios_and_gradients_from_the_prefix(tiny, batch):
+    sinks = dataclasses.replace(tiny.sinks, lsink_scope="upto")
+    gate = random_lsg(tiny.hidden_size)
+    with lsg.attach(tiny, {2: gate}, sinks) as run:
+        plain_loss = answer_loss(tiny, batch)
+        plain_ratios = run.ctx.gate_state[(2, 0)][0].detach()
+    plain_grads = torch.autograd.grad(plain_loss, list(gate.parameters()))
+    prefix = compute_prefixes(tiny, batch, [2], sinks)[0][2]
+    state = {}
+    loss = answer_loss(tiny, batch, run_suffix(tiny, prefix, {2: gate}, state))
+    grads = torch.autograd.grad(loss, list(gate.parameters()))
+    torch.testing.assert_close(state[(2, 0)][0].detach(), plain_ratios)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=1e-5)
+    for g, p in zip(grads, plain_grads):
+        torch.testing.assert_close(g, p, atol=1e-6, rtol=1e-4)
+
+
+def test_baseline_from_the_prefix_pass_equals_the_plain_backbone(tiny, batch):
+    with torch.no_grad():
+        plain = decoder_hidden(tiny, batch)
+        prefixes, final = compute_prefixes(tiny, batch, [1, 2], to_end=True)
+        ungated = run_suffix(tiny, prefixes[1])
+    torch.testing.assert_close(real(final, batch), real(plain, batch), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(real(ungated, batch), real(plain, batch), atol=2e-5, rtol=1e-4)
+    assert compute_prefixes(tiny, batch, [2])[1] is None  # layers above 2 skipped
+
+
+def test_a_gate_below_the_prefix_is_refused(tiny, batch):
+    prefix = compute_prefixes(tiny, batch, [2])[0][2]
+    with pytest.raises(ValueError, match="below the prefix's layer 2"):
+        run_suffix(tiny, prefix, {1: random_lsg(tiny.hidden_size)})
+    other = dataclasses.replace(tiny.sinks, tau_llm=9.0)
+    with pytest.raises(ValueError, match="other sinks"):
+        with lsg.attach(tiny, {}, other, prefix=prefix):
+            pass
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_prefix_cache_reassembles_samples_into_other_batches(tiny, side):
+    images, questions, answers = samples(6)
+    questions = [q + " ?" * i for i, q in enumerate(questions)]
+    ids = [f"s{i}" for i in range(6)]
+    cache = PrefixCache(tiny, 2)
+    first = tiny.build_batch(images[:4], questions[:4], answers[:4], padding_side=side)
+    cache.prefix(first, ids[:4])
+    assert cache.stats()["misses"] == 4 and cache.stats()["samples"] == 4
+    order = [3, 1, 0]  # another composition, width and order: served from the store
+    batch = tiny.build_batch([images[i] for i in order], [questions[i] for i in order], [answers[i] for i in order],
+                             padding_side=side)
+    gate = random_lsg(tiny.hidden_size)
+    cached = cache.prefix(batch, [ids[i] for i in order])
+    assert cache.stats()["hits"] == 3
+    with torch.no_grad():
+        fresh = compute_prefixes(tiny, batch, [2])[0][2]
+        torch.testing.assert_close(real(cached.hidden, batch), real(fresh.hidden, batch), atol=2e-5, rtol=1e-4)
+        for l in fresh.sink_phi:
+            torch.testing.assert_close(real(cached.sink_phi[l], batch), real(fresh.sink_phi[l], batch),
+                                       atol=1e-4, rtol=1e-4)
+        assert torch.equal(cached.vsink, fresh.vsink)
+        with lsg.attach(tiny, {2: gate}):
+            plain = decoder_hidden(tiny, batch)
+        torch.testing.assert_close(real(run_suffix(tiny, cached, {2: gate}), batch), real(plain, batch),
+                                   atol=3e-5, rtol=1e-4)
+
+
+def test_prefix_cache_budget_falls_back_to_recomputing(tiny, batch):
+    ids = ["a", "b", "c", "d"]
+    cache = PrefixCache(tiny, 1, budget_mb=0)
+    cache.prefix(batch, ids)
+    again = cache.prefix(batch, ids)
+    assert cache.stats() == {"hits": 0, "misses": 8, "stored_mb": 0.0, "samples": 0, "budget_reached": True}
+    torch.testing.assert_close(again.hidden, compute_prefixes(tiny, batch, [1])[0][1].hidden)
+
+
+def test_prefix_cache_recomputes_a_key_whose_tokens_changed(tiny, batch):
+    cache = PrefixCache(tiny, 1)
+    cache.prefix(batch, ["a", "b", "c", "d"])
+    swapped = cache.prefix(batch, ["b", "a", "c", "d"])  # rows a and b differ: not served from the store
+    assert cache.stats()["misses"] == 8
+    torch.testing.assert_close(swapped.hidden, compute_prefixes(tiny, batch, [1])[0][1].hidden)
