@@ -30,7 +30,7 @@ from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
 from lsg.embedded import REPO_ROOT, sha256_of
-from lsg.evaluation import (BOOTSTRAP_SAMPLES, CI_LEVEL, EvalResult, comparison_rows, delta_cell, evaluate,
+from lsg.evaluation import (BOOTSTRAP_SAMPLES, CI_LEVEL, EvalResult, comparison_rows, delta_cell, evaluate_many,
                             images_and_questions)
 from lsg.gates.base import Gate
 
@@ -142,19 +142,49 @@ def cache_key(stack: GateStack, backbone: Backbone, records: Sequence[VQARecord]
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cached_evaluate(stack: GateStack, backbone: Backbone, records: Sequence[VQARecord], cache_dir: Path,
-                    key: str, batch_size: int) -> tuple[EvalResult, bool]:
-    """Evaluate once per (stack, split); later calls read `cache_dir/<key>.json`."""
+def read_cached(records: Sequence[VQARecord], cache_dir: Path, key: str) -> EvalResult | None:
+    """A stack's answers from `cache_dir/<key>.json`, or None if not cached."""
     path = Path(cache_dir) / f"{key}.json"
-    if path.exists():
-        d = json.loads(path.read_text())
-        return EvalResult.from_predictions(records, d["predictions"], d["elapsed_s"]), True
-    result = evaluate(backbone, records, stack.layers or None, batch_size, progress=stack.spec)
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    return EvalResult.from_predictions(records, d["predictions"], d["elapsed_s"])
+
+
+def write_cached(result: EvalResult, spec: str, cache_dir: Path, key: str) -> None:
+    """Store a stack's answers under `cache_dir/<key>.json` (atomically)."""
+    path = Path(cache_dir) / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**result.as_dict(), "predictions": result.predictions, "spec": stack.spec}))
+    tmp.write_text(json.dumps({**result.as_dict(), "predictions": result.predictions, "spec": spec}))
     tmp.replace(path)
-    return result, False
+
+
+def cached_evaluate_many(stacks: Sequence[GateStack], backbone: Backbone, records: Sequence[VQARecord],
+                         cache_dir: Path, keys: Sequence[str], batch_size: int,
+                         progress: str | None = "evaluating") -> tuple[dict[str, EvalResult], set[str]]:
+    """Answers of every stack: cached ones read from `cache_dir`, the others computed together
+    in one pass with prefix reuse (`lsg.evaluation.evaluate_many`) and cached.
+
+    Returns:
+        (spec -> result, the specs that were read from the cache).
+    """
+    results, hits = {}, set()
+    todo = {}
+    for stack, key in zip(stacks, keys):
+        cached = read_cached(records, cache_dir, key)
+        if cached is not None:
+            results[stack.spec] = cached
+            hits.add(stack.spec)
+        else:
+            todo[stack.spec] = (stack, key)
+    if todo:
+        fresh = evaluate_many(backbone, records, {spec: st.layers for spec, (st, _) in todo.items()}, batch_size,
+                              progress=f"{progress} ({len(todo)} in one pass)" if progress else None)
+        for spec, (stack, key) in todo.items():
+            write_cached(fresh[spec], spec, cache_dir, key)
+            results[spec] = fresh[spec]
+    return results, hits
 
 
 def synchronize(device: torch.device) -> None:
@@ -239,8 +269,9 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
             ci_level: float = CI_LEVEL) -> tuple[list[dict], list[str]]:
     """Evaluate every spec on the same records; returns table rows and sub-task names.
 
-    Baseline answers are computed once (and cached); each stack's results are cached per
-    (stack, split) under `out_dir/cache`, so a re-run or an interrupted run resumes.
+    Stacks not yet cached are evaluated together in one pass that computes the frozen
+    prefix once per batch (`lsg.evaluation.evaluate_many`); each stack's answers are cached
+    per (stack, split) under `out_dir/cache`, so a re-run reuses them.
     Overhead is measured in this run: prefill time per batch with the stack / without.
     """
     from lsg.evaluation import mc_records
@@ -250,12 +281,13 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
     if not any(s.spec == "none" for s in stacks):
         stacks.insert(0, GateStack("none", {}, {"spec": "none"}))
     stacks.sort(key=lambda s: s.spec != "none")  # the baseline row first
-    results = {}
+    keys = [cache_key(stack, backbone, records, data_cfg, split) for stack in stacks]
+    results, hits = cached_evaluate_many(stacks, backbone, records, out_dir / "cache", keys, batch_size)
+    results = {stack.spec: results[stack.spec] for stack in stacks}  # table rows in the order asked
     for stack in stacks:
-        key = cache_key(stack, backbone, records, data_cfg, split)
-        results[stack.spec], hit = cached_evaluate(stack, backbone, records, out_dir / "cache", key, batch_size)
-        print(f"{stack.spec}: overall {100 * results[stack.spec].overall:.1f}%"
-              f" ({'cached' if hit else f'{results[stack.spec].elapsed_s:.1f} s'})", flush=True)
+        res = results[stack.spec]
+        print(f"{stack.spec}: overall {100 * res.overall:.1f}%"
+              f" ({'cached' if stack.spec in hits else f'{res.elapsed_s:.1f} s'})", flush=True)
     timing = [backbone.on_device(backbone.build_batch(*images_and_questions(records[i * batch_size:(i + 1) * batch_size])))
               for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
     base_s = time_forward(backbone, timing, None, timing_repeats)

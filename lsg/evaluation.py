@@ -17,6 +17,7 @@ from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
 from lsg.gates.base import Gate
+from lsg.prefix import compute_prefixes, run_suffix
 from lsg.scoring import LETTERS, option_scores
 
 
@@ -108,6 +109,69 @@ def evaluate(
             scores = option_scores(backbone, batch, max(len(r.options) for r in chunk))
             predictions += [LETTERS[int(row[: len(r.options)].argmax())] for row, r in zip(scores, chunk)]
     return EvalResult.from_predictions(records, predictions, time.perf_counter() - start)
+
+
+def predicted_letters(backbone: Backbone, batch: dict, hidden: torch.Tensor, records: Sequence[VQARecord]) -> list[str]:
+    """Predicted option letter per record from final hidden states `(B, T, D)` of `batch`
+    (argmax of the option-letter logits at the last prompt token, `option_scores`)."""
+    scores = option_scores(backbone, batch, max(len(r.options) for r in records), hidden)
+    return [LETTERS[int(row[: len(r.options)].argmax())] for row, r in zip(scores, records)]
+
+
+def first_layer(stack: Mapping[int, Gate | Sequence[Gate]] | None) -> int | None:
+    """The lowest gated layer of a stack, None for the baseline (no gate)."""
+    return min(stack) if stack else None
+
+
+@torch.no_grad()
+def evaluate_many(
+    backbone: Backbone,
+    records: Sequence[VQARecord],
+    stacks: Mapping[str, Mapping[int, Gate | Sequence[Gate]] | None],
+    batch_size: int = 32,
+    progress: str | None = None,
+    timing: dict | None = None,
+) -> dict[str, EvalResult]:
+    """`evaluate` for many stacks in one pass over the records, with prefix reuse (`lsg.prefix`).
+
+    Per batch, one ungated forward gives the hidden state entering each stack's lowest gated
+    layer (and, when a stack is empty or None, the baseline's answers); every stack then runs
+    only its own layers from there. Answers equal separate `evaluate` calls up to float
+    rounding (tests/test_prefix.py); the work drops from one full forward per stack to one
+    plus the stacks' suffixes.
+
+    Args:
+        stacks: name -> `{layer: gate(s)}` (None or {} = the unmodified backbone).
+        timing: if given, filled with seconds: `prefix` (the shared forwards) and one entry
+            per stack (its suffixes); each result's `elapsed_s` is its own suffix time, the
+            baseline's is the shared forward's.
+
+    Raises:
+        ValueError: no multiple-choice record.
+    """
+    records = mc_records(records)
+    starts = {name: first_layer(stack) for name, stack in stacks.items()}
+    layers = sorted({l for l in starts.values() if l is not None})
+    to_end = any(l is None for l in starts.values())
+    predictions: dict[str, list[str]] = {name: [] for name in stacks}
+    seconds = dict.fromkeys(["prefix", *stacks], 0.0)
+    batches = range(0, len(records), batch_size)
+    for i in track(batches, description=progress, transient=True) if progress else batches:
+        chunk = records[i : i + batch_size]
+        batch = backbone.on_device(backbone.build_batch(*images_and_questions(chunk)))
+        start = time.perf_counter()
+        prefixes, final = compute_prefixes(backbone, batch, layers, to_end=to_end)
+        seconds["prefix"] += time.perf_counter() - start
+        for name, stack in stacks.items():
+            start = time.perf_counter()
+            hidden = final if starts[name] is None else run_suffix(backbone, prefixes[starts[name]], stack)
+            predictions[name] += predicted_letters(backbone, batch, hidden, chunk)
+            seconds[name] += time.perf_counter() - start
+    if timing is not None:
+        timing.update(seconds)
+    return {name: EvalResult.from_predictions(records, predictions[name],
+                                              seconds[name] + (seconds["prefix"] if starts[name] is None else 0.0))
+            for name in stacks}
 
 
 def paired_delta(base: Sequence[bool], gated: Sequence[bool], samples: int = BOOTSTRAP_SAMPLES,

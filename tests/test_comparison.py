@@ -78,7 +78,7 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
         assert row["overall"] == pytest.approx(100 * hits / len(records))
 
     # A re-run evaluates nothing: make evaluation fail if it is called.
-    monkeypatch.setattr(comparison, "evaluate", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: pytest.fail("cache not used"))
     rows2, _ = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
                        timing_batches=1, timing_repeats=1)
     assert [r["overall"] for r in rows2] == [r["overall"] for r in rows]
@@ -92,7 +92,7 @@ def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tm
     entries: the second's baseline is evaluated, and equals a direct evaluation."""
     import lsg
     import lsg.comparison as comparison
-    from lsg.evaluation import evaluate
+    from lsg.evaluation import evaluate, evaluate_many
 
     cfg = backbone_config("tiny-random")
     other = lsg.load_backbone("tiny-random", seed=1)
@@ -102,7 +102,7 @@ def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tm
     compare(tiny, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
             timing_repeats=1)
     calls = []
-    monkeypatch.setattr(comparison, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: calls.append(1) or evaluate_many(*a, **k))
     rows, _ = compare(other, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
                       timing_batches=1, timing_repeats=1)
     assert calls == [1], "the other checkpoint's baseline must be evaluated, not read from the cache"

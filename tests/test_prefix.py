@@ -127,3 +127,24 @@ def test_prefix_cache_recomputes_a_key_whose_tokens_changed(tiny, batch):
     swapped = cache.prefix(batch, ["b", "a", "c", "d"])  # rows a and b differ: not served from the store
     assert cache.stats()["misses"] == 8
     torch.testing.assert_close(swapped.hidden, compute_prefixes(tiny, batch, [1])[0][1].hidden)
+
+
+def test_evaluate_many_gives_the_answers_of_separate_evaluations(tiny):
+    from lsg.data import generate_split, load_llava_json
+    from lsg.evaluation import evaluate, evaluate_many
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as root:
+        records = load_llava_json(generate_split("val", 14, Path(root)), check_images=False)
+        specs = ["none", "var", "oracle@2:0.3", "oracle@2:0.9", "spear@2+oracle@3:0.1", "outro"]
+        stacks = {s: parse_stack(s, tiny, TINY_CFG).layers for s in specs}
+        stacks["lsg@1"] = {1: random_lsg(tiny.hidden_size)}
+        timing = {}
+        many = evaluate_many(tiny, records, stacks, batch_size=5, timing=timing)
+        for name, stack in stacks.items():
+            alone = evaluate(tiny, records, stack or None, batch_size=4)
+            assert many[name].predictions == alone.predictions, name
+            assert many[name].correct == alone.correct
+        assert set(timing) == {"prefix", *stacks}
