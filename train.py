@@ -17,10 +17,25 @@ from omegaconf import DictConfig, OmegaConf
 
 import lsg
 from lsg.datamodule import VQADataModule, load_records
-from lsg.evaluation import evaluate, print_comparison
+from lsg.evaluation import EvalResult, evaluate_many, mc_records, print_comparison
 from lsg.loggers import build_logger
 from lsg.training import (EpochGateExport, GateTrainingModule, SafetensorsCheckpointIO, SafetensorsModelCheckpoint,
                           accumulation_steps, check_resumable)
+
+
+def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResult | None]:
+    """Baseline and gated answers on `records` from the epoch's validation (`val-epoch{e}.json`,
+    written by training; the same questions scored the same way), so the exported gate is not
+    evaluated twice. (None, None) when the file is absent or misses a question."""
+    import json
+
+    if not path.exists():
+        return None, None
+    answers = json.loads(path.read_text())["answers"]
+    if not all(r.id in answers and "baseline" in answers[r.id] for r in records):
+        return None, None
+    return (EvalResult.from_predictions(records, [answers[r.id]["baseline"] for r in records]),
+            EvalResult.from_predictions(records, [answers[r.id]["prediction"] for r in records]))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -33,7 +48,7 @@ def main(cfg: DictConfig) -> dict:
     gate = lsg.gates.get(gate_cfg.pop("name"), hidden_size=backbone.hidden_size, **gate_cfg)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = VQADataModule(backbone, data_cfg, cfg.batch_size, cfg.num_workers, cfg.seed)
-    module = GateTrainingModule(backbone, gate, layer, cfg.lr)
+    module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb)
 
     run_dir = Path(cfg.run_dir)
     identity = {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, "layer": layer,
@@ -66,9 +81,12 @@ def main(cfg: DictConfig) -> dict:
         return {}
 
     export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors")  # attach moves it
-    val = load_records(data_cfg, "val")
-    baseline = evaluate(backbone, val, None, cfg.eval_batch_size, progress="baseline (val)")
-    gated = evaluate(backbone, val, {layer: export}, cfg.eval_batch_size, progress=f"gated L{layer} (val)")
+    val = mc_records(load_records(data_cfg, "val"))
+    baseline, gated = validation_results(run_dir / f"val-epoch{cfg.export_epoch}.json", val)
+    if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
+        both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: export}}, cfg.eval_batch_size,
+                             progress=f"baseline and gated L{layer} (val)")
+        baseline, gated = both["baseline"], both["gated"]
     print_comparison(baseline, {f"LSG L{layer} (epoch {cfg.export_epoch})": gated}, cfg.bootstrap_samples,
                      cfg.ci_level)
     metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}

@@ -22,10 +22,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lsg.attach import attach
 from lsg.backbones import Backbone
+from lsg.context import GROUPINGS
 from lsg.gates.base import Gate
-from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_scores
+from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, model_inputs, run_suffix
+from lsg.scoring import LETTERS, answer_loss, option_scores
 
 TENSOR_TAG = "__tensor__"
 
@@ -113,6 +114,75 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
             super().on_train_end(trainer, pl_module)
 
 
+# ----------------------------------------------------------------- validation answers
+def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gate: Gate,
+                with_baseline: bool) -> tuple[torch.Tensor, dict[str, dict]]:
+    """Validation loss and answers of one gate from a prefix.
+
+    Returns:
+        (answer loss, record id -> {subtask, answer, prediction, ratios, and `baseline` when
+        `with_baseline`}); `ratios` is the gate's group-ratio vector for the question (LSG,
+        SPEC section 3) or None for gates without one.
+    """
+    records = batch["records"]
+    state: dict = {}
+    hidden = run_suffix(backbone, prefix, {layer: gate}, state)
+    loss = answer_loss(backbone, batch, hidden)
+    n = max(max(len(r.options) for r in records), 1)
+    scores = option_scores(backbone, batch, n, hidden)
+    base = option_scores(backbone, batch, n, run_suffix(backbone, prefix)) if with_baseline else None
+    ratios = state.get((layer, 0))
+    ratios = ratios[0] if isinstance(ratios, tuple) and isinstance(ratios[0], torch.Tensor) else None
+    out = {}
+    for i, r in enumerate(records):
+        if not (r.options and r.answer_letter):
+            continue
+        k = len(r.options)
+        out[r.id] = {"subtask": r.subtask, "answer": r.answer_letter,
+                     "prediction": LETTERS[int(scores[i, :k].argmax())],
+                     "ratios": None if ratios is None else [round(float(x), 6) for x in ratios[i]]}
+        if base is not None:
+            out[r.id]["baseline"] = LETTERS[int(base[i, :k].argmax())]
+    return loss, out
+
+
+def gather_answers(answers: dict[str, dict]) -> dict[str, dict]:
+    """Every rank's answers, merged by record id (records the distributed sampler repeated to
+    even out ranks count once); the answers themselves without DDP."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shards = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, answers)
+        return {k: v for shard in shards for k, v in shard.items()}
+    return dict(answers)
+
+
+def answer_metrics(answers: dict[str, dict]) -> dict[str, float]:
+    """`acc_<subtask>`, `acc` (overall), `n` and, where baselines are present, `baseline_acc`
+    (fractions in [0, 1]) over validation answers."""
+    per_task = defaultdict(list)
+    for a in answers.values():
+        per_task[a["subtask"]].append(a["prediction"] == a["answer"])
+    out = {f"acc_{t}": sum(h) / len(h) for t, h in per_task.items()}
+    if answers:
+        out["acc"] = sum(a["prediction"] == a["answer"] for a in answers.values()) / len(answers)
+        out["n"] = float(len(answers))
+        if all("baseline" in a for a in answers.values()):
+            out["baseline_acc"] = sum(a["baseline"] == a["answer"] for a in answers.values()) / len(answers)
+    return out
+
+
+def write_val_answers(path: Path, answers: dict[str, dict], **info) -> Path:
+    """`val-epoch{e}.json`: per validation question its sub-task, answer, the gate's prediction,
+    the baseline's and the gate ratios, plus `info` (epoch, step, layer, groups). Read by
+    train.py (the final comparison without re-evaluating) and summarize.py (Table 1, Figures 7-8)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**info, "answers": answers}))
+    tmp.replace(path)
+    return path
+
+
 # ----------------------------------------------------------------- the module
 class GateTrainingModule(L.LightningModule):
     """Trains `gate` at decoder `layer` of a frozen `backbone`.
@@ -125,16 +195,26 @@ class GateTrainingModule(L.LightningModule):
         gate: a trainable `Gate`.
         layer: 0-based decoder layer.
         lr: Adam learning rate, constant (the paper gives none; default 1e-3).
+        prefix_cache_mb: host memory for the frozen prefix (hidden state entering `layer`,
+            per sample; `lsg.prefix.PrefixCache`): epoch 2 and every validation after the
+            first run layers `layer..L-1` only. Past the budget samples are recomputed.
+
+    Validation also records, per question, the gate's and (once per process) the baseline's
+    answer and the gate ratios: `val_answers` after each validation (`write_val_answers`).
     """
 
-    def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3):
+    def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3,
+                 prefix_cache_mb: float = PREFIX_CACHE_MB):
         super().__init__()
         if not gate.trainable:
             raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
         self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
         self.gate.float()
-        self._val: dict[str, tuple[str, bool]] = {}  # record id -> (sub-task, correct)
+        self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb)
+        self._val: dict[str, dict] = {}  # record id -> answer (val_answers)
+        self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
+        self.val_answers: dict[str, dict] = {}
 
     identity: dict = {}
     _last_loss: torch.Tensor | None = None
@@ -150,10 +230,14 @@ class GateTrainingModule(L.LightningModule):
         # records are metadata; only tensors move
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def prefix(self, batch: dict, split: str) -> Prefix:
+        return self.prefixes.prefix(batch, [f"{split}/{r.id}" for r in batch["records"]])
+
     def forward(self, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "records"}
-        with attach(self.backbone, {self.layer: self.gate}):
-            return answer_loss(self.backbone, inputs)
+        """Answer loss of a training batch: layers below the gate from the prefix cache."""
+        inputs = model_inputs(batch)
+        hidden = run_suffix(self.backbone, self.prefix(batch, "train"), {self.layer: self.gate})
+        return answer_loss(self.backbone, inputs, hidden)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
@@ -181,34 +265,25 @@ class GateTrainingModule(L.LightningModule):
                 f"gate. The last finite state is the run's last.safetensors; lower lr, or check the data.")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        inputs = {k: v for k, v in batch.items() if k != "records"}
         records = batch["records"]
-        with attach(self.backbone, {self.layer: self.gate}):
-            hidden = decoder_hidden(self.backbone, inputs)
-        loss = answer_loss(self.backbone, inputs, hidden)
-        scores = option_scores(self.backbone, inputs, max(max(len(r.options) for r in records), 1), hidden)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(records), sync_dist=True)
-        for row, r in zip(scores, records):
-            if r.options and r.answer_letter:
-                self._val[r.id] = (r.subtask, LETTERS[int(row[: len(r.options)].argmax())] == r.answer_letter)
+        with_baseline = any(r.id not in self._baseline for r in records)
+        loss, answers = val_answers(self.backbone, batch, self.prefix(batch, "val"), self.layer, self.gate,
+                                    with_baseline)
+        for rid, a in answers.items():
+            if "baseline" in a:
+                self._baseline[rid] = a["baseline"]
+            a["baseline"] = self._baseline[rid]
+        self._val.update(answers)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
 
     def on_validation_epoch_end(self) -> None:
         """Accuracy over the whole validation split: under DDP every rank's answers are
-        gathered, and records the distributed sampler repeated to even out ranks count once."""
-        answers = dict(self._val)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            shards = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, answers)
-            answers = {k: v for shard in shards for k, v in shard.items()}
-        per_task = defaultdict(list)
-        for task, hit in answers.values():
-            per_task[task].append(hit)
-        for task, hits in per_task.items():
-            self.log(f"val/acc_{task}", sum(hits) / len(hits), sync_dist=True)
-        if answers:
-            self.log("val/acc", sum(h for _, h in answers.values()) / len(answers), prog_bar=True, sync_dist=True)
-            self.log("val/n", float(len(answers)), sync_dist=True)
-        self._val.clear()
+        gathered, and records the distributed sampler repeated to even out ranks count once.
+        Every rank logs the same gathered values."""
+        self.val_answers = gather_answers(self._val)
+        for key, value in answer_metrics(self.val_answers).items():
+            self.log(f"val/{key}", value, prog_bar=key == "acc")
+        self._val = {}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.gate.parameters(), lr=self.lr)
@@ -241,6 +316,11 @@ class EpochGateExport(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
         self._save(trainer, pl_module,
                    val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+        if trainer.is_global_zero and not trainer.sanity_checking and not trainer.fast_dev_run and pl_module.val_answers:
+            epoch = trainer.current_epoch + 1
+            write_val_answers(self.run_dir / f"val-epoch{epoch}.json", pl_module.val_answers, epoch=epoch,
+                              steps=trainer.global_step, layer=pl_module.layer,
+                              groups=list(GROUPINGS.get(getattr(pl_module.gate, "grouping", ""), ())))
 
 
 def check_resumable(path: Path, identity: dict) -> str | None:

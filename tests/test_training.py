@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from types import SimpleNamespace
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_only_gate_parameters_train_and_backbone_is_bit_identical(tiny, batch):
     optimizer = module.configure_optimizers()
     gate_before = {k: v.clone() for k, v in gate.state_dict().items()}
     for _ in range(3):
-        loss = module({**batch, "records": []})
+        loss = module({**batch, "records": [SimpleNamespace(id=f"r{i}") for i in range(4)]})
         optimizer.zero_grad()
         loss.backward()
         assert all(p.grad is None for p in tiny.model.parameters())
@@ -136,6 +137,17 @@ def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):
     assert meta["sinks"]["llm_dims"] == [0, 1] and meta["data"]["n_train"] == 32
     gate = LSGGate.load(tmp_path / "ck" / "lsg-L2.safetensors", backbone="tiny-random", layer=2)
     assert not torch.equal(gate.fc2.weight, torch.zeros_like(gate.fc2.weight))
+    # The final comparison reads epoch 1's validation answers, not a second evaluation; they equal
+    # a plain evaluation of the exported gate and of the backbone on the same split.
+    from lsg.datamodule import load_records
+    from lsg.evaluation import evaluate
+
+    val = json.loads((tmp_path / "run" / "val-epoch1.json").read_text())
+    records = load_records({"name": "shapes", "root": str(tmp_path / "shapes"), "n_val": 14}, "val")
+    assert [val["answers"][r.id]["prediction"] for r in records] == evaluate(
+        __import__("lsg").load_backbone("tiny-random"), records, {2: gate}).predictions
+    assert all(len(a["ratios"]) == 3 and abs(sum(a["ratios"]) - 1) < 1e-4 for a in val["answers"].values())
+    assert "baseline and gated" not in result.stdout + result.stderr
     # The same run directory with another layer's settings is refused, not overwritten.
     bad = run_train(tmp_path, "gate.width=8", check=False)
     assert bad.returncode != 0 and "different gate_config" in bad.stderr
@@ -148,6 +160,31 @@ def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):
 def test_train_py_bad_input_gets_clear_error(tmp_path, override, message):
     result = run_train(tmp_path, override, "trainer.fast_dev_run=true", check=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+def test_training_through_the_prefix_cache_equals_plain_training(tiny, batch):
+    """Two epochs over the same batches: the module (epoch 2 served from the prefix cache)
+    ends with the gate plain `attach` training gives, same init, same data order."""
+    from lsg.attach import attach
+
+    torch.manual_seed(3)
+    plain = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    torch.nn.init.normal_(plain.fc2.weight, std=0.3)
+    cached = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    cached.load_state_dict(plain.state_dict())
+    module = GateTrainingModule(tiny, cached, layer=2, lr=1e-2)
+    opt_plain, opt_cached = torch.optim.Adam(plain.parameters(), 1e-2), module.configure_optimizers()
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    for epoch in range(2):
+        for i, half in enumerate(halves):
+            with attach(tiny, {2: plain}):
+                loss = answer_loss(tiny, half)
+            opt_plain.zero_grad(), loss.backward(), opt_plain.step()
+            loss = module({**half, "records": [SimpleNamespace(id=f"{i}-{j}") for j in range(2)]})
+            opt_cached.zero_grad(), loss.backward(), opt_cached.step()
+    assert module.prefixes.stats()["hits"] == 4 and module.prefixes.stats()["misses"] == 4
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_checkpoint_from_another_backbone_is_refused(tmp_path, tiny):
