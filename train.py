@@ -20,7 +20,7 @@ from lsg.datamodule import VQADataModule, load_records
 from lsg.evaluation import EvalResult, evaluate_many, mc_records, print_comparison
 from lsg.loggers import build_logger
 from lsg.training import (EpochGateExport, GateTrainingModule, SafetensorsCheckpointIO, SafetensorsModelCheckpoint,
-                          accumulation_steps, check_resumable)
+                          accumulation_steps, build_gate, check_resumable)
 
 
 def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResult | None]:
@@ -44,8 +44,7 @@ def main(cfg: DictConfig) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     backbone = lsg.load_backbone(model_cfg.pop("name"), **model_cfg)
     layer = backbone.check_layer(cfg.layer)
-    gate_cfg = OmegaConf.to_container(cfg.gate, resolve=True)
-    gate = lsg.gates.get(gate_cfg.pop("name"), hidden_size=backbone.hidden_size, **gate_cfg)
+    gate = build_gate(OmegaConf.to_container(cfg.gate, resolve=True), backbone, cfg.seed)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule = VQADataModule(backbone, data_cfg, cfg.batch_size, cfg.num_workers, cfg.seed)
     module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb)

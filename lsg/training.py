@@ -116,13 +116,17 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
 
 # ----------------------------------------------------------------- validation answers
 def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gate: Gate,
-                with_baseline: bool) -> tuple[torch.Tensor, dict[str, dict]]:
+                baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, dict]]:
     """Validation loss and answers of one gate from a prefix.
+
+    Args:
+        baseline: final hidden states `(B, T, D)` of the ungated backbone on this batch, to
+            record its answers too (None = not recorded).
 
     Returns:
         (answer loss, record id -> {subtask, answer, prediction, ratios, and `baseline` when
-        `with_baseline`}); `ratios` is the gate's group-ratio vector for the question (LSG,
-        SPEC section 3) or None for gates without one.
+        given}); `ratios` is the gate's group-ratio vector for the question (LSG, SPEC
+        section 3) or None for gates without one.
     """
     records = batch["records"]
     state: dict = {}
@@ -130,7 +134,7 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
     loss = answer_loss(backbone, batch, hidden)
     n = max(max(len(r.options) for r in records), 1)
     scores = option_scores(backbone, batch, n, hidden)
-    base = option_scores(backbone, batch, n, run_suffix(backbone, prefix)) if with_baseline else None
+    base = option_scores(backbone, batch, n, baseline) if baseline is not None else None
     ratios = state.get((layer, 0))
     ratios = ratios[0] if isinstance(ratios, tuple) and isinstance(ratios[0], torch.Tensor) else None
     out = {}
@@ -144,6 +148,17 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
         if base is not None:
             out[r.id]["baseline"] = LETTERS[int(base[i, :k].argmax())]
     return loss, out
+
+
+def build_gate(gate_cfg: dict, backbone: Backbone, seed: int) -> Gate:
+    """A registered gate from its config (`conf/gate/*.yaml` minus `name` given as `gate_cfg["name"]`),
+    its parameters initialised from `seed` alone, so one layer's gate starts the same in
+    train.py and in a shared-prefix sweep (loading a backbone draws from the RNG)."""
+    from lsg import gates
+
+    cfg = dict(gate_cfg)
+    torch.manual_seed(seed)
+    return gates.get(cfg.pop("name"), hidden_size=backbone.hidden_size, **cfg)
 
 
 def gather_answers(answers: dict[str, dict]) -> dict[str, dict]:
@@ -266,9 +281,9 @@ class GateTrainingModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         records = batch["records"]
-        with_baseline = any(r.id not in self._baseline for r in records)
-        loss, answers = val_answers(self.backbone, batch, self.prefix(batch, "val"), self.layer, self.gate,
-                                    with_baseline)
+        prefix = self.prefix(batch, "val")
+        baseline = run_suffix(self.backbone, prefix) if any(r.id not in self._baseline for r in records) else None
+        loss, answers = val_answers(self.backbone, batch, prefix, self.layer, self.gate, baseline)
         for rid, a in answers.items():
             if "baseline" in a:
                 self._baseline[rid] = a["baseline"]
