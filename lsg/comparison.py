@@ -7,6 +7,7 @@ A gate spec is a string: `name[@layers][:arg]`, stacks joined by `+`.
     vaf@8-13                    explicit layers ("8-13", "3,7,10" or "10")
     lsg:checkpoints/smol-llava/lsg-L10.safetensors     a trained gate (layer from its metadata)
     oracle@10:0.3               KeyScaleGate.oracle(alpha=0.3) at layer 10 (SPEC section 4)
+    oracle@10:0.3/0.5/0.9       V-sink / L-sink / ordinary keys x 0.3 / 0.5 / 0.9 (3-group oracle)
     lsg:ckpt_a+lsg:ckpt_b+var@2-5                      a stack mixing trained and training-free gates
 
 Hyperparameters of a named gate come from `conf/gate/<name>.yaml`.
@@ -71,6 +72,25 @@ def gate_config(name: str, backbone_cfg: dict) -> dict:
     return OmegaConf.to_container(root.gate, resolve=True)
 
 
+def oracle_gate(arg: str, grouping: str) -> Gate:
+    """The oracle of a spec's argument (SPEC section 4): `0.3` = first group x 0.3, the rest
+    x 0.7, in the backbone's grouping; `0.3/0.5/0.9` = one coefficient per group of the
+    3-group split (V-sinks / L-sinks / ordinary, the paper's stage 2).
+
+    Raises:
+        ValueError: not a number, or a coefficient list that fits no grouping.
+    """
+    try:
+        values = [float(x) for x in arg.split("/")]
+    except ValueError:
+        raise ValueError(f"Bad oracle argument {arg!r}: give alpha (0.3) or per-group coefficients (0.3/0.5/0.9).") from None
+    if len(values) == 1:
+        return gate_registry.KeyScaleGate.oracle(values[0], grouping)
+    if len(values) == 3:
+        return gate_registry.KeyScaleGate(values, "vsink-lsink-ordinary")
+    return gate_registry.KeyScaleGate(values, grouping)
+
+
 def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_move: bool = False) -> GateStack:
     """Build the gates of one spec (see the module docstring).
 
@@ -105,7 +125,7 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_m
         elif name == "oracle":
             if not layer_text or not arg:
                 raise ValueError(f"{element!r}: the oracle needs a layer and alpha, e.g. oracle@10:0.3")
-            gate = gate_registry.KeyScaleGate.oracle(float(arg), backbone_cfg.get("lsg_grouping", "vsink-rest"))
+            gate = oracle_gate(arg, backbone_cfg.get("lsg_grouping", "vsink-rest"))
             chosen = parse_layers(layer_text, backbone.num_layers)
             ident = {"gate": "keyscale", "config": gate.config(), "layers": chosen}
         else:

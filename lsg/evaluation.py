@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -21,8 +20,7 @@ from lsg.prefix import compute_prefixes, run_suffix
 from lsg.scoring import LETTERS, option_scores
 
 
-BOOTSTRAP_SAMPLES = 2000  # resamples of the questions for a paired CI (config: bootstrap_samples)
-CI_LEVEL = 0.95  # (config: ci_level)
+from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_delta  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -172,36 +170,6 @@ def evaluate_many(
     return {name: EvalResult.from_predictions(records, predictions[name],
                                               seconds[name] + (seconds["prefix"] if starts[name] is None else 0.0))
             for name in stacks}
-
-
-def paired_delta(base: Sequence[bool], gated: Sequence[bool], samples: int = BOOTSTRAP_SAMPLES,
-                 level: float = CI_LEVEL, seed: int = 0) -> tuple[float, float, float, float]:
-    """Accuracy delta of `gated` over `base` on the same questions, in points, with its paired
-    percentile-bootstrap CI (questions resampled with replacement, `samples` times) and the
-    two-sided exact McNemar p-value on the discordant pairs (SPEC section 6).
-
-    Args:
-        base, gated: per-question correctness, same questions in the same order.
-
-    Returns:
-        (delta, ci_low, ci_high, p): points, points, points, probability.
-
-    Raises:
-        ValueError: lengths differ or there are no questions.
-    """
-    import numpy as np
-
-    a, b = np.asarray(base, dtype=float), np.asarray(gated, dtype=float)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired_delta needs the same non-empty questions: {a.size} vs {b.size}.")
-    diff = b - a
-    idx = np.random.default_rng(seed).integers(0, diff.size, size=(samples, diff.size))
-    boot = diff[idx].mean(1)
-    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    lost, won = int((diff < 0).sum()), int((diff > 0).sum())
-    n, k = lost + won, min(lost, won)
-    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-    return 100 * float(diff.mean()), 100 * float(low), 100 * float(high), p
 
 
 def comparison_rows(baseline: EvalResult, results: Mapping[str, EvalResult], samples: int = BOOTSTRAP_SAMPLES,
