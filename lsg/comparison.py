@@ -9,6 +9,7 @@ A gate spec is a string: `name[@layers][:arg]`, stacks joined by `+`.
     oracle@10:0.3               KeyScaleGate.oracle(alpha=0.3) at layer 10 (SPEC section 4)
     oracle@10:0.3/0.5/0.9       V-sink / L-sink / ordinary keys x 0.3 / 0.5 / 0.9 (3-group oracle)
     lsg:ckpt_a+lsg:ckpt_b+var@2-5                      a stack mixing trained and training-free gates
+    stack:runs/stack/smol-llava/stack-keep-all.json    a stack manifest written by stack.py
 
 Hyperparameters of a named gate come from `conf/gate/<name>.yaml`.
 """
@@ -106,7 +107,15 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_m
     parts = []
     if spec.strip() == "none":
         return GateStack("none", {}, {"spec": "none"})
-    for element in spec.split("+"):
+    elements = []
+    for element in spec.split("+"):  # a stack manifest expands into its gates' specs
+        if element.strip().startswith("stack:"):
+            from lsg.stacking import manifest_specs
+
+            elements += manifest_specs(Path(element.strip().split(":", 1)[1]), backbone)
+        else:
+            elements.append(element)
+    for element in elements:
         head, _, arg = element.strip().partition(":")
         name, _, layer_text = head.partition("@")
         if name == "lsg":
