@@ -31,7 +31,7 @@ import torch
 from lsg import attention
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext, LayerView
-from lsg.gates.base import Gate
+from lsg.gates.base import Gate, HookPoint
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig, sink_value
 
@@ -223,6 +223,10 @@ def attach(
                 handles.append(model.model.vision_tower.register_forward_hook(record_vsinks))
         for layer in range(first_hooked, last_hooked + 1):
             handles.append(decoder_layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
+        for layer, group in layer_gates.items():
+            for gate in group:
+                if HookPoint.MODULES in gate.hook_points:
+                    handles += gate.install(layer, decoder_layers[layer])
         for layer, attn_layer in enumerate(decoder_layers):  # every layer: ungated ones keep the base path
             setattr(attn_layer.self_attn, attention.BINDING_ATTR,
                     attention.LayerBinding(layer, layer_gates.get(layer, []), run))

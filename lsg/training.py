@@ -154,11 +154,12 @@ def build_gate(gate_cfg: dict, backbone: Backbone, seed: int) -> Gate:
     """A registered gate from its config (`conf/gate/*.yaml` minus `name` given as `gate_cfg["name"]`),
     its parameters initialised from `seed` alone, so one layer's gate starts the same in
     train.py and in a shared-prefix sweep (loading a backbone draws from the RNG)."""
-    from lsg import gates
+    from lsg.gates.base import gate_class
 
     cfg = dict(gate_cfg)
+    cls = gate_class(cfg.pop("name"))
     torch.manual_seed(seed)
-    return gates.get(cfg.pop("name"), hidden_size=backbone.hidden_size, **cfg)
+    return cls.build(backbone, **cfg)
 
 
 def gather_answers(answers: dict[str, dict]) -> dict[str, dict]:

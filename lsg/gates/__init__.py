@@ -6,10 +6,11 @@ config file in `conf/gate/`, and its import below.
 from lsg.gates.base import Gate, HookPoint, get, known, register
 from lsg.gates.interventions import KeyKnockoutGate, MeanValueGate, ZeroValueGate
 from lsg.gates.keyscale import KeyScaleGate
+from lsg.gates.lora import LoRAGate
 from lsg.gates.lsg import LSGGate
 from lsg.gates.outro import OutRoGate
 from lsg.gates.vaf import SPEARGate, VAFGate
 from lsg.gates.var import VARGate
 
-__all__ = ["Gate", "HookPoint", "KeyKnockoutGate", "KeyScaleGate", "LSGGate", "MeanValueGate", "OutRoGate",
+__all__ = ["Gate", "HookPoint", "KeyKnockoutGate", "KeyScaleGate", "LSGGate", "LoRAGate", "MeanValueGate", "OutRoGate",
            "SPEARGate", "VAFGate", "VARGate", "ZeroValueGate", "get", "known", "register"]

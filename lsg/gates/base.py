@@ -32,6 +32,7 @@ class HookPoint(str, Enum):
     LOGITS = "logits"  # pre-softmax attention logits (explicit path, chosen rows only)
     WEIGHTS = "weights"  # post-softmax attention weights (explicit path, chosen rows only)
     HEAD_OUTPUTS = "head_outputs"  # per-head attention outputs before o_proj
+    MODULES = "modules"  # forward hooks on the decoder layer's own submodules (LoRA), installed by attach
 
 
 MATRIX_HOOKS = frozenset({HookPoint.LOGITS, HookPoint.WEIGHTS})
@@ -56,6 +57,13 @@ def get(name: str, **config) -> "Gate":
     if name not in _REGISTRY:
         raise ValueError(f"Unknown gate {name!r}. Known gates: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[name](**config)
+
+
+def gate_class(name: str) -> type["Gate"]:
+    """The registered class of a gate name (ValueError listing the known ones otherwise)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown gate {name!r}. Known gates: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
 
 
 def known() -> list[str]:
@@ -125,6 +133,21 @@ class Gate(nn.Module):
         """HEAD_OUTPUTS: `(B, T_q, H, d_head)` outputs (with the layer's values
         `(B, H_kv, T_kv, d_head)` for reference) -> same shape."""
         return outputs
+
+    @classmethod
+    def build(cls, backbone, **config) -> "Gate":
+        """The gate for a loaded backbone: trainable gates that read the hidden state get its
+        width as `hidden_size`; gates that need more of the backbone override this."""
+        import inspect
+
+        if "hidden_size" in inspect.signature(cls.__init__).parameters:
+            config = {"hidden_size": backbone.hidden_size, **config}
+        return cls(**config)
+
+    def install(self, layer: int, decoder_layer: nn.Module) -> list:
+        """MODULES: register hooks on `decoder_layer`'s submodules for an attach block; returns
+        the hook handles (attach removes them on exit)."""
+        return []
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, path: str | Path, **metadata) -> Path:
