@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import lsg
 from lsg.datamodule import VQADataModule, load_records
 from lsg.evaluation import EvalResult, evaluate_many, mc_records, print_comparison
-from lsg.loggers import build_logger
+from lsg.loggers import build_logger, multirun_group
 from lsg.training import (EpochGateExport, GateTrainingModule, SafetensorsCheckpointIO, SafetensorsModelCheckpoint,
                           accumulation_steps, build_gate, check_resumable)
 
@@ -56,7 +56,8 @@ def main(cfg: DictConfig) -> dict:
     module.batch_log = Path(cfg.batch_log) if cfg.batch_log else None
     resume = check_resumable(run_dir / "last.safetensors", identity)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), f"{backbone.name}-lsg-L{layer}",
+    logger = build_logger(multirun_group(OmegaConf.to_container(cfg.logger, resolve=True)),
+                          f"{backbone.name}-{gate.name}-L{layer}",
                           OmegaConf.to_container(cfg, resolve=True))
     trainer = L.Trainer(
         **trainer_cfg,
@@ -96,6 +97,8 @@ def main(cfg: DictConfig) -> dict:
         logger.log_metrics({f"final/{name}_acc_{t}": a for name, r in (("baseline", baseline), ("gated", gated))
                             for t, a in r.accuracy.items()})
     print(f"Saved gate to {cfg.export_path}")
+    if logger:
+        logger.experiment.finish()  # a multirun's next job starts its own run
     return metrics
 
 

@@ -100,7 +100,7 @@ def build_logger(cfg: dict, run_name: str, config: dict | None = None):
 
     def start(mode: str):
         logger = WandbLogger(project=cfg["project"], name=run_name, save_dir=cfg["save_dir"], mode=mode,
-                             config=config, settings=_settings(cfg))
+                             config=config, settings=_settings(cfg), group=cfg.get("group"))
         logger.experiment  # noqa: B018 - starts the run now
         return logger
 
@@ -116,4 +116,22 @@ def start_run(cfg: dict, run_name: str, config: dict | None = None):
 
     return _start_with_fallback(cfg, lambda mode: wandb.init(
         project=cfg["project"], name=run_name, mode=mode, dir=cfg["save_dir"], config=config,
-        settings=_settings(cfg)))
+        settings=_settings(cfg), group=cfg.get("group")))
+
+
+def multirun_group(cfg: dict) -> dict:
+    """The logger config with `group` set to the Hydra multirun's name when this job is part of
+    one (`python train.py -m layer=0,1,...`) and no group was given, so every run of a sweep
+    lands in one W&B group (`<job name>-<sweep dir name>`)."""
+    if cfg.get("group"):
+        return cfg
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not under Hydra
+        return cfg
+    if hc.mode != RunMode.MULTIRUN:
+        return cfg
+    return {**cfg, "group": f"{hc.job.name}-{Path(hc.sweep.dir).name}"}

@@ -1,0 +1,65 @@
+"""Layer sweeps as separate jobs: Hydra multirun (one W&B group, a failed job spares the rest)
+and the W&B sweep file for clusters."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from lsg.loggers import multirun_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wandb_sweep_file_parameters_parse_into_the_train_config():
+    sweep = yaml.safe_load((ROOT / "conf" / "wandb-sweep.yaml").read_text())
+    assert sweep["program"] == "train.py" and "${args_no_hyphens}" in sweep["command"]
+    params = sweep["parameters"]
+    names = list(params)
+    grids = [p["values"] if "values" in p else [p["value"]] for p in params.values()]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        for combo in itertools.product(*grids):
+            args = [f"{k}={v}" for k, v in zip(names, combo)]  # what ${args_no_hyphens} passes
+            cfg = compose("train", overrides=args)
+            chosen = dict(zip(names, combo))
+            assert cfg.layer == chosen["layer"] and cfg.model.name == chosen["model"]
+            assert cfg.trainer.devices == chosen["trainer.devices"]
+            assert cfg.run_dir.endswith(f"lsg-L{chosen['layer']}")
+    assert sorted(params["layer"]["values"]) == list(range(32))  # LLaVA-1.5-7B has 32 decoder layers
+
+
+def test_multirun_jobs_share_one_wandb_group_named_after_the_sweep():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["layer=3"], return_hydra_config=True)
+    from omegaconf import read_write
+
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = "MULTIRUN"
+        cfg.hydra.sweep.dir = "/x/runs/multirun/2026-11-30_21-00-00"
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert multirun_group({"name": "wandb"})["group"] == "train-2026-11-30_21-00-00"
+        assert multirun_group({"name": "wandb", "group": "mine"})["group"] == "mine"
+        with read_write(cfg.hydra):
+            cfg.hydra.mode = "RUN"
+        HydraConfig.instance().set_config(cfg)
+        assert multirun_group({"name": "wandb"}).get("group") is None
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_failed_multirun_job_does_not_stop_the_others(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "model=tiny-random", "logger=none", "layer=99,2",
+            f"data.root={tmp_path / 'shapes'}", "data.n_train=8", "data.n_val=7", "batch_size=4",
+            "effective_batch_size=8", "epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+            f"run_dir={tmp_path}/run/lsg-L${{layer}}", f"export_path={tmp_path}/ck/L${{layer}}.safetensors"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and "layer=99 is out of range" in result.stderr
+    assert (tmp_path / "ck" / "L2.safetensors").exists()  # the job after the failed one ran to the end
