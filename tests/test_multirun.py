@@ -63,3 +63,7 @@ def test_a_failed_multirun_job_does_not_stop_the_others(tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode != 0 and "layer=99 is out of range" in result.stderr
     assert (tmp_path / "ck" / "L2.safetensors").exists()  # the job after the failed one ran to the end
+    # Each job ran as its own `python train.py <overrides>` process, with its own Hydra output folder.
+    assert "one process each" in result.stdout + result.stderr
+    assert "layer=2" in (tmp_path / "multirun" / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert "layer=99" in (tmp_path / "multirun" / "0" / ".hydra" / "overrides.yaml").read_text()
