@@ -247,7 +247,10 @@ class GateTrainingModule(L.LightningModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def prefix(self, batch: dict, split: str) -> Prefix:
-        return self.prefixes.prefix(batch, [f"{split}/{r.id}" for r in batch["records"]])
+        """The batch's prefix at the gate's layer, per sample keyed by split, record id and image
+        (the cache also checks the tokens), so a reused id never serves another sample."""
+        return self.prefixes.prefix(batch, [f"{split}/{r.id}/{getattr(r, 'image_path', '')}"
+                                            for r in batch["records"]])
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Answer loss of a training batch: layers below the gate from the prefix cache."""
