@@ -172,13 +172,25 @@ def manifest_specs(path: Path, backbone: Backbone) -> list[str]:
     return [g["spec"] for g in data["gates"]]
 
 
-def load_manifest(path: Path, backbone: Backbone, backbone_cfg: dict):
+def load_manifest(path: Path, backbone: Backbone, backbone_cfg: dict | None = None):
     """`{layer: [gates]}` of a manifest, ready for `lsg.attach(backbone, ...)`.
+
+    Args:
+        backbone_cfg: the backbone's `conf/model` entries (training-free gates read
+            `lsg_grouping` and `${model.*}` from it); None = `conf/model/<backbone.name>.yaml`.
 
     Raises:
         see `manifest_specs` and `lsg.comparison.parse_stack`.
     """
     from lsg.comparison import parse_stack
+
+    if backbone_cfg is None:
+        from omegaconf import OmegaConf
+
+        from lsg.embedded import REPO_ROOT
+
+        conf = REPO_ROOT / "conf" / "model" / f"{backbone.name}.yaml"
+        backbone_cfg = OmegaConf.to_container(OmegaConf.load(conf), resolve=True) if conf.exists() else {}
 
     return parse_stack("+".join(manifest_specs(path, backbone)), backbone, backbone_cfg).layers
 
