@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CUDA checks on a GPU machine, on tiny hub-format LLaVA checkpoints the tests build
 # (no download): gated generation in bf16 through the KV cache, train.py (one GPU, and the
-# ddp trainer config), compare.py, calibrate.py and benchmark.py on the accelerator.
+# ddp trainer config), compare.py, calibrate.py, benchmark.py, and the workflow (sweep.py, summarize.py,
+# oracle.py, stack.py, train.py gate=lora) on the accelerator.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # needs torch with CUDA and the project's packages
 #
@@ -87,4 +88,18 @@ python3 calibrate.py "${MODEL[@]}" "${DATA[@]}" n_samples=8 "hydra.run.dir=$WORK
 echo "== benchmark.py model=... on the GPU"
 python3 scripts/benchmark.py "${MODEL[@]}" model.dtype=bfloat16 batch=4 new_tokens=8 repeats=3 \
     "specs=[none,oracle@1:0.3,var,vaf,outro]" "hydra.run.dir=$WORK/h5" 2>&1 | tail -10
+echo "== sweep.py (shared prefix, bf16-mixed), summarize, oracle grid, greedy stack, LoRA on the GPU"
+python3 sweep.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" logger=none batch_size=8 \
+    effective_batch_size=16 epochs=1 trainer.accelerator=gpu trainer.precision=bf16-mixed \
+    trainer.enable_progress_bar=false "out_dir=$WORK/sweep" "hydra.run.dir=$WORK/h6" 2>&1 | tail -4
+python3 summarize.py "$WORK/sweep" --logger none | tail -8
+python3 oracle.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" "alphas=[0.0,0.5,1.0]" \
+    logger=none "out_dir=$WORK/oracle" "hydra.run.dir=$WORK/h7" 2>&1 | tail -5
+python3 stack.py "${MODEL[@]}" "${DATA[@]}" data.n_test=28 model.dtype=bfloat16 "candidates_dir=$WORK/sweep" \
+    "free=[oracle@3:0.2]" max_size=3 logger=none "out_dir=$WORK/stack" "hydra.run.dir=$WORK/h8" 2>&1 | tail -8
+python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 gate=lora layer=2 logger=none batch_size=8 \
+    effective_batch_size=16 epochs=1 trainer.accelerator=gpu trainer.precision=bf16-mixed \
+    trainer.enable_progress_bar=false "run_dir=$WORK/run3" "export_path=$WORK/ck3/lora-L2.safetensors" \
+    "hydra.run.dir=$WORK/h9" 2>&1 | tail -4
+test -f "$WORK/ck3/lora-L2.safetensors"
 echo "ALL GPU CHECKS PASSED"
