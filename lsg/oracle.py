@@ -100,7 +100,7 @@ def write_grid(table: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "grid.json").write_text(json.dumps(table, indent=1))
-    tasks = [t for t in table["baseline"] if t != "overall"] + ["overall"]
+    tasks = sorted(t for t in table["baseline"] if t != "overall") + ["overall"]
     lines = [f"Oracle grid on {table['split']} ({table['n']} questions): best alpha per layer and sub-task, "
              f"delta vs baseline in points [95% paired bootstrap CI], * = CI excludes 0.", "",
              "| layer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
@@ -111,7 +111,8 @@ def write_grid(table: dict, out_dir: Path) -> list[Path]:
         lines += [f"| {c['spec']} | " + " | ".join(cell(c["stats"][t]) for t in tasks) + " |" for c in table["extra"]]
     (out_dir / "best.md").write_text("\n".join(lines) + "\n")
     layers, alphas = table["layers"], table["alphas"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(2.2 * len(tasks) + 1, 0.45 * len(layers) + 2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(2.0 * len(tasks) + 1.5, 0.45 * len(layers) + 2.4), squeeze=False,
+                             layout="constrained")
     vmax = max(1.0, max(abs(c["stats"][t]["delta"]) for c in table["cells"] for t in tasks))
     for ax, t in zip(axes[0], tasks):
         grid = [[next(c for c in table["cells"] if c["layer"] == l and c["alpha"] == a)["stats"][t]["delta"]
