@@ -1,6 +1,6 @@
 """Train one LSG gate at one decoder layer of a frozen LVLM.
 
-    python train.py layer=10                        # embedded default, < 10 min on 2 CPU cores
+    python train.py layer=10                        # the embedded default (README: wall time)
     python train.py model=llava-1.5-7b data=llava-json data.train_json=... trainer=ddp
 
 Re-running the same command resumes an interrupted run (killed at any point) from its last
