@@ -38,7 +38,8 @@ def run_grid(backbone: Backbone, backbone_cfg: dict, records: Sequence[VQARecord
     Returns:
         {"split", "n", "baseline": {task: acc %}, "cells": [{layer, alpha, spec, acc, stats}],
          "best": {layer: {task: {alpha, delta, ci_low, ci_high, p, significant}}}} where `stats`
-        is `lsg.stats.paired_by_subtask` of the cell against the baseline (points).
+        is `lsg.stats.paired_by_subtask` of the cell against the baseline (points); among
+        equal best deltas the alpha nearest 0.5 is reported.
 
     Raises:
         ValueError: no multiple-choice record, a bad layer.
@@ -102,7 +103,8 @@ def write_grid(table: dict, out_dir: Path) -> list[Path]:
     (out_dir / "grid.json").write_text(json.dumps(table, indent=1))
     tasks = sorted(t for t in table["baseline"] if t != "overall") + ["overall"]
     lines = [f"Oracle grid on {table['split']} ({table['n']} questions): best alpha per layer and sub-task, "
-             f"delta vs baseline in points [95% paired bootstrap CI], * = CI excludes 0.", "",
+             f"delta vs baseline in points [95% paired bootstrap CI], * = CI excludes 0; ties go to the alpha nearest "
+             f"0.5.", "",
              "| layer | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for layer, best in table["best"].items():
         lines.append(f"| {layer} | " + " | ".join(f"a={best[t]['alpha']:g}: {cell(best[t])}" for t in tasks) + " |")
