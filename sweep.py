@@ -21,8 +21,7 @@ import lsg
 from lsg.datamodule import VQADataModule
 from lsg.loggers import build_logger
 from lsg.sweep import SweepExport, SweepModule, parse_sweep_layers
-from lsg.training import (SafetensorsCheckpointIO, SafetensorsModelCheckpoint, accumulation_steps, build_gate,
-                          check_resumable)
+from lsg.training import accumulation_steps, build_gate, check_resumable, gate_trainer
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweep")
@@ -47,17 +46,7 @@ def main(cfg: DictConfig) -> list[int]:
     resume = check_resumable(out_dir / "last.safetensors", module.identity)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), f"{backbone.name}-sweep-{len(layers)}-layers",
                           OmegaConf.to_container(cfg, resolve=True))
-    trainer = L.Trainer(
-        **trainer_cfg,
-        logger=logger,
-        plugins=[SafetensorsCheckpointIO()],
-        callbacks=[
-            SafetensorsModelCheckpoint(dirpath=out_dir, filename="step{step}", save_last=True, save_top_k=0,
-                                       every_n_train_steps=cfg.checkpoint_every_n_steps),
-            SweepExport(out_dir, identity),
-        ],
-        default_root_dir=out_dir,
-    )
+    trainer = gate_trainer(trainer_cfg, logger, out_dir, cfg.checkpoint_every_n_steps, SweepExport(out_dir, identity))
     trainer.fit(module, datamodule=VQADataModule(backbone, data_cfg, cfg.batch_size, cfg.num_workers, cfg.seed),
                 ckpt_path=resume)
     if trainer_cfg.get("fast_dev_run"):

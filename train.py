@@ -19,8 +19,8 @@ import lsg
 from lsg.datamodule import VQADataModule, load_records
 from lsg.evaluation import EvalResult, evaluate_many, mc_records, print_comparison
 from lsg.loggers import build_logger, multirun_group
-from lsg.training import (EpochGateExport, GateTrainingModule, SafetensorsCheckpointIO, SafetensorsModelCheckpoint,
-                          accumulation_steps, build_gate, check_resumable)
+from lsg.training import (EpochGateExport, GateTrainingModule, accumulation_steps, build_gate, check_resumable,
+                          gate_trainer)
 
 
 def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResult | None]:
@@ -59,17 +59,7 @@ def main(cfg: DictConfig) -> dict:
     logger = build_logger(multirun_group(OmegaConf.to_container(cfg.logger, resolve=True)),
                           f"{backbone.name}-{gate.name}-L{layer}",
                           OmegaConf.to_container(cfg, resolve=True))
-    trainer = L.Trainer(
-        **trainer_cfg,
-        logger=logger,
-        plugins=[SafetensorsCheckpointIO()],
-        callbacks=[
-            SafetensorsModelCheckpoint(dirpath=run_dir, filename="step{step}", save_last=True, save_top_k=0,
-                                       every_n_train_steps=cfg.checkpoint_every_n_steps),
-            EpochGateExport(run_dir, identity),
-        ],
-        default_root_dir=run_dir,
-    )
+    trainer = gate_trainer(trainer_cfg, logger, run_dir, cfg.checkpoint_every_n_steps, EpochGateExport(run_dir, identity))
     # The effective batch is the paper's for any device count (devices=-1 included).
     trainer.accumulate_grad_batches = accumulation_steps(cfg.effective_batch_size, cfg.batch_size, trainer.world_size)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

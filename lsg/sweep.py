@@ -29,7 +29,7 @@ from lsg.context import GROUPINGS
 from lsg.gates.base import Gate
 from lsg.prefix import compute_prefixes, model_inputs, run_suffix
 from lsg.scoring import answer_loss
-from lsg.training import answer_metrics, gather_answers, val_answers, write_val_answers
+from lsg.training import FrozenBackboneModule, answer_metrics, gather_answers, val_answers, write_val_answers
 
 
 def layer_dir(out_dir: Path, layer: int) -> Path:
@@ -37,7 +37,7 @@ def layer_dir(out_dir: Path, layer: int) -> Path:
     return Path(out_dir) / f"lsg-L{layer}"
 
 
-class SweepModule(L.LightningModule):
+class SweepModule(FrozenBackboneModule):
     """Trains `gates[l]` at decoder layer l for every l, sharing the frozen prefix.
 
     Args:
@@ -51,33 +51,22 @@ class SweepModule(L.LightningModule):
     """
 
     def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], lr: float, accumulation: int):
-        super().__init__()
+        super().__init__(backbone)
         if not gates:
             raise ValueError("A sweep needs at least one layer.")
         bad = [l for l, g in gates.items() if not g.trainable]
         if bad:
             raise ValueError(f"Gates at layers {bad} have no trainable parameters; sweep trained gates only.")
-        self.__dict__["backbone"] = backbone
         self.layers = sorted(backbone.check_layer(l) for l in gates)
         self.gates = torch.nn.ModuleDict({str(l): gates[l].float() for l in self.layers})
         self.lr, self.accumulation = lr, accumulation
         self.automatic_optimization = False
-        self.identity: dict = {}
         self._val: dict[int, dict[str, dict]] = {l: {} for l in self.layers}
         self._baseline: dict[str, str] = {}
         self.val_answers: dict[int, dict[str, dict]] = {}
 
     def gate(self, layer: int) -> Gate:
         return self.gates[str(layer)]
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lsg_identity"] = self.identity
-
-    def on_fit_start(self) -> None:
-        self.backbone.model.to(self.device)
-
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         inputs = model_inputs(batch)

@@ -199,8 +199,48 @@ def write_val_answers(path: Path, answers: dict[str, dict], **info) -> Path:
     return path
 
 
-# ----------------------------------------------------------------- the module
-class GateTrainingModule(L.LightningModule):
+# ----------------------------------------------------------------- the modules
+class FrozenBackboneModule(L.LightningModule):
+    """What every gate-training module shares: the frozen backbone is held outside the module's
+    parameters (never saved in checkpoints, never given gradients) and moved to the training
+    device at fit start; batches move their tensors only (records are metadata); checkpoints
+    carry `identity` (backbone, fingerprint, layer(s), gate config, sinks, data) so a resume
+    with other settings is refused (`check_resumable`)."""
+
+    identity: dict = {}
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lsg_identity"] = self.identity
+
+    def on_fit_start(self) -> None:
+        self.backbone.model.to(self.device)
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def gate_trainer(trainer_cfg: dict, logger, run_dir: Path, checkpoint_every_n_steps: int, export: Callback) -> L.Trainer:
+    """A Lightning Trainer for gate training: safetensors checkpoint I/O, a resumable
+    `last.safetensors` in `run_dir` every `checkpoint_every_n_steps` optimizer steps, and the
+    `export` callback that writes the per-epoch gates."""
+    return L.Trainer(
+        **trainer_cfg,
+        logger=logger,
+        plugins=[SafetensorsCheckpointIO()],
+        callbacks=[
+            SafetensorsModelCheckpoint(dirpath=run_dir, filename="step{step}", save_last=True, save_top_k=0,
+                                       every_n_train_steps=checkpoint_every_n_steps),
+            export,
+        ],
+        default_root_dir=run_dir,
+    )
+
+
+class GateTrainingModule(FrozenBackboneModule):
     """Trains `gate` at decoder `layer` of a frozen `backbone`.
 
     The backbone is held outside the module's parameters (it is not saved in
@@ -221,10 +261,9 @@ class GateTrainingModule(L.LightningModule):
 
     def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3,
                  prefix_cache_mb: float = PREFIX_CACHE_MB):
-        super().__init__()
+        super().__init__(backbone)
         if not gate.trainable:
             raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
-        self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
         self.gate.float()
         self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb)
@@ -232,19 +271,8 @@ class GateTrainingModule(L.LightningModule):
         self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
         self.val_answers: dict[str, dict] = {}
 
-    identity: dict = {}
     _last_loss: torch.Tensor | None = None
     batch_log: Path | None = None  # JSONL of every training batch's record ids (data-order checks)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lsg_identity"] = self.identity
-
-    def on_fit_start(self) -> None:
-        self.backbone.model.to(self.device)
-
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        # records are metadata; only tensors move
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def prefix(self, batch: dict, split: str) -> Prefix:
         """The batch's prefix at the gate's layer, per sample keyed by split, record id and image
