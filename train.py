@@ -77,7 +77,8 @@ def main(cfg: DictConfig) -> dict:
         both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: export}}, cfg.eval_batch_size,
                              progress=f"baseline and gated L{layer} (val)")
         baseline, gated = both["baseline"], both["gated"]
-    print_comparison(baseline, {f"{gate.name.upper()} L{layer} (epoch {cfg.export_epoch})": gated}, cfg.bootstrap_samples,
+    label = f"{gate.name.upper()} L{layer} (epoch {cfg.export_epoch})"
+    print_comparison(baseline, {label: gated}, cfg.bootstrap_samples,
                      cfg.ci_level)
     metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}
     meta = export.metadata
