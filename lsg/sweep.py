@@ -29,7 +29,8 @@ from lsg.context import GROUPINGS
 from lsg.gates.base import Gate
 from lsg.prefix import compute_prefixes, model_inputs, run_suffix
 from lsg.scoring import answer_loss
-from lsg.training import FrozenBackboneModule, answer_metrics, gather_answers, val_answers, write_val_answers
+from lsg.training import (FrozenBackboneModule, answer_metrics, gather_answers, keep_baseline, val_answers,
+                          write_val_answers)
 
 
 def layer_dir(out_dir: Path, layer: int) -> Path:
@@ -89,11 +90,10 @@ class SweepModule(FrozenBackboneModule):
         records = batch["records"]
         need_baseline = any(r.id not in self._baseline for r in records)
         prefixes, final = compute_prefixes(self.backbone, model_inputs(batch), self.layers, to_end=need_baseline)
-        for layer in self.layers:
-            loss, answers = val_answers(self.backbone, batch, prefixes[layer], layer, self.gate(layer), final)
-            for rid, a in answers.items():
-                self._baseline.setdefault(rid, a.get("baseline"))
-                a["baseline"] = self._baseline[rid]
+        for layer in self.layers:  # the baseline's letters are read once, with the first layer
+            baseline = final if layer == self.layers[0] else None
+            loss, answers = val_answers(self.backbone, batch, prefixes[layer], layer, self.gate(layer), baseline)
+            keep_baseline(answers, self._baseline)
             self._val[layer].update(answers)
             self.log(f"L{layer}/val_loss", loss, batch_size=len(records))
 

@@ -162,6 +162,15 @@ def build_gate(gate_cfg: dict, backbone: Backbone, seed: int) -> Gate:
     return cls.build(backbone, **cfg)
 
 
+def keep_baseline(answers: dict[str, dict], store: dict[str, str]) -> None:
+    """Fill every answer's `baseline` letter from `store`, adding to `store` the letters this
+    batch computed (the ungated backbone is scored once per record and process)."""
+    for rid, a in answers.items():
+        if a.get("baseline") is not None:
+            store.setdefault(rid, a["baseline"])
+        a["baseline"] = store[rid]
+
+
 def gather_answers(answers: dict[str, dict]) -> dict[str, dict]:
     """Every rank's answers, merged by record id (records the distributed sampler repeated to
     even out ranks count once); the answers themselves without DDP."""
@@ -316,10 +325,7 @@ class GateTrainingModule(FrozenBackboneModule):
         prefix = self.prefix(batch, "val")
         baseline = run_suffix(self.backbone, prefix) if any(r.id not in self._baseline for r in records) else None
         loss, answers = val_answers(self.backbone, batch, prefix, self.layer, self.gate, baseline)
-        for rid, a in answers.items():
-            if "baseline" in a:
-                self._baseline[rid] = a["baseline"]
-            a["baseline"] = self._baseline[rid]
+        keep_baseline(answers, self._baseline)
         self._val.update(answers)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
 
