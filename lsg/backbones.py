@@ -100,13 +100,44 @@ class Backbone:
             )
         return layer
 
-    def prompt_text(self, prompt: str) -> str:
-        """Chat-formatted prompt with the image first and the generation prompt appended."""
+    def _messages(self, prompt: str, turns: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        """Chat messages: system (if any), the user turn with the image, then `turns` as
+        (assistant answer, next user question) pairs."""
         messages = []
         if self.system_prompt is not None:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        for answer, question in turns:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+        return messages
+
+    def prompt_text(self, prompt: str) -> str:
+        """Chat-formatted prompt with the image first and the generation prompt appended."""
+        return self.processor.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+
+    def followup_text(self, prompt: str, history: Sequence[tuple[str, str]], answer: str, question: str) -> str:
+        """The template's text between the end of `answer` (+ end-of-turn token) and the start
+        of the next answer, when the user then asks `question`: what a multi-turn conversation
+        adds after each answer (end of turn, the user turn, the assistant header).
+
+        `history` are the earlier (answer, question) pairs after the first `prompt`.
+
+        Raises:
+            ValueError: the chat template does not render the conversation as a prefix of its
+                continuation, so turns cannot be tokenised one at a time.
+        """
+        eot = self.tokenizer.eos_token or ""
+        before = self.processor.apply_chat_template(self._messages(prompt, list(history) + [(answer, "")])[:-1],
+                                                    tokenize=False)
+        after = self.processor.apply_chat_template(self._messages(prompt, list(history) + [(answer, question)]),
+                                                   add_generation_prompt=True, tokenize=False)
+        end = before.rfind(answer + eot)
+        if end < 0 or after[:end + len(answer + eot)] != before[:end + len(answer + eot)]:
+            raise ValueError(f"Backbone '{self.name}': its chat template does not end an assistant turn with "
+                             f"the answer followed by {eot!r}, or renders earlier turns differently once a "
+                             f"question follows; multi-turn records need a template that only appends.")
+        return after[end + len(answer + eot):]
 
     def build_batch(
         self,
@@ -114,6 +145,7 @@ class Backbone:
         prompts: Sequence[str],
         answers: Sequence[str] | None = None,
         padding_side: str | None = None,
+        followups: Sequence[Sequence[tuple[str, str]]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tokenise a batch of (image, prompt[, answer]) into model inputs.
 
@@ -123,6 +155,10 @@ class Backbone:
             answers: optional B answers; appended after the prompt with the end-of-turn
                 token, and the only positions with labels.
             padding_side: overrides `self.padding_side`.
+            followups: optional, per sample, the later (question, answer) turns of a multi-turn
+                conversation (needs `answers`). Each is appended in the chat template's format
+                and every answer (+ end-of-turn token) carries labels; the gate still reads the
+                first question's last token (the position before the first label).
 
         Returns:
             dict with `input_ids (B, T)`, `attention_mask (B, T)`, `pixel_values (B, 3, H, W)`
@@ -141,22 +177,37 @@ class Backbone:
         texts = [self.prompt_text(p) for p in prompts]
         enc = self.processor(images=list(images), text=texts, return_tensors=None, padding=False)
         prompt_ids = enc["input_ids"]
-        answer_ids = [[] for _ in prompts]
-        if answers is not None:
-            eot = self.tokenizer.eos_token or ""
-            answer_ids = [self.tokenizer(a + eot, add_special_tokens=False)["input_ids"] for a in answers]
-        seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]
-        width = max(len(s) for s in seqs)
+        if followups is not None and (answers is None or len(followups) != len(prompts)):
+            raise ValueError("build_batch: followups need answers and one list of turns per sample.")
+        eot = self.tokenizer.eos_token or ""
+        tokens = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        pieces = []  # per sample: [(token ids, carries labels)]
+        for b, p in enumerate(prompt_ids):
+            parts = [(list(p), False)]
+            if answers is not None:
+                parts.append((tokens(answers[b] + eot), True))
+                history: list[tuple[str, str]] = []
+                previous = answers[b]
+                for question, reply in (followups[b] if followups is not None else ()):
+                    parts.append((tokens(self.followup_text(prompts[b], history, previous, question)), False))
+                    parts.append((tokens(reply + eot), True))
+                    history.append((previous, question))
+                    previous = reply
+            pieces.append(parts)
+        width = max(sum(len(ids) for ids, _ in parts) for parts in pieces)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        for b, (p, a) in enumerate(zip(prompt_ids, answer_ids)):
-            n = len(p) + len(a)
-            start = width - n if side == "left" else 0
-            input_ids[b, start : start + n] = torch.tensor(p + a)
-            attention_mask[b, start : start + n] = 1
-            labels[b, start + len(p) : start + n] = torch.tensor(a, dtype=torch.long)
+        input_ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(pieces), width), dtype=torch.long)
+        labels = torch.full((len(pieces), width), IGNORE_INDEX, dtype=torch.long)
+        for b, parts in enumerate(pieces):
+            n = sum(len(ids) for ids, _ in parts)
+            at = width - n if side == "left" else 0
+            attention_mask[b, at : at + n] = 1
+            for ids, labelled in parts:
+                input_ids[b, at : at + len(ids)] = torch.tensor(ids, dtype=torch.long)
+                if labelled:
+                    labels[b, at : at + len(ids)] = torch.tensor(ids, dtype=torch.long)
+                at += len(ids)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

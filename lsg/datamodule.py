@@ -62,7 +62,8 @@ class Collator:
     def __call__(self, items) -> dict:
         images, records = zip(*items)
         answers = [r.answer for r in records] if self.with_answers else None
-        batch = self.processor.build_batch(images, [r.question for r in records], answers)
+        followups = [r.turns for r in records] if self.with_answers and any(r.turns for r in records) else None
+        batch = self.processor.build_batch(images, [r.question for r in records], answers, followups=followups)
         batch["records"] = list(records)
         return batch
 

@@ -59,12 +59,9 @@ class EvalResult:
 
 
 def images_and_questions(records: Sequence[VQARecord]) -> tuple[list[Image.Image], list[str]]:
-    """RGB images and questions of records, ready for `Backbone.build_batch`."""
-    images = []
-    for r in records:
-        with Image.open(r.image_path) as im:
-            images.append(im.convert("RGB"))
-    return images, [r.question for r in records]
+    """RGB images and questions of records (`VQARecord`s or benchmark `Item`s), ready for
+    `Backbone.build_batch`."""
+    return [r.load_image() for r in records], [r.question for r in records]
 
 
 def mc_records(records: Sequence[VQARecord]) -> list[VQARecord]:

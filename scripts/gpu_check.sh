@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA checks on a GPU machine, on tiny hub-format LLaVA checkpoints the tests build
 # (no download): gated generation in bf16 through the KV cache, train.py (one GPU, and the
-# ddp trainer config), compare.py, calibrate.py, benchmark.py, and the workflow (sweep.py, summarize.py,
+# ddp trainer config), compare.py, calibrate.py, overhead.py, and the workflow (sweep.py, summarize.py,
 # oracle.py, stack.py, train.py gate=lora) on the accelerator.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # needs torch with CUDA and the project's packages
@@ -85,8 +85,8 @@ python3 compare.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 logger=none "
 echo "== calibrate.py on the GPU"
 python3 calibrate.py "${MODEL[@]}" "${DATA[@]}" n_samples=8 "hydra.run.dir=$WORK/h4" 2>&1 | tail -12
 
-echo "== benchmark.py model=... on the GPU"
-python3 scripts/benchmark.py "${MODEL[@]}" model.dtype=bfloat16 batch=4 new_tokens=8 repeats=3 \
+echo "== overhead.py model=... on the GPU"
+python3 scripts/overhead.py "${MODEL[@]}" model.dtype=bfloat16 batch=4 new_tokens=8 repeats=3 \
     "specs=[none,oracle@1:0.3,var,vaf,outro]" "hydra.run.dir=$WORK/h5" 2>&1 | tail -10
 echo "== sweep.py (shared prefix, bf16-mixed), summarize, oracle grid, greedy stack, LoRA on the GPU"
 python3 sweep.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" logger=none batch_size=8 \

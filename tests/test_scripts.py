@@ -238,15 +238,15 @@ def test_scene_dialogues_give_up_when_no_scene_poses_the_subtasks(train_embedded
         train_embedded.scene_dialogues(0, 2, ["relation"])
 
 
-def test_benchmark_takes_the_model_group_and_reports_ratios_to_the_baseline(tmp_path):
-    """`scripts/benchmark.py model=...` (Hydra, like train.py and compare.py): every row's ratio
+def test_overhead_takes_the_model_group_and_reports_ratios_to_the_baseline(tmp_path):
+    """`scripts/overhead.py model=...` (Hydra, like train.py and compare.py): every row's ratio
     is its own time over the unmodified backbone's, measured in the same run."""
     import re
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(root / "scripts" / "benchmark.py"), "model=tiny-random", "batch=2",
+    result = subprocess.run([sys.executable, str(root / "scripts" / "overhead.py"), "model=tiny-random", "batch=2",
                              "new_tokens=4", "repeats=1", "specs=[none,vaf@1]", f"hydra.run.dir={tmp_path}"],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

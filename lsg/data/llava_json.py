@@ -5,7 +5,9 @@ benchmark are read: a list of records
     {"id": ..., "image": "rel/path.png",
      "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}],
      optional "subtask" / "category", optional "options": [...]}
-Only the first human turn and the gpt turn that follows it are used.
+The first human turn (with the image) and its gpt answer are the record's question and
+answer; every later human/gpt pair of a multi-turn conversation is kept in `turns`, and
+training puts the loss on every assistant turn (`Backbone.build_batch(followups=...)`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,12 @@ class VQARecord:
     subtask: str  # record's "subtask" or "category", else "all"
     options: tuple[str, ...] = ()
     answer_letter: str | None = None  # set when answer is a single letter indexing options
+    turns: tuple[tuple[str, str], ...] = ()  # later (question, answer) pairs of a multi-turn conversation
+
+    def load_image(self) -> Image.Image:
+        """The record's image as RGB (read from `image_path`)."""
+        with Image.open(self.image_path) as im:
+            return im.convert("RGB")
 
 
 def _read_records(path: Path) -> list:
@@ -68,6 +76,13 @@ def _parse(rec, index: int, folder: Path, check_images: bool) -> VQARecord | str
     answer = turns[k + 1]["value"].strip()
     if not answer:
         return "empty_answer"
+    later = turns[k + 2:]
+    if len(later) % 2 or any(not isinstance(t, dict) or t.get("from") != role or not isinstance(t.get("value"), str)
+                             for t, role in zip(later, ["human", "gpt"] * len(later))):
+        return "malformed"
+    followups = tuple((_strip_tag(q["value"]), a["value"].strip()) for q, a in zip(later[::2], later[1::2]))
+    if any(not q or not a for q, a in followups):
+        return "empty_answer"
     image_path = folder / rec["image"]
     if not image_path.is_file():
         return "missing_image"
@@ -88,6 +103,7 @@ def _parse(rec, index: int, folder: Path, check_images: bool) -> VQARecord | str
         subtask=str(rec.get("subtask") or rec.get("category") or "all"),
         options=options,
         answer_letter=letter,
+        turns=followups,
     )
 
 

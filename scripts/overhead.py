@@ -1,10 +1,10 @@
 """Prefill and decode overhead of every gate vs the unmodified SDPA forward, in one process.
 
-    python scripts/benchmark.py                       # embedded backbone, all gates
-    python scripts/benchmark.py model=tiny-random batch=4
-    python scripts/benchmark.py model=llava-1.5-7b model.hf_id=/path/to/checkpoint 'specs=[none,var]'
+    python scripts/overhead.py                       # embedded backbone, all gates
+    python scripts/overhead.py model=tiny-random batch=4
+    python scripts/overhead.py model=llava-1.5-7b model.hf_id=/path/to/checkpoint 'specs=[none,var]'
 
-Takes the same `model=` config group as train.py and compare.py (conf/benchmark.yaml).
+Takes the same `model=` config group as train.py and compare.py (conf/overhead.yaml).
 Prints a markdown table: ms per prefill forward and per decode step (KV cache), and
 their ratios to the unmodified backbone. Prefill: median over `repeats` forwards. Decode:
 median over every decode step of `repeats` greedy generations, each step timed by a logits
@@ -65,7 +65,7 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="overhead")
 def main(args: DictConfig) -> None:
     cfg = OmegaConf.to_container(args.model, resolve=True)
     bb = lsg.load_backbone(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"}, device=args.device)
