@@ -2,6 +2,6 @@
 CV-Bench, POPE, MME, OCRBench, MathVista), each loaded with `datasets` from a pinned
 revision and scored by its official protocol (`lsg.benchmarks.base`, one module each)."""
 from lsg.benchmarks.base import REGISTRY, Benchmark, Item, Score, get_benchmark, register
-from lsg.benchmarks import shapes  # noqa: F401  (registers)
+from lsg.benchmarks import cvbench, mathvista, mme, mmstar, ocrbench, pope, shapes  # noqa: F401  (register)
 
 __all__ = ["REGISTRY", "Benchmark", "Item", "Score", "get_benchmark", "register"]

@@ -1,0 +1,51 @@
+"""CV-Bench (Tong et al. 2024, Cambrian-1): 2,638 vision-centric multiple-choice questions;
+2D: Count and Relation (ADE20K, COCO), 3D: Depth and Distance (Omni3D). Hub:
+`nyu-visionx/CV-Bench`, config `default` (both), `2D` or `3D`, split `test`.
+
+Row schema: `idx` int64, `type` "2D"/"3D", `task`, `image` Image, `question`, `choices` list of
+str, `answer` "(C)", `prompt` (question + "Select from the following choices." + "(A) ..."
+lines), `filename`, `source` "ADE20K"/"COCO"/"Omni3D", `source_dataset`, `source_filename`,
+`target_class`, `target_size`, `bbox`. Scored as the dataset card defines: accuracy per
+source, 2D = mean(ADE20K, COCO), 3D = Omni3D, combined = mean(2D, 3D); the letter is read by
+the authors' own scorer (`parsing.cambrian_letter`).
+"""
+
+from __future__ import annotations
+
+from statistics import mean
+from typing import Sequence
+
+from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.parsing import cambrian_letter
+
+
+@register
+class CVBench(Benchmark):
+    name = "cvbench"
+    multiple_choice = True
+
+    def item(self, row: dict, index: int) -> Item:
+        letter = row["answer"].strip().strip("()").upper()
+        return Item(id=str(row["idx"]), prompt=self.wrap(row["prompt"]), answer=row["answer"], subtask=row["task"],
+                    options=tuple(row["choices"]), answer_letter=letter,
+                    meta={"source": row["source"], "type": row["type"]}, image_loader=self.image_loader(row))
+
+    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+        """Per-question correctness; metrics (%): accuracy per source, 2D, 3D, and the combined
+        score (sources absent from `items`, e.g. with `limit`, are left out of the means)."""
+        check_lengths(items, responses)
+        parsed = [cambrian_letter(r, it.options) for r, it in zip(responses, items)]
+        correct = [float(p != "" and p == it.answer_letter) for p, it in zip(parsed, items)]
+        by_source: dict[str, list[float]] = {}
+        for c, it in zip(correct, items):
+            by_source.setdefault(it.meta["source"], []).append(c)
+        acc = {s: 100.0 * mean(v) for s, v in sorted(by_source.items())}
+        metrics = {f"accuracy_{s}": a for s, a in acc.items()}
+        two_d = [acc[s] for s in ("ADE20K", "COCO") if s in acc]
+        if two_d:
+            metrics["accuracy_2d"] = mean(two_d)
+        if "Omni3D" in acc:
+            metrics["accuracy_3d"] = acc["Omni3D"]
+        parts = [metrics[k] for k in ("accuracy_2d", "accuracy_3d") if k in metrics]
+        metrics["combined"] = mean(parts) if parts else float("nan")
+        return Score(correct, parsed, [it.subtask for it in items], metrics)
