@@ -191,3 +191,17 @@ def test_evaluate_benchmark_generates_on_a_hub_fixture(tiny, hub, tmp_path):
     assert [r["method"] for r in report["rows"]] == ["none", "var"]
     assert len(report["items"]) == 6 and (tmp_path / "results.md").exists()
     assert set(report["rows"][1]["paired"]) == {it.subtask for it in bench.load()} | {"overall"}
+
+
+def test_an_exported_shapes_split_reads_back_as_the_same_items(tmp_path):
+    import numpy as np
+
+    from lsg.benchmarks.shapes import export_split
+
+    folder = export_split(tmp_path / "hf", "val", 14, str(tmp_path / "shapes"))
+    exported = get_benchmark("shapes", hf_id=str(folder), split="val").load()
+    generated = get_benchmark("shapes", root=str(tmp_path / "shapes"), n=14, split="val").load()
+    fields = lambda it: (it.id, it.prompt, it.options, it.answer_letter, it.subtask)  # noqa: E731
+    assert [fields(it) for it in exported] == [fields(it) for it in generated]
+    assert all(np.array_equal(np.asarray(a.load_image()), np.asarray(b.load_image()))
+               for a, b in zip(exported, generated))

@@ -163,7 +163,7 @@ class Benchmark:
 
         path = Path(self.hf_id).expanduser()
         if path.exists():
-            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            if any((path / name).exists() for name in ("dataset_dict.json", "state.json")):  # save_to_disk
                 ds = datasets.load_from_disk(str(path))
                 ds = ds[self.split] if isinstance(ds, datasets.DatasetDict) else ds
             else:
