@@ -1,0 +1,72 @@
+"""lmms-eval as a client: `lmms-eval --model lsg` on the exported shapes split gives the scores
+evaluate.py gives, with and without a gate, for generation and for multiple choice by
+log-likelihood. Needs lmms-eval (scripts/lmms_eval_check.sh installs it); skipped otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+
+ROOT = Path(__file__).resolve().parents[1]
+N_QUESTIONS = 14  # two per sub-task
+GATES = ["none", "outro"]  # OutRo changes answers of this split (checked below)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory holding `data/shapes-hf`, where the shipped task YAMLs look."""
+    from lsg.benchmarks.shapes import export_split
+
+    work = tmp_path_factory.mktemp("lmms")
+    export_split(work / "data" / "shapes-hf", "val", N_QUESTIONS, str(work / "shapes"))
+    return work
+
+
+def lmms_scores(work: Path, gates: str) -> dict[str, list[float]]:
+    """Run the real `lmms-eval` console script; per task mode, per question (doc order) 1.0 if right."""
+    out = work / f"out-{gates}"
+    env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "lmms-eval"), "--model", "lsg",
+           "--model_args", f"backbone=smol-llava,gates={gates},device=cpu", "--tasks", "lsg_shapes_mc,lsg_shapes_gen",
+           "--include_path", str(ROOT / "lmms_tasks"), "--batch_size", "1", "--output_path", str(out),
+           "--log_samples", "--verbosity", "DEBUG"]  # DEBUG: lmms-eval 0.7 exits 0 on errors otherwise
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=work, env=env)
+    files = sorted(out.glob("**/*_results.json"))
+    assert result.returncode == 0 and files, (result.stdout[-2000:], result.stderr[-4000:])
+    results = json.loads(files[-1].read_text())["results"]
+    scores = {}
+    for mode, task, metric in (("choice", "lsg_shapes_mc", "acc"), ("generate", "lsg_shapes_gen", "accuracy")):
+        samples = [json.loads(line) for f in out.glob(f"**/*_samples_{task}.jsonl") for line in f.read_text().splitlines()]
+        scores[mode] = [float(s[metric]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+        assert 100 * sum(scores[mode]) / len(scores[mode]) == pytest.approx(100 * results[task][f"{metric},none"])
+    return scores
+
+
+def evaluate_py_scores(work: Path, mode: str) -> dict[str, dict]:
+    """`python evaluate.py benchmark=shapes` on the exported folder: per gate spec, per question
+    1.0 if right and the parsed answer."""
+    out = work / f"evaluate-{mode}"
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "logger=none", f"benchmark.hf_id={work / 'data' / 'shapes-hf'}",
+           f"benchmark.mode={mode}", f"out_dir={out}", "gates=[outro]", "batch_size=1", "bootstrap_samples=100"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    items = json.loads((out / "results.json").read_text())["items"]
+    return {g: {"correct": [it[f"{g}|correct"] for it in items], "parsed": [it[f"{g}|parsed"] for it in items]}
+            for g in GATES}
+
+
+def test_lmms_eval_reproduces_evaluate_py_with_and_without_a_gate(workdir):
+    ours = {mode: evaluate_py_scores(workdir, mode) for mode in ("choice", "generate")}
+    # The comparison can fail: the gate changes answers of this split.
+    assert ours["choice"]["outro"]["parsed"] != ours["choice"]["none"]["parsed"]
+    for gates in GATES:
+        theirs = lmms_scores(workdir, gates)
+        for mode in ("choice", "generate"):
+            assert theirs[mode] == ours[mode][gates]["correct"], (gates, mode)
