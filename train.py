@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import lsg
 from lsg.datamodule import VQADataModule, load_records
-from lsg.evaluation import EvalResult, evaluate_many, mc_records, print_comparison
+from lsg.evaluation import EvalResult, evaluate_many, print_comparison
 from lsg.loggers import build_logger, multirun_group
 from lsg.training import (EpochGateExport, GateTrainingModule, accumulation_steps, build_gate, check_resumable,
                           gate_trainer)
@@ -71,22 +71,27 @@ def main(cfg: DictConfig) -> dict:
         return {}
 
     export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors")  # attach moves it
-    val = mc_records(load_records(data_cfg, "val"))
-    baseline, gated = validation_results(run_dir / f"val-epoch{cfg.export_epoch}.json", val)
-    if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
-        both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: export}}, cfg.eval_batch_size,
-                             progress=f"baseline and gated L{layer} (val)")
-        baseline, gated = both["baseline"], both["gated"]
-    label = f"{gate.name.upper()} L{layer} (epoch {cfg.export_epoch})"
-    print_comparison(baseline, {label: gated}, cfg.bootstrap_samples,
-                     cfg.ci_level)
-    metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}
+    val = [r for r in load_records(data_cfg, "val") if r.options and r.answer_letter]
+    metrics = {}
+    if val:
+        baseline, gated = validation_results(run_dir / f"val-epoch{cfg.export_epoch}.json", val)
+        if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
+            both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: export}}, cfg.eval_batch_size,
+                                 progress=f"baseline and gated L{layer} (val)")
+            baseline, gated = both["baseline"], both["gated"]
+        label = f"{gate.name.upper()} L{layer} (epoch {cfg.export_epoch})"
+        print_comparison(baseline, {label: gated}, cfg.bootstrap_samples, cfg.ci_level)
+        metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}
+        if logger:
+            logger.log_metrics({f"final/{name}_acc_{t}": a for name, r in (("baseline", baseline), ("gated", gated))
+                                for t, a in r.accuracy.items()})
+    else:  # free-form answers (e.g. Cambrian-10K): the validation loss is the only validation figure
+        print("The validation split has no multiple-choice question, so there is no accuracy to compare; the "
+              "validation loss is logged per epoch. Score the gate on a benchmark: python evaluate.py "
+              f"benchmark=mmstar 'gates=[lsg:{cfg.export_path}]'")
     meta = export.metadata
     export.save(cfg.export_path, **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")},
                 metrics=metrics)
-    if logger:
-        logger.log_metrics({f"final/{name}_acc_{t}": a for name, r in (("baseline", baseline), ("gated", gated))
-                            for t, a in r.accuracy.items()})
     print(f"Saved gate to {cfg.export_path}")
     if logger:
         logger.experiment.finish()  # a multirun's next job starts its own run

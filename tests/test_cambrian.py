@@ -140,3 +140,22 @@ def test_every_assistant_turn_of_a_multi_turn_record_carries_the_loss(tiny):
     plain = tiny.build_batch(images[1:], questions[1:], answers[1:], padding_side="left")
     second = batch["attention_mask"][1].bool()
     assert torch.equal(batch["input_ids"][1][second], plain["input_ids"][0][plain["attention_mask"][0].bool()])
+
+
+def test_train_py_trains_on_the_prepared_multi_turn_sample(tmp_path):
+    """The paper's data path end to end: prepare_cambrian.py, then train.py data=llava-json (free-form,
+    multi-turn answers: no option to score, so the run ends with the validation loss and the export)."""
+    jsonl, root, _ = cambrian_jsonl(tmp_path)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "data" / "prepare_cambrian.py"), "--jsonl", str(jsonl), "--image-folder",
+                    str(root), "--out", str(out), "--n", "24", "--n-val", "6"], check=True, capture_output=True,
+                   timeout=300)
+    export = tmp_path / "ck" / "lsg-L2.safetensors"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=tiny-random", "layer=2", "logger=none",
+                             "data=llava-json", f"data.train_json={out / 'train.json'}",
+                             f"data.val_json={out / 'val.json'}", f"data.image_folder={root}",
+                             f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
+                             "effective_batch_size=8", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no multiple-choice question" in result.stdout and export.exists()
