@@ -62,8 +62,9 @@ class AttachedRun:
     pending_vit_flags: torch.Tensor | None = None
 
 
-def _decoder_layers(model) -> Sequence[torch.nn.Module]:
-    return model.model.language_model.layers
+def decoder_layers(backbone: Backbone) -> Sequence[torch.nn.Module]:
+    """The backbone's decoder layers, wherever its family keeps them."""
+    return backbone.family.decoder_layers(backbone.model)
 
 
 def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -76,7 +77,7 @@ def skip_decoder_layers(backbone: Backbone, layers: Sequence[int]) -> Iterator[N
     `forward` is replaced on the instance; hooks still fire). The language model's own forward
     then runs only the other layers: the prefix mechanism uses it to skip the frozen layers
     below a cached hidden state, or the layers above the last one it needs."""
-    modules = [_decoder_layers(backbone.model)[l] for l in layers]
+    modules = [decoder_layers(backbone)[l] for l in layers]
     try:
         for module in modules:
             module.forward = _pass_through
@@ -135,10 +136,10 @@ def attach(
             than those the prefix was computed with.
         TypeError: something other than a `Gate` was given.
     """
-    model = backbone.model
+    model, family = backbone.model, backbone.family
     layer_gates = _normalise(gates, backbone)
     sinks = sinks if sinks is not None else backbone.sinks
-    text_config = model.config.text_config
+    text_config = family.text_config(model)
     base = text_config._attn_implementation or "sdpa"
     if getattr(model, RUN_ATTR, None) is not None or base == attention.ATTN_IMPLEMENTATION:
         raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone: pass all gates at once.")
@@ -154,9 +155,6 @@ def attach(
             raise ValueError("The prefix was computed with other sinks than this attach block's; recompute it.")
         first_hooked = prefix.layer
         run.ctx = prefix.context()
-    feature_layer = model.config.vision_feature_layer
-    drop_cls = model.config.vision_feature_select_strategy == "default"
-
     def stash_labels(module, args, kwargs):
         run.pending_labels = kwargs.get("labels")
 
@@ -191,9 +189,8 @@ def attach(
         run.ctx.vsink = vsink
 
     def record_vsinks(module, args, output):
-        feats = output.hidden_states[feature_layer]
-        feats = feats[:, 1:] if drop_cls else feats
-        flags = (sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit).flatten()
+        feats = family.vit_features(model, output)  # (N_patches, D_vit), visual-token order
+        flags = family.patches_to_tokens(model, sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit)
         ctx = run.ctx
         if ctx is not None and ctx.vsink is None and ctx.n_prefill == ctx.total_len:
             set_vsinks(flags)  # called from inside the forward whose context was just built
@@ -214,23 +211,23 @@ def attach(
         return hook
 
     handles = []
-    decoder_layers = _decoder_layers(model)
+    layers = decoder_layers(backbone)
     try:
         if prefix is None:
             handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
-            handles.append(model.model.register_forward_pre_hook(build_context, with_kwargs=True))
+            handles.append(family.multimodal_model(model).register_forward_pre_hook(build_context, with_kwargs=True))
             if sinks.has_vsinks:
-                handles.append(model.model.vision_tower.register_forward_hook(record_vsinks))
+                handles.append(family.vit_module(model).register_forward_hook(record_vsinks))
         for layer in range(first_hooked, last_hooked + 1):
-            handles.append(decoder_layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
+            handles.append(layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
         for layer, group in layer_gates.items():
             for gate in group:
                 if HookPoint.MODULES in gate.hook_points:
-                    handles += gate.install(layer, decoder_layers[layer])
-        for layer, attn_layer in enumerate(decoder_layers):  # every layer: ungated ones keep the base path
+                    handles += gate.install(layer, layers[layer])
+        for layer, attn_layer in enumerate(layers):  # every layer: ungated ones keep the base path
             setattr(attn_layer.self_attn, attention.BINDING_ATTR,
                     attention.LayerBinding(layer, layer_gates.get(layer, []), run))
-        model.model.language_model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+        family.language_model(model).set_attn_implementation(attention.ATTN_IMPLEMENTATION)
         setattr(model, RUN_ATTR, run)
         if prefix is not None:
             with skip_decoder_layers(backbone, range(prefix.layer)):
@@ -238,10 +235,10 @@ def attach(
         else:
             yield run
     finally:
-        model.model.language_model.set_attn_implementation(base)
+        family.language_model(model).set_attn_implementation(base)
         for handle in handles:
             handle.remove()
-        for attn_layer in decoder_layers:
+        for attn_layer in layers:
             if hasattr(attn_layer.self_attn, attention.BINDING_ATTR):
                 delattr(attn_layer.self_attn, attention.BINDING_ATTR)
         run.ctx = None

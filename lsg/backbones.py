@@ -1,13 +1,15 @@
-"""Backbones: a Hugging Face LLaVA-style model with its processor, behind one object.
+"""Backbones: a Hugging Face LVLM with its processor and its family adapter, behind one object.
 
 `load_backbone(name)` returns a `Backbone` for one of the registered backbones:
 
-- `llava-1.5-7b`: `llava-hf/llava-1.5-7b-hf` from the hub, bf16 (the paper's target).
+- `llava-1.5-7b`, `llava-1.5-13b`: `llava-hf/llava-1.5-{7b,13b}-hf` from the hub, bf16 (the
+  paper's target), or any checkpoint folder of that family (`hf_id=`).
 - `smol-llava`: the embedded default (SmolLM2-135M-Instruct + a small CLIP tower), see
   `lsg.embedded`.
 - `tiny-random`: a tiny random LLaVA built in-process in about a second, for unit tests.
 
-All three go through `LlavaForConditionalGeneration`, so every other code path is shared.
+What differs between model families (where layers and the vision tower live, how ViT patches
+map to visual tokens, which processor outputs the model needs) is in `lsg.families`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import (
@@ -34,6 +35,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from lsg import embedded
+from lsg.families import Family, LlavaFamily, get_family
 from lsg.sinks import SinkConfig
 
 IGNORE_INDEX = -100  # labels ignored by the next-token loss (HF convention)
@@ -66,18 +68,19 @@ class Backbone:
     padding_side: str = "right"
     sinks: SinkConfig = field(default_factory=SinkConfig)
     fingerprint: str = ""  # identifies the weights; written into and checked against gate checkpoints
+    family: Family = field(default_factory=LlavaFamily)
 
     @property
     def num_layers(self) -> int:
-        return self.model.config.text_config.num_hidden_layers
+        return self.family.text_config(self.model).num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.text_config.hidden_size
+        return self.family.text_config(self.model).hidden_size
 
     @property
     def image_token_id(self) -> int:
-        return self.model.config.image_token_id
+        return self.family.image_token_id(self.model)
 
     @property
     def tokenizer(self):
@@ -208,14 +211,11 @@ class Backbone:
                 if labelled:
                     labels[b, at : at + len(ids)] = torch.tensor(ids, dtype=torch.long)
                 at += len(ids)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": torch.as_tensor(np.stack(enc["pixel_values"])).to(self.model.dtype),
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 **self.family.pixel_inputs(enc, self.model.dtype)}
         if answers is not None:
             batch["labels"] = labels
-        return batch
+        return self.family.finish_batch(batch, self.model)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, torch.Tensor], max_new_tokens: int = 16, **kwargs) -> list[str]:
@@ -284,11 +284,18 @@ def local_weights_dir(hf_id: str) -> Path:
     return Path(snapshot_download(hf_id, local_files_only=True))
 
 
-def _build_llava_hub(hf_id: str, dtype: str = "bfloat16", attn_implementation: str = "sdpa", **_) -> tuple:
-    processor = LlavaProcessor.from_pretrained(hf_id)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
-    )
+def _build_hub(hf_id: str, family: str = "llava", dtype: str = "bfloat16", attn_implementation: str = "sdpa",
+               chat_template: str = "hub", **_) -> tuple:
+    """A hub-format checkpoint of `family`, checked against it before any weight is read
+    (`Family.check_checkpoint`); `chat_template` other than "hub" replaces the processor's
+    template with the family's named one (e.g. LLaVA-1.5's own conversation format)."""
+    fam = get_family(family)
+    model, processor = fam.load(hf_id, dtype, attn_implementation)
+    if chat_template != "hub":
+        if chat_template not in fam.templates:
+            raise ValueError(f"chat_template={chat_template!r} is not one of family '{family}': use hub or "
+                             f"{', '.join(fam.templates) or '(none)'}.")
+        processor.chat_template = fam.templates[chat_template]
     return model, processor, weights_fingerprint(local_weights_dir(hf_id))
 
 
@@ -359,7 +366,9 @@ def _build_tiny_random(
 
 # name -> builder(**config) -> (model, processor, fingerprint of the weights)
 BUILDERS: dict[str, Callable[..., tuple]] = {
-    "llava-1.5-7b": lambda **kw: _build_llava_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
+    "llava-1.5-7b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
+    "llava-1.5-13b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-13b-hf"), **kw),
+    "qwen2-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2-VL-7B-Instruct"), **kw),
     "smol-llava": _build_smol_llava,
     "tiny-random": _build_tiny_random,
 }
@@ -421,7 +430,8 @@ def load_backbone(name: str, **overrides) -> Backbone:
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     device = resolve_device(cfg.pop("device", "cpu"))
+    family = get_family(cfg.get("family", "llava"))
     model, processor, fingerprint = BUILDERS[name](**cfg)
     model.eval().requires_grad_(False).to(device)
     return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt,
-                    padding_side=padding_side, sinks=sinks, fingerprint=fingerprint)
+                    padding_side=padding_side, sinks=sinks, fingerprint=fingerprint, family=family)

@@ -38,7 +38,7 @@ class LayerStats:
 class CalibrationReport:
     massive_dims: list[tuple[int, int]]  # (dim, number of layers where it was flagged)
     massive_positions: dict[int, int]  # position -> count, for the top dim
-    vit_norm_ratio_max: float  # largest token norm / median token norm at the ViT feature layer
+    vit_norm_ratio_max: float  # largest patch norm / median patch norm at the ViT feature layer, per batch
     vit_massive_dims: list[tuple[int, int]]
     layers: list[LayerStats] = field(default_factory=list)
 
@@ -89,12 +89,18 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
     for batch in batches:
         seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], backbone.image_token_id)  # host
         batch = backbone.on_device(batch)
-        out = model(**batch, output_hidden_states=True, output_attentions=True)
+        captured = []  # the ViT features the projector reads, (N_patches, D), via the family adapter
+        vit = backbone.family.vit_module(model)
+        handle = vit.register_forward_hook(
+            lambda module, args, output: captured.append(backbone.family.vit_features(model, output).float()))
+        try:
+            out = model(**batch, output_hidden_states=True, output_attentions=True)
+        finally:
+            handle.remove()
         real = batch["attention_mask"].bool()
         for layer in range(num_layers):
             dims_by_layer[layer] |= set(massive_dims(out.hidden_states[layer], real, min_abs, ratio))
-        vit = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
-        feats = vit.hidden_states[model.config.vision_feature_layer][:, 1:].float()
+        feats = torch.cat(captured)[None]  # (1, N_patches of the batch, D)
         norms = feats.norm(dim=-1)
         vit_ratio = max(vit_ratio, float((norms.amax(1) / norms.median(1).values).max()))
         vit_dims.update(massive_dims(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device), min_abs, ratio).keys())

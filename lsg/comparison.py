@@ -229,12 +229,12 @@ def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack |
     from contextlib import nullcontext
 
     with attach(backbone, stack.layers) if stack and stack.layers else nullcontext():
-        backbone.model.model(**batches[0])  # warm-up on the path that is timed
+        backbone.family.multimodal_model(backbone.model)(**batches[0])  # warm-up on the path that is timed
         synchronize(backbone.device)
         start = time.perf_counter()
         for _ in range(repeats):
             for batch in batches:
-                backbone.model.model(**batch)
+                backbone.family.multimodal_model(backbone.model)(**batch)
         synchronize(backbone.device)
         return (time.perf_counter() - start) / (repeats * len(batches))
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lsg.attach import _decoder_layers, attach, skip_decoder_layers
+from lsg.attach import attach, decoder_layers, skip_decoder_layers
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext
 from lsg.gates.base import Gate
@@ -37,7 +37,8 @@ from lsg.scoring import decoder_hidden
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "image_sizes")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "image_sizes", "image_grid_thw",
+                "mm_token_type_ids")
 PREFIX_CACHE_MB = 4096  # default host-memory budget of a PrefixCache (config: prefix_cache_mb)
 
 
@@ -53,6 +54,8 @@ class Prefix:
         sinks: the sink configuration the sink values and V-sinks were read with.
         vsink: V-sink mask, or None when the backbone has no ViT sink configured.
         sink_phi: layer -> sink value of the hidden state entering it, for layers < `layer`.
+        position_ids: the position ids the language model was given (`(3, B, T)` M-RoPE ids for
+            Qwen2-VL), or None when it builds them itself from the mask (LLaVA).
     """
 
     layer: int
@@ -62,6 +65,7 @@ class Prefix:
     sinks: SinkConfig
     vsink: torch.Tensor | None = None
     sink_phi: dict[int, torch.Tensor] = field(default_factory=dict)
+    position_ids: torch.Tensor | None = None
 
     def context(self) -> ForwardContext:
         """A fresh `ForwardContext` for a suffix forward (gates add their state to it)."""
@@ -106,8 +110,15 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
             entering[layer] = args[0] if args else kwargs["hidden_states"]
         return hook
 
-    handles = [_decoder_layers(backbone.model)[l].register_forward_pre_hook(keep(l), with_kwargs=True)
+    positions: dict[str, torch.Tensor | None] = {}
+
+    def keep_positions(module, args, kwargs):
+        positions["ids"] = kwargs.get("position_ids")
+
+    handles = [decoder_layers(backbone)[l].register_forward_pre_hook(keep(l), with_kwargs=True)
                for l in layers]
+    handles.append(backbone.family.language_model(backbone.model).register_forward_pre_hook(keep_positions,
+                                                                                             with_kwargs=True))
     above = [] if to_end else range(stop + 1, backbone.num_layers)
     try:
         with attach(backbone, {}, sinks, record_sinks_upto=stop) as run, skip_decoder_layers(backbone, above):
@@ -118,7 +129,7 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
             h.remove()
     prefixes = {
         l: Prefix(l, entering[l], inputs["attention_mask"], ctx.segments, sinks, ctx.vsink,
-                  {k: v for k, v in ctx.sink_phi.items() if k < l})
+                  {k: v for k, v in ctx.sink_phi.items() if k < l}, positions.get("ids"))
         for l in layers
     }
     return prefixes, (final if to_end else None)
@@ -140,8 +151,9 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
         ValueError: a gate below `prefix.layer` (see `lsg.attach.attach`).
     """
     with attach(backbone, gates or {}, prefix.sinks, prefix=prefix) as run:
-        out = backbone.model.model.language_model(inputs_embeds=prefix.hidden, attention_mask=prefix.attention_mask,
-                                                  use_cache=False)
+        out = backbone.family.language_model(backbone.model)(
+            inputs_embeds=prefix.hidden, attention_mask=prefix.attention_mask, position_ids=prefix.position_ids,
+            use_cache=False)
         if gate_state is not None:
             gate_state.update(run.ctx.gate_state)
     return out.last_hidden_state
@@ -153,10 +165,12 @@ class _Entry:
     hidden: torch.Tensor  # (n, D)
     vsink: torch.Tensor | None  # (n,)
     sink_phi: dict[int, torch.Tensor]  # layer -> (n,)
+    position_ids: torch.Tensor | None = None  # (P, n) when the model was given position ids (M-RoPE)
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.input_ids, self.hidden, *self.sink_phi.values()] + ([self.vsink] if self.vsink is not None else [])
+        tensors = [self.input_ids, self.hidden, *self.sink_phi.values()] + [
+            t for t in (self.vsink, self.position_ids) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -212,7 +226,8 @@ class PrefixCache:
         for b, (key, ids) in enumerate(zip(keys, rows)):
             entry = _Entry(ids.cpu(), prefix.hidden[b][mask[b]].cpu(),
                            None if prefix.vsink is None else prefix.vsink[b][mask[b]].cpu(),
-                           {l: phi[b][mask[b]].cpu() for l, phi in prefix.sink_phi.items()})
+                           {l: phi[b][mask[b]].cpu() for l, phi in prefix.sink_phi.items()},
+                           None if prefix.position_ids is None else prefix.position_ids[:, b][:, mask[b]].cpu())
             old = self.store.get(key)
             grow = entry.nbytes - (old.nbytes if old is not None else 0)
             if self.nbytes + grow > self.budget_bytes:
@@ -230,7 +245,11 @@ class PrefixCache:
         hidden = first.hidden.new_zeros(B, T, first.hidden.shape[-1], device=device)
         vsink = None if first.vsink is None else torch.zeros(B, T, dtype=torch.bool, device=device)
         phi = {l: v.new_zeros(B, T, device=device) for l, v in first.sink_phi.items()}
+        positions = None if first.position_ids is None else \
+            first.position_ids.new_zeros(first.position_ids.shape[0], B, T, device=device)
         for b, e in enumerate(entries):
+            if positions is not None:
+                positions[:, b, mask[b]] = e.position_ids.to(device)
             hidden[b, mask[b]] = e.hidden.to(device)
             if vsink is not None:
                 vsink[b, mask[b]] = e.vsink.to(device)
@@ -238,7 +257,7 @@ class PrefixCache:
                 phi[l][b, mask[b]] = e.sink_phi[l].to(device)
         segments = Segments.from_batch(inputs["input_ids"], inputs["attention_mask"], self.backbone.image_token_id,
                                        inputs.get("labels"))
-        return Prefix(self.layer, hidden, inputs["attention_mask"], segments, self.sinks, vsink, phi)
+        return Prefix(self.layer, hidden, inputs["attention_mask"], segments, self.sinks, vsink, phi, positions)
 
     def stats(self) -> dict[str, float]:
         """Samples served from the store (`hits`) and computed (`misses`), stored MiB, and

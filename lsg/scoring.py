@@ -29,7 +29,7 @@ def decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if is_attached(backbone.model) and batch.get("labels") is not None:
         inputs["labels"] = batch["labels"]  # read (and removed) by the gate context hook
-    return backbone.model.model(**inputs, use_cache=False).last_hidden_state
+    return backbone.family.multimodal_model(backbone.model)(**inputs, use_cache=False).last_hidden_state
 
 
 def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torch.Tensor | None = None) -> torch.Tensor:

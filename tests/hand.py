@@ -69,9 +69,11 @@ def assert_cache_matches_recompute(bb, gates, new_tokens=6):
         for step in range(new_tokens):
             labels = ids.clone()
             labels[:, :width] = -100
-            logits = bb.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                              position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
-                              use_cache=False).logits[:, -1]
+            inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            inputs = bb.family.finish_batch({**inputs, "input_ids": ids, "attention_mask": mask}, bb.model)
+            positions = bb.family.position_ids(inputs)
+            logits = bb.model(**inputs, **({"position_ids": positions} if positions is not None else {}),
+                              labels=labels, use_cache=False).logits[:, -1]
             torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-4)
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

@@ -1,0 +1,40 @@
+"""Backbone families: a checkpoint is checked against its family before any weight is read, and
+LLaVA-1.5 gets its own conversation template and system prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lsg
+from lsg.families import FAMILIES, get_family
+from lsg.families.llava import LLAVA_15_SYSTEM, LLAVA_15_TEMPLATE
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "llava_onevision", "idefics3"])
+def test_a_checkpoint_of_another_family_is_refused_before_any_weight_is_read(tmp_path, model_type):
+    # config.json only: loading any weight would fail with another error than the one asserted.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"]}))
+    with pytest.raises(ValueError, match=f"model_type='{model_type}'.*family 'llava'.*Supported families: "):
+        lsg.load_backbone("llava-1.5-7b", hf_id=str(tmp_path))
+
+
+def test_unknown_family_names_the_supported_ones():
+    with pytest.raises(ValueError, match="Supported families: " + ", ".join(sorted(FAMILIES))):
+        get_family("internvl")
+
+
+def test_llava_15_template_is_the_conversation_format_with_its_system_prompt(tiny_hub_dir):
+    bb = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32")
+    assert bb.processor.chat_template == LLAVA_15_TEMPLATE and bb.system_prompt == LLAVA_15_SYSTEM
+    # conv_vicuna_v1: system, " USER: <image>\n{q} ASSISTANT:"; an answer ends with "</s>".
+    assert bb.prompt_text("What is it?") == f"{LLAVA_15_SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
+    two_turns = bb.processor.apply_chat_template(bb._messages("Q1", [("A1", "Q2")]), add_generation_prompt=True,
+                                                 tokenize=False)
+    assert two_turns == f"{LLAVA_15_SYSTEM} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+    hub = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32", chat_template="hub",
+                            system_prompt=None)
+    assert hub.processor.chat_template != LLAVA_15_TEMPLATE
+    with pytest.raises(ValueError, match="chat_template='vicuna' is not one of family 'llava': use hub or llava-1.5"):
+        lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), chat_template="vicuna")

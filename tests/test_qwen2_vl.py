@@ -1,0 +1,197 @@
+"""Qwen2-VL, loaded through the user path from a tiny-random hub-format checkpoint: the 2x2 merger's
+V-sink mapping, M-RoPE (key scaling commutes with it; both paddings), every gate in generation and
+from a prefix, and train / compare / calibrate as a user runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lsg
+from lsg.comparison import parse_stack
+from lsg.embedded import REPO_ROOT
+from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
+from lsg.scoring import answer_loss, decoder_hidden
+from lsg.segments import Segments
+from tests.conftest import samples
+from tests.hand import assert_cache_matches_recompute
+from tests.tiny_families import save_tiny_qwen2_vl
+
+SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
+         "lsink_scope": "layer"}
+CFG = {"name": "qwen2-vl", "lsg_grouping": "vsink-lsink-ordinary"}
+SPECS = ["var", "vaf@1-2", "spear@2", "outro", "oracle@2:0.3", "knockout@1", "mean-v@3", "zero-v@2",
+         "var@2-3+oracle@1:0.2"]
+USER = ["model=qwen2-vl", "model.dtype=float32", "model.sinks.vit_dims=[0,1]", "model.sinks.llm_dims=[0,1]",
+        "model.sinks.tau_vit=1.5", "model.sinks.tau_llm=1.2", "model.lsg_grouping=vsink-lsink-ordinary"]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir):
+    return lsg.load_backbone("qwen2-vl", hf_id=str(qwen_dir), dtype="float32", sinks=SINKS)
+
+
+def real(hidden, batch):
+    return hidden[batch["attention_mask"].bool()]
+
+
+def test_the_checkpoint_loads_as_qwen2_vl_and_is_refused_as_llava(qwen, qwen_dir):
+    assert type(qwen.model).__name__ == "Qwen2VLForConditionalGeneration" and qwen.family.name == "qwen2-vl"
+    with pytest.raises(ValueError, match="model_type='qwen2_vl'.*use a model config of family 'qwen2-vl'"):
+        lsg.load_backbone("llava-1.5-7b", hf_id=str(qwen_dir))
+
+
+def test_each_merged_token_covers_a_2x2_block_of_patches(qwen):
+    """Independent of the code under test: light one 8 px patch of a black image and find which
+    rows of pixel_values change; they must be the 4 consecutive rows of the merged token that
+    covers the patch's 2x2 block (raster order of the 2x2 blocks)."""
+    black = Image.new("RGB", (32, 32))
+    base = qwen.build_batch([black], ["How many objects ?"])["pixel_values"]
+    for row, col in [(0, 0), (1, 2), (3, 3)]:
+        lit = np.zeros((32, 32, 3), dtype=np.uint8)
+        lit[8 * row:8 * row + 8, 8 * col:8 * col + 8] = 255
+        pixels = qwen.build_batch([Image.fromarray(lit)], ["How many objects ?"])["pixel_values"]
+        changed = (pixels - base).abs().sum(-1).nonzero().flatten().tolist()
+        token = (row // 2) * 2 + col // 2  # 4x4 patches -> 2x2 merged tokens
+        assert len(changed) == 1 and changed[0] // 4 == token
+    flags = torch.zeros(16, dtype=torch.bool)
+    flags[[5, 14]] = True  # patches of merged tokens 1 and 3
+    assert qwen.family.patches_to_tokens(qwen.model, flags).tolist() == [False, True, False, True]
+
+
+def test_a_planted_vit_sink_marks_its_merged_visual_token(qwen):
+    images, questions, _ = samples(2)
+    batch = qwen.build_batch(images, questions, padding_side="left")
+    planted = 6  # patch 6 of image 0 -> its merged token 1; image 1 untouched
+
+    def plant(module, args, output):
+        output.last_hidden_state[planted] = 0.0
+        output.last_hidden_state[planted, 0] = 1000.0
+        return output
+
+    sinks = dataclasses.replace(qwen.sinks, vit_dims=[0], tau_vit=50.0, normalisation="raw")
+    handle = qwen.family.vit_module(qwen.model).register_forward_hook(plant)
+    try:
+        with torch.no_grad(), lsg.attach(qwen, {}, sinks, record_sinks_upto=0) as run:
+            decoder_hidden(qwen, batch)
+            vsink, vis = run.ctx.vsink, run.ctx.segments.vis
+    finally:
+        handle.remove()
+    expected = torch.zeros_like(vis)
+    expected[0, vis[0].nonzero().flatten()[planted // 4]] = True
+    assert torch.equal(vsink, expected)
+
+
+def test_key_scaling_commutes_with_mrope(qwen):
+    """The gate scales keys after the rotary map; with M-RoPE's 3-D positions the map is still a
+    per-position rotation, so scaling a key before or after it is the same."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    images, questions, _ = samples(2)
+    batch = qwen.build_batch(images, questions, padding_side="left")
+    positions, _ = qwen.model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                   batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    assert positions.shape[0] == 3 and not torch.equal(positions[1], positions[2])  # truly 3-D on the image
+    B, T = batch["input_ids"].shape
+    q, k = torch.randn(2, B, 4, T, 16).unbind(0)
+    cos, sin = qwen.family.language_model(qwen.model).rotary_emb(q, positions)
+    scale = torch.rand(B, 1, T, 1) + 0.2
+    _, rotated = apply_rotary_pos_emb(q, k, cos, sin)
+    _, rotated_scaled = apply_rotary_pos_emb(q, k * scale, cos, sin)
+    torch.testing.assert_close(rotated_scaled, rotated * scale)
+    assert (rotated - k).abs().max() > 0.1  # the rotation is not the identity
+
+
+def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen):
+    images, questions, answers = samples(3)
+    questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
+    stack = parse_stack("oracle@2:0.3+var@1", qwen, CFG)
+    losses = {}
+    for side in ("left", "right"):
+        batch = qwen.build_batch(images, questions, answers, padding_side=side)
+        seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], qwen.image_token_id, batch["labels"])
+        assert seg.vis.sum(1).tolist() == [4, 4, 4]
+        with torch.no_grad(), lsg.attach(qwen, stack.layers):
+            losses[side] = answer_loss(qwen, batch)
+    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
+def test_every_gate_generates_through_the_kv_cache_as_full_recompute(qwen, spec):
+    if spec == "lsg@2":
+        from lsg.gates import LSGGate
+
+        torch.manual_seed(1)
+        gate = LSGGate(qwen.hidden_size, "vsink-lsink-ordinary")
+        torch.nn.init.normal_(gate.fc2.weight, std=0.5)
+        layers = {2: gate}
+    else:
+        layers = parse_stack(spec, qwen, CFG).layers
+    # A key scale at layer 0 makes sure the stack moves the logits (asserted by the helper), as in test_gates.
+    from lsg.gates import KeyScaleGate
+
+    layers = {**layers, 0: [*layers.get(0, []), KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
+    with torch.no_grad():
+        assert_cache_matches_recompute(qwen, layers, new_tokens=4)
+
+
+@pytest.mark.parametrize("spec", ["var", "outro", "oracle@2:0.3", "var@2-3+oracle@1:0.2"])
+def test_suffix_from_a_prefix_equals_the_full_gated_forward(qwen, spec):
+    images, questions, answers = samples(3)
+    batch = qwen.build_batch(images, [q + " ?" * i for i, q in enumerate(questions)], answers, padding_side="left")
+    stack = parse_stack(spec, qwen, CFG)
+    with torch.no_grad():
+        with lsg.attach(qwen, stack.layers):
+            plain = decoder_hidden(qwen, batch)
+        start = min(stack.layers)
+        prefix = compute_prefixes(qwen, batch, [start])[0][start]
+        assert prefix.position_ids is not None and prefix.position_ids.shape[0] >= 3  # M-RoPE ids kept
+        torch.testing.assert_close(real(run_suffix(qwen, prefix, stack.layers), batch), real(plain, batch),
+                                   atol=2e-5, rtol=1e-4)
+        # The per-sample cache, reassembled into a batch of another width and padding side.
+        cache = PrefixCache(qwen, start)
+        cache.prefix(batch, ["a", "b", "c"])
+        other = qwen.build_batch(images[1:], [q + " ?" * i for i, q in enumerate(questions)][1:], answers[1:],
+                                 padding_side="right")
+        cached = cache.prefix(other, ["b", "c"])
+        assert cache.stats()["hits"] == 2
+        with lsg.attach(qwen, stack.layers):
+            plain_other = decoder_hidden(qwen, other)
+        torch.testing.assert_close(real(run_suffix(qwen, cached, stack.layers), other), real(plain_other, other),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def run(script: str, tmp_path: Path, qwen_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO_ROOT / script), *USER, f"model.hf_id={qwen_dir}",
+           f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, tmp_path):
+    export = tmp_path / "ck" / "lsg-L2.safetensors"
+    run("train.py", tmp_path, qwen_dir, "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}", "data.n_train=16",
+        "data.n_val=14", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
+        "effective_batch_size=8", "epochs=1", "export_epoch=1")
+    assert json.loads(export.with_suffix(".json").read_text())["backbone"] == "qwen2-vl"
+    result = run("compare.py", tmp_path, qwen_dir, "logger=none", f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
+                 f"out_dir={tmp_path / 'compare'}", "batch_size=7", "timing_batches=1", "timing_repeats=1",
+                 f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
+    assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
+    result = run("calibrate.py", tmp_path, qwen_dir, f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
+                 "n_samples=4")
+    assert "sinks:" in result.stdout

@@ -1,0 +1,60 @@
+"""Tiny random checkpoints of each family's real transformers classes, written in the hub's exact
+format (`save_pretrained` of model and processor, a tokenizer built offline), for loading through
+the user path `load_backbone(<family config>, hf_id=<folder>)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lsg.backbones import TINY_VOCAB
+
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def word_tokenizer(special: list[str], eos: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary plus `special` tokens."""
+    words = ["<pad>", "<unk>", *special, *TINY_VOCAB]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit(),
+         pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token=eos)
+    fast.add_special_tokens({"additional_special_tokens": special})
+    return fast
+
+
+def save_tiny_qwen2_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_size: int = 32) -> Path:
+    """A Qwen2-VL with 4 decoder layers (hidden 64, M-RoPE sections 2/3/3), a 2-block ViT with
+    8 px patches and the 2x2 merger; images resized to `image_size` px (16 patches, 4 visual tokens)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from lsg.families.qwen2_vl import CHATML_TEMPLATE, PilQwenProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(QWEN_SPECIAL, eos="<|im_end|>")
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    pixels = image_size * image_size
+    processor = PilQwenProcessor(
+        Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=8, merge_size=2,
+                                 temporal_patch_size=2), tokenizer, CHATML_TEMPLATE)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
