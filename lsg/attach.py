@@ -188,8 +188,8 @@ def attach(
         vsink[vis] = flags.to(vis.device)
         run.ctx.vsink = vsink
 
-    def record_vsinks(module, args, output):
-        feats = family.vit_features(model, output)  # (N_patches, D_vit), visual-token order
+    def record_vsinks(module, args, kwargs, output):
+        feats = family.vit_features(model, args, kwargs, output)  # (N_patches, D_vit), visual-token order
         flags = family.patches_to_tokens(model, sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit)
         ctx = run.ctx
         if ctx is not None and ctx.vsink is None and ctx.n_prefill == ctx.total_len:
@@ -217,7 +217,7 @@ def attach(
             handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
             handles.append(family.multimodal_model(model).register_forward_pre_hook(build_context, with_kwargs=True))
             if sinks.has_vsinks:
-                handles.append(family.vit_module(model).register_forward_hook(record_vsinks))
+                handles.append(family.vit_module(model).register_forward_hook(record_vsinks, with_kwargs=True))
         for layer in range(first_hooked, last_hooked + 1):
             handles.append(layers[layer].register_forward_pre_hook(layer_prehook(layer), with_kwargs=True))
         for layer, group in layer_gates.items():

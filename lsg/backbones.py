@@ -369,6 +369,7 @@ BUILDERS: dict[str, Callable[..., tuple]] = {
     "llava-1.5-7b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
     "llava-1.5-13b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-13b-hf"), **kw),
     "qwen2-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2-VL-7B-Instruct"), **kw),
+    "qwen2.5-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2.5-VL-7B-Instruct"), **kw),
     "smol-llava": _build_smol_llava,
     "tiny-random": _build_tiny_random,
 }

@@ -92,7 +92,8 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
         captured = []  # the ViT features the projector reads, (N_patches, D), via the family adapter
         vit = backbone.family.vit_module(model)
         handle = vit.register_forward_hook(
-            lambda module, args, output: captured.append(backbone.family.vit_features(model, output).float()))
+            lambda module, args, kwargs, output: captured.append(
+                backbone.family.vit_features(model, args, kwargs, output).float()), with_kwargs=True)
         try:
             out = model(**batch, output_hidden_states=True, output_attentions=True)
         finally:

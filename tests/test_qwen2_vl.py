@@ -1,6 +1,7 @@
-"""Qwen2-VL, loaded through the user path from a tiny-random hub-format checkpoint: the 2x2 merger's
-V-sink mapping, M-RoPE (key scaling commutes with it; both paddings), every gate in generation and
-from a prefix, and train / compare / calibrate as a user runs them."""
+"""Qwen2-VL and Qwen2.5-VL, loaded through the user path from tiny-random hub-format checkpoints:
+the 2x2 merger's V-sink mapping (through Qwen2.5-VL's window order), M-RoPE (key scaling commutes
+with it; both paddings), every gate in generation and from a prefix, and train / compare /
+calibrate as a user runs them."""
 
 from __future__ import annotations
 
@@ -27,55 +28,92 @@ from tests.tiny_families import save_tiny_qwen2_vl
 
 SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
          "lsink_scope": "layer"}
-CFG = {"name": "qwen2-vl", "lsg_grouping": "vsink-lsink-ordinary"}
+CFG = {"lsg_grouping": "vsink-lsink-ordinary"}
 SPECS = ["var", "vaf@1-2", "spear@2", "outro", "oracle@2:0.3", "knockout@1", "mean-v@3", "zero-v@2",
          "var@2-3+oracle@1:0.2"]
-USER = ["model=qwen2-vl", "model.dtype=float32", "model.sinks.vit_dims=[0,1]", "model.sinks.llm_dims=[0,1]",
-        "model.sinks.tau_vit=1.5", "model.sinks.tau_llm=1.2", "model.lsg_grouping=vsink-lsink-ordinary"]
+USER = ["model.dtype=float32", "model.sinks.vit_dims=[0,1]", "model.sinks.llm_dims=[0,1]", "model.sinks.tau_vit=1.5",
+        "model.sinks.tau_llm=1.2", "model.lsg_grouping=vsink-lsink-ordinary"]
+# model config -> (tiny checkpoint version, image px, merged tokens per side). Qwen2.5-VL gets 64 px
+# images so its 32 px attention windows reorder the ViT's patch groups.
+VARIANTS = {"qwen2-vl": ("2", 32, 2), "qwen2.5-vl": ("2.5", 64, 4)}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+def qwen_dir(tmp_path_factory, variant):
+    version, size, _ = VARIANTS[variant]
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp(f"tiny-{variant}"), image_size=size, version=version)
 
 
 @pytest.fixture(scope="module")
-def qwen(qwen_dir):
-    return lsg.load_backbone("qwen2-vl", hf_id=str(qwen_dir), dtype="float32", sinks=SINKS)
+def qwen(qwen_dir, variant):
+    return lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS)
 
 
 def real(hidden, batch):
     return hidden[batch["attention_mask"].bool()]
 
 
-def test_the_checkpoint_loads_as_qwen2_vl_and_is_refused_as_llava(qwen, qwen_dir):
-    assert type(qwen.model).__name__ == "Qwen2VLForConditionalGeneration" and qwen.family.name == "qwen2-vl"
-    with pytest.raises(ValueError, match="model_type='qwen2_vl'.*use a model config of family 'qwen2-vl'"):
-        lsg.load_backbone("llava-1.5-7b", hf_id=str(qwen_dir))
+def test_the_checkpoint_loads_in_its_family_and_is_refused_by_the_others(qwen, qwen_dir, variant):
+    expected = {"qwen2-vl": "Qwen2VLForConditionalGeneration", "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+    assert type(qwen.model).__name__ == expected[variant] and qwen.family.name == variant
+    model_type = json.loads((qwen_dir / "config.json").read_text())["model_type"]
+    for other in ["llava-1.5-7b", *(v for v in VARIANTS if v != variant)]:
+        with pytest.raises(ValueError, match=f"model_type='{model_type}'.*use a model config of family '{variant}'"):
+            lsg.load_backbone(other, hf_id=str(qwen_dir))
 
 
-def test_each_merged_token_covers_a_2x2_block_of_patches(qwen):
+def test_vit_features_in_token_order_are_what_the_merger_reads(qwen):
+    """Merging the features `vit_features` returns gives the model's own merged tokens, in the
+    order they enter the decoder (for Qwen2.5-VL, after undoing the window order)."""
+    images, questions, _ = samples(2)
+    batch = qwen.build_batch(images, questions)
+    seen = {}
+    vit = qwen.family.vit_module(qwen.model)
+    handle = vit.register_forward_hook(lambda m, args, kwargs, out: seen.update(
+        feats=qwen.family.vit_features(qwen.model, args, kwargs, out), merged=out.pooler_output), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            qwen.model(**batch)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(vit.merger(seen["feats"]), seen["merged"])
+
+
+def test_each_merged_token_covers_a_2x2_block_of_patches(qwen, variant):
     """Independent of the code under test: light one 8 px patch of a black image and find which
     rows of pixel_values change; they must be the 4 consecutive rows of the merged token that
     covers the patch's 2x2 block (raster order of the 2x2 blocks)."""
-    black = Image.new("RGB", (32, 32))
+    _, size, side = VARIANTS[variant]
+    black = Image.new("RGB", (size, size))
     base = qwen.build_batch([black], ["How many objects ?"])["pixel_values"]
-    for row, col in [(0, 0), (1, 2), (3, 3)]:
-        lit = np.zeros((32, 32, 3), dtype=np.uint8)
+    for row, col in [(0, 0), (1, 2), (2 * side - 1, 2 * side - 1)]:
+        lit = np.zeros((size, size, 3), dtype=np.uint8)
         lit[8 * row:8 * row + 8, 8 * col:8 * col + 8] = 255
         pixels = qwen.build_batch([Image.fromarray(lit)], ["How many objects ?"])["pixel_values"]
         changed = (pixels - base).abs().sum(-1).nonzero().flatten().tolist()
-        token = (row // 2) * 2 + col // 2  # 4x4 patches -> 2x2 merged tokens
+        token = (row // 2) * side + col // 2
         assert len(changed) == 1 and changed[0] // 4 == token
     flags = torch.zeros(16, dtype=torch.bool)
     flags[[5, 14]] = True  # patches of merged tokens 1 and 3
     assert qwen.family.patches_to_tokens(qwen.model, flags).tolist() == [False, True, False, True]
 
 
-def test_a_planted_vit_sink_marks_its_merged_visual_token(qwen):
+def test_a_planted_vit_sink_marks_its_merged_visual_token(qwen, variant):
     images, questions, _ = samples(2)
     batch = qwen.build_batch(images, questions, padding_side="left")
-    planted = 6  # patch 6 of image 0 -> its merged token 1; image 1 untouched
+    planted = 9  # row 9 of the ViT output: patch group 2 of image 0; image 1 untouched
+    group = planted // 4
+    if variant == "qwen2.5-vl":  # the ViT output is in window order: group g is token window_index[g]
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(batch["image_grid_thw"], 2, 32, 8)
+        group = int(window_index[group])
+        assert group != planted // 4
 
     def plant(module, args, output):
         output.last_hidden_state[planted] = 0.0
@@ -91,7 +129,7 @@ def test_a_planted_vit_sink_marks_its_merged_visual_token(qwen):
     finally:
         handle.remove()
     expected = torch.zeros_like(vis)
-    expected[0, vis[0].nonzero().flatten()[planted // 4]] = True
+    expected[0, vis[0].nonzero().flatten()[group]] = True
     assert torch.equal(vsink, expected)
 
 
@@ -115,7 +153,7 @@ def test_key_scaling_commutes_with_mrope(qwen):
     assert (rotated - k).abs().max() > 0.1  # the rotation is not the identity
 
 
-def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen):
+def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen, variant):
     images, questions, answers = samples(3)
     questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
     stack = parse_stack("oracle@2:0.3+var@1", qwen, CFG)
@@ -123,7 +161,7 @@ def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen):
     for side in ("left", "right"):
         batch = qwen.build_batch(images, questions, answers, padding_side=side)
         seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], qwen.image_token_id, batch["labels"])
-        assert seg.vis.sum(1).tolist() == [4, 4, 4]
+        assert seg.vis.sum(1).tolist() == [VARIANTS[variant][2] ** 2] * 3
         with torch.no_grad(), lsg.attach(qwen, stack.layers):
             losses[side] = answer_loss(qwen, batch)
     torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
@@ -174,24 +212,24 @@ def test_suffix_from_a_prefix_equals_the_full_gated_forward(qwen, spec):
                                    atol=2e-5, rtol=1e-4)
 
 
-def run(script: str, tmp_path: Path, qwen_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO_ROOT / script), *USER, f"model.hf_id={qwen_dir}",
+def run(script: str, tmp_path: Path, qwen_dir: Path, variant: str, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO_ROOT / script), f"model={variant}", *USER, f"model.hf_id={qwen_dir}",
            f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, tmp_path):
+def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, variant, tmp_path):
     export = tmp_path / "ck" / "lsg-L2.safetensors"
-    run("train.py", tmp_path, qwen_dir, "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}", "data.n_train=16",
+    run("train.py", tmp_path, qwen_dir, variant, "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}", "data.n_train=16",
         "data.n_val=14", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
         "effective_batch_size=8", "epochs=1", "export_epoch=1")
-    assert json.loads(export.with_suffix(".json").read_text())["backbone"] == "qwen2-vl"
-    result = run("compare.py", tmp_path, qwen_dir, "logger=none", f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
+    assert json.loads(export.with_suffix(".json").read_text())["backbone"] == variant
+    result = run("compare.py", tmp_path, qwen_dir, variant, "logger=none", f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
                  f"out_dir={tmp_path / 'compare'}", "batch_size=7", "timing_batches=1", "timing_repeats=1",
                  f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
     assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
-    result = run("calibrate.py", tmp_path, qwen_dir, f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
+    result = run("calibrate.py", tmp_path, qwen_dir, variant, f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
                  "n_samples=4")
     assert "sinks:" in result.stdout

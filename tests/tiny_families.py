@@ -28,10 +28,13 @@ def word_tokenizer(special: list[str], eos: str) -> PreTrainedTokenizerFast:
     return fast
 
 
-def save_tiny_qwen2_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_size: int = 32) -> Path:
-    """A Qwen2-VL with 4 decoder layers (hidden 64, M-RoPE sections 2/3/3), a 2-block ViT with
-    8 px patches and the 2x2 merger; images resized to `image_size` px (16 patches, 4 visual tokens)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def save_tiny_qwen2_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_size: int = 32,
+                       version: str = "2") -> Path:
+    """A Qwen2-VL (`version="2"`) or Qwen2.5-VL (`"2.5"`) with 4 decoder layers (hidden 64, M-RoPE
+    sections 2/3/3), a 2-block ViT with 8 px patches and the 2x2 merger; images resized to
+    `image_size` px. Qwen2.5-VL's ViT attends within 32 px windows (2x2 merged tokens) in block 0
+    and globally in block 1, so with 64 px images its window order differs from image order."""
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from lsg.families.qwen2_vl import CHATML_TEMPLATE, PilQwenProcessor
@@ -39,16 +42,24 @@ def save_tiny_qwen2_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_s
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(QWEN_SPECIAL, eos="<|im_end|>")
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    model = Qwen2VLForConditionalGeneration(config)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if version == "2":
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    else:
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=32,
+                      fullatt_block_indexes=[1])
+    config = config_class(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"))
+    model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     pixels = image_size * image_size

@@ -77,9 +77,10 @@ class Family:
         """The module whose forward output holds the ViT features the projector reads."""
         raise NotImplementedError
 
-    def vit_features(self, model, output) -> torch.Tensor:
+    def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
         """`(N_patches, D_vit)` features of every image patch the projector reads, over the
-        batch, in visual-token order, from `vit_module`'s output."""
+        batch, in visual-token order (`patches_to_tokens` groups consecutive patches), from a
+        forward hook on `vit_module` (its positional and keyword inputs and its output)."""
         raise NotImplementedError
 
     def patches_to_tokens(self, model, patch_flags: torch.Tensor) -> torch.Tensor:

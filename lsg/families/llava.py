@@ -48,7 +48,7 @@ class LlavaFamily(Family):
     def vit_module(self, model) -> torch.nn.Module:
         return model.model.vision_tower
 
-    def vit_features(self, model, output) -> torch.Tensor:
+    def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
         feats = output.hidden_states[model.config.vision_feature_layer]
         if model.config.vision_feature_select_strategy == "default":
             feats = feats[:, 1:]  # the CLS token is not projected

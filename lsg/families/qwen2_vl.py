@@ -110,8 +110,8 @@ class Qwen2VLFamily(Family):
     def vit_module(self, model) -> torch.nn.Module:
         return model.model.visual
 
-    def vit_features(self, model, output) -> torch.Tensor:
-        return output.last_hidden_state  # (N_patches, D): the merger's input
+    def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
+        return output.last_hidden_state  # (N_patches, D): the merger's input, 4 patches per visual token
 
     def patches_to_tokens(self, model, patch_flags: torch.Tensor) -> torch.Tensor:
         merge = model.config.vision_config.spatial_merge_size ** 2
@@ -127,3 +127,24 @@ class Qwen2VLFamily(Family):
     def finish_batch(self, batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id(model)).int() * IMAGE_TYPE
         return batch
+
+
+class Qwen25VLFamily(Qwen2VLFamily):
+    """Qwen2.5-VL: Qwen2-VL's layout with windowed ViT attention. The ViT runs on patch groups
+    (one group = one merged token) permuted by window (`window_index`), and the merged tokens
+    are put back in image order after the merger; V-sink features are put back the same way."""
+
+    name = "qwen2.5-vl"
+    model_types = ("qwen2_5_vl",)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
+    def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.vit_module(model)
+        grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        feats = output.last_hidden_state  # (N_patches, D) in window order, merge-unit groups contiguous
+        groups = feats.reshape(-1, visual.spatial_merge_unit, feats.shape[-1])
+        return groups[torch.argsort(window_index.to(feats.device))].reshape(feats.shape)
