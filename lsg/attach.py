@@ -22,6 +22,8 @@ hidden state to the language model (`lsg.prefix.run_suffix`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
@@ -59,7 +61,8 @@ class AttachedRun:
     base_implementation: str
     ctx: ForwardContext | None = None
     pending_labels: torch.Tensor | None = None
-    pending_vit_flags: torch.Tensor | None = None
+    pending_vit_flags: torch.Tensor | None = None  # per ViT patch, mapped to tokens once the inputs are known
+    inputs: dict | None = None  # the multimodal model's call arguments of the current prefill
 
 
 def decoder_layers(backbone: Backbone) -> Sequence[torch.nn.Module]:
@@ -168,6 +171,7 @@ def attach(
         labels = labels if labels is not None else run.pending_labels
         run.pending_labels = None
         if past is None or past.get_seq_length() == 0:
+            run.inputs = {**(run.inputs or {}), **{k: v for k, v in kwargs.items() if v is not None}}
             run.ctx = ForwardContext(Segments.from_batch(input_ids, mask, backbone.image_token_id, labels), sinks,
                                      n_prefill=input_ids.shape[1])
             if run.pending_vit_flags is not None:  # generate() encodes images before the first forward
@@ -180,7 +184,8 @@ def attach(
                                    f"{run.ctx.total_len}; was the KV cache reset without a new prefill?")
         return args, kwargs
 
-    def set_vsinks(flags: torch.Tensor):
+    def set_vsinks(patch_flags: torch.Tensor):
+        flags = family.patches_to_tokens(model, patch_flags, run.inputs)
         vis = run.ctx.segments.vis
         if int(vis.sum()) != flags.numel():
             raise RuntimeError(f"{flags.numel()} ViT patches but {int(vis.sum())} image tokens in the batch.")
@@ -190,7 +195,7 @@ def attach(
 
     def record_vsinks(module, args, kwargs, output):
         feats = family.vit_features(model, args, kwargs, output)  # (N_patches, D_vit), visual-token order
-        flags = family.patches_to_tokens(model, sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit)
+        flags = sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit
         ctx = run.ctx
         if ctx is not None and ctx.vsink is None and ctx.n_prefill == ctx.total_len:
             set_vsinks(flags)  # called from inside the forward whose context was just built
@@ -210,9 +215,21 @@ def attach(
                 ctx.gate_state[(layer, i)] = gate.prepare(view, hidden)
         return hook
 
+    def record_layout(method):
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)  # callers (generate) read the signature
+        def wrapped(*args, **kwargs):
+            run.inputs = {**(run.inputs or {}), **signature.bind_partial(*args, **kwargs).arguments}
+            return method(*args, **kwargs)
+        return wrapped
+
     handles = []
     layers = decoder_layers(backbone)
+    layout = family.layout_calls(model)
     try:
+        for owner, name in layout:  # on the instance, removed on exit
+            setattr(owner, name, record_layout(getattr(owner, name)))
         if prefix is None:
             handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
             handles.append(family.multimodal_model(model).register_forward_pre_hook(build_context, with_kwargs=True))
@@ -236,12 +253,15 @@ def attach(
             yield run
     finally:
         family.language_model(model).set_attn_implementation(base)
+        for owner, name in layout:
+            if name in vars(owner):
+                delattr(owner, name)
         for handle in handles:
             handle.remove()
         for attn_layer in layers:
             if hasattr(attn_layer.self_attn, attention.BINDING_ATTR):
                 delattr(attn_layer.self_attn, attention.BINDING_ATTR)
-        run.ctx = None
+        run.ctx = run.inputs = None
         if getattr(model, RUN_ATTR, None) is run:
             delattr(model, RUN_ATTR)
 

@@ -368,6 +368,7 @@ def _build_tiny_random(
 BUILDERS: dict[str, Callable[..., tuple]] = {
     "llava-1.5-7b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
     "llava-1.5-13b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-13b-hf"), **kw),
+    "llava-onevision": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-onevision-qwen2-7b-ov-hf"), **kw),
     "qwen2-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2-VL-7B-Instruct"), **kw),
     "qwen2.5-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2.5-VL-7B-Instruct"), **kw),
     "smol-llava": _build_smol_llava,

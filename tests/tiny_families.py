@@ -69,3 +69,48 @@ def save_tiny_qwen2_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_s
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
+
+
+ONEVISION_TEMPLATE = (  # Qwen2's chat format with LLaVA's "<image>" placeholder
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_onevision(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """A LLaVA-OneVision with a 2-layer SigLIP (32 px crops, 8 px patches: 16 tokens per crop), a
+    4-layer Qwen2 decoder, AnyRes grid pinpoints 32x32 ... 64x64 (so a wide image has a base crop
+    and two sub-crops, unpadded to its aspect ratio, with a newline per row)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from lsg.families.llava_onevision import pil_processor_class
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints,
+                                                      do_pad=True)
+    tokenizer.chat_template = ONEVISION_TEMPLATE
+    processor = pil_processor_class()(image_processor, tokenizer, chat_template=ONEVISION_TEMPLATE,
+                                      num_image_tokens=16, vision_feature_select_strategy="full")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)

@@ -83,9 +83,16 @@ class Family:
         forward hook on `vit_module` (its positional and keyword inputs and its output)."""
         raise NotImplementedError
 
-    def patches_to_tokens(self, model, patch_flags: torch.Tensor) -> torch.Tensor:
+    def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:
+        """`(module, method name)` whose call arguments `patches_to_tokens` needs and that may run
+        before the forward that builds the context (`generate` encodes images first). `attach`
+        records their arguments; none by default."""
+        return []
+
+    def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """`(N_visual_tokens,)` V-sink flags of the visual tokens from `(N_patches,)` patch
-        flags (identity when one patch is one token)."""
+        flags (identity when one patch is one token). `inputs`: the multimodal model's call
+        arguments (e.g. `image_sizes`), for families whose layout depends on them."""
         return patch_flags
 
     # ---- batches -------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""LLaVA-OneVision, loaded through the user path from a tiny-random hub-format checkpoint: V-sinks
+mapped through AnyRes crops, unpadding and newline tokens; every gate in generation, from a
+prefix and under both paddings; train / compare / calibrate as a user runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+
+import lsg
+from lsg.comparison import parse_stack
+from lsg.gates import KeyScaleGate, LSGGate
+from lsg.prefix import compute_prefixes, run_suffix
+from lsg.scoring import answer_loss, decoder_hidden
+from lsg.segments import Segments
+from tests.conftest import samples
+from tests.hand import assert_cache_matches_recompute
+from tests.test_qwen2_vl import CFG, SINKS, SPECS, real, run
+from tests.tiny_families import save_tiny_onevision
+
+WIDE = Image.new("RGB", (60, 30), (200, 30, 30))  # best pinpoint 32x64: base crop + 1x2 sub-crops, no unpadding
+
+
+@pytest.fixture(scope="module")
+def ov_dir(tmp_path_factory):
+    return save_tiny_onevision(tmp_path_factory.mktemp("tiny-onevision"))
+
+
+@pytest.fixture(scope="module")
+def ov(ov_dir):
+    return lsg.load_backbone("llava-onevision", hf_id=str(ov_dir), dtype="float32", sinks=SINKS)
+
+
+def batch_of(ov, answers=True, side="left"):
+    images, questions, replies = samples(2)
+    return ov.build_batch([images[0], WIDE], questions, replies if answers else None, padding_side=side)
+
+
+def test_the_checkpoint_loads_as_onevision_and_is_refused_by_other_families(ov, ov_dir):
+    assert type(ov.model).__name__ == "LlavaOnevisionForConditionalGeneration" and ov.family.name == "llava-onevision"
+    for other in ("llava-1.5-7b", "qwen2-vl"):
+        with pytest.raises(ValueError, match="model_type='llava_onevision'.*family 'llava-onevision'"):
+            lsg.load_backbone(other, hf_id=str(ov_dir))
+
+
+def test_newline_tokens_are_never_v_sinks(ov):
+    """Independent of the mapping: the newline positions are where the decoder's input embedding
+    is the model's `image_newline` vector. With every ViT patch flagged, exactly the other visual
+    tokens must be V-sinks."""
+    batch = batch_of(ov, answers=False)
+    seen = {}
+    lm = ov.family.language_model(ov.model)
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ov.model(**batch)
+    finally:
+        handle.remove()
+    newline = (seen["embeds"] == ov.model.model.image_newline).all(-1)
+    seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], ov.image_token_id)
+    assert newline.sum(1).tolist() == [8, 4]  # 2x2 sub-crops: 8 rows; 1x2 sub-crops: 4 rows
+    n_patches = (5 + 3) * 16  # base crop + sub-crops, 16 patches each
+    flags = ov.family.patches_to_tokens(ov.model, torch.ones(n_patches, dtype=torch.bool),
+                                        {"image_sizes": batch["image_sizes"]})
+    assert torch.equal(flags, (seg.vis & ~newline)[seg.vis])
+
+
+@pytest.mark.parametrize("crop, patch, token", [(0, 5, 5), (1, 6, 16 + 9 + 2), (2, 6, 16 + 9 + 4 + 2)])
+def test_a_planted_vit_sink_lands_on_its_token_through_the_crops(ov, crop, patch, token):
+    """The wide image: tokens 0-15 are the base crop; then the 1x2 sub-crops stitched into 4 rows
+    of 8 patches, each row followed by a newline (9 tokens a row). Patch 6 = row 1, column 2."""
+    batch = batch_of(ov, answers=False)
+    row = 5 + crop  # the wide image's crops come after the first image's 5
+
+    def plant(module, args, output):
+        output.hidden_states[-1][row, patch] = 0.0
+        output.hidden_states[-1][row, patch, 0] = 1000.0
+
+    sinks = dataclasses.replace(ov.sinks, vit_dims=[0], tau_vit=50.0, normalisation="raw")
+    handle = ov.family.vit_module(ov.model).register_forward_hook(plant)
+    try:
+        with torch.no_grad(), lsg.attach(ov, {}, sinks, record_sinks_upto=0) as run_:
+            decoder_hidden(ov, batch)
+            vsink, vis = run_.ctx.vsink, run_.ctx.segments.vis
+    finally:
+        handle.remove()
+    expected = torch.zeros_like(vis)
+    expected[1, vis[1].nonzero().flatten()[token]] = True
+    assert torch.equal(vsink, expected)
+
+
+def test_left_and_right_padding_give_the_same_loss_under_a_gate(ov):
+    stack = parse_stack("oracle@2:0.3+var@1", ov, CFG)
+    losses = {}
+    for side in ("left", "right"):
+        with torch.no_grad(), lsg.attach(ov, stack.layers):
+            losses[side] = answer_loss(ov, batch_of(ov, side=side))
+    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
+def test_every_gate_generates_through_the_kv_cache_as_full_recompute(ov, spec):
+    if spec == "lsg@2":
+        torch.manual_seed(1)
+        gate = LSGGate(ov.hidden_size, "vsink-lsink-ordinary")
+        torch.nn.init.normal_(gate.fc2.weight, std=0.5)
+        layers = {2: gate}
+    else:
+        layers = parse_stack(spec, ov, CFG).layers
+    layers = {**layers, 0: [*layers.get(0, []), KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
+    with torch.no_grad():
+        assert_cache_matches_recompute(ov, layers, new_tokens=4)
+
+
+@pytest.mark.parametrize("spec", ["var", "outro", "var@2-3+oracle@1:0.2"])
+def test_suffix_from_a_prefix_equals_the_full_gated_forward(ov, spec):
+    batch = batch_of(ov)
+    stack = parse_stack(spec, ov, CFG)
+    with torch.no_grad():
+        with lsg.attach(ov, stack.layers):
+            plain = decoder_hidden(ov, batch)
+        start = min(stack.layers)
+        prefix = compute_prefixes(ov, batch, [start])[0][start]
+        torch.testing.assert_close(real(run_suffix(ov, prefix, stack.layers), batch), real(plain, batch),
+                                   atol=2e-5, rtol=1e-4)
+
+
+def test_train_compare_and_calibrate_run_as_a_user_runs_them(ov_dir, tmp_path):
+    export = tmp_path / "ck" / "lsg-L2.safetensors"
+    run("train.py", tmp_path, ov_dir, "llava-onevision", "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}",
+        "data.n_train=16", "data.n_val=14", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
+        "effective_batch_size=8", "epochs=1", "export_epoch=1")
+    result = run("compare.py", tmp_path, ov_dir, "llava-onevision", "logger=none", f"data.root={tmp_path / 'shapes'}",
+                 "data.n_val=14", f"out_dir={tmp_path / 'compare'}", "batch_size=7", "timing_batches=1",
+                 "timing_repeats=1", f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,"
+                                     f"lsg:{export}]")
+    assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
+    result = run("calibrate.py", tmp_path, ov_dir, "llava-onevision", f"data.root={tmp_path / 'shapes'}",
+                 "data.n_val=14", "n_samples=4")
+    assert "sinks:" in result.stdout
