@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 import lsg
-from lsg.calibration import calibrate
+from lsg.calibration import calibrate, plot_report
 from lsg.datamodule import load_records
 from lsg.evaluation import images_and_questions
 
@@ -50,6 +50,8 @@ def main(cfg: DictConfig) -> None:
     taus = [s.suggested_tau for s in report.layers]
     console.print("Suggested per-layer sinks snippet:\n" + OmegaConf.to_yaml({"sinks": {
         **backbone.sinks.to_dict(), "tau_llm": [round(t, 1) if t else None for t in taus]}}))
+    paths = plot_report(report, cfg.out_dir, backbone.name)
+    console.print(f"Wrote {paths[0]} and {paths[1]} (Figure S2)")
 
 
 if __name__ == "__main__":

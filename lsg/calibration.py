@@ -41,6 +41,7 @@ class CalibrationReport:
     vit_norm_ratio_max: float  # largest patch norm / median patch norm at the ViT feature layer, per batch
     vit_massive_dims: list[tuple[int, int]]
     layers: list[LayerStats] = field(default_factory=list)
+    vis_phi: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> every visual token's phi (Figure S2)
 
 
 def massive_dims(hidden: torch.Tensor, real: torch.Tensor, min_abs: float, ratio: float) -> Counter:
@@ -136,15 +137,63 @@ def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None,
                     attn = out.attentions[layer][rows, :, seg.last_prompt].float()  # (B, H, T)
                     vis_mass = (attn * seg.vis[:, None]).sum(-1).clamp_min(1e-12)
                     s["share"].append(((attn * flag[:, None]).sum(-1) / vis_mass).mean(1))
-    layers = []
+    layers, vis_phi = [], {}
     for layer, s in enumerate(per_layer):
         if not s["phi"]:
             continue
-        phi = torch.cat(s["phi"])
+        phi = vis_phi[layer] = torch.cat(s["phi"]).float().cpu()
         n = max(s["n_img"], 1)
         layers.append(LayerStats(
             layer, float(phi.median()), float(phi.quantile(0.99)), float(phi.max()), s["flag"] / n, s["upto"] / n,
             s["text"] / n, float(torch.cat(s["share"]).mean()) if s["share"] else float("nan"),
             suggest_threshold(phi, top_fraction)))
     return CalibrationReport(dim_layers.most_common(8), dict(positions.most_common(5)), vit_ratio,
-                             vit_dims.most_common(8), layers)
+                             vit_dims.most_common(8), layers, vis_phi)
+
+
+def plot_report(report: CalibrationReport, out_dir, title: str = "") -> tuple:
+    """Figure S2 as two PNGs in `out_dir`: `sink-histograms.png` (per layer, the histogram of
+    log10 phi of visual tokens with the suggested threshold) and `sink-counts.png` (visual
+    tokens flagged per image at each layer and at any layer up to it). Returns the two paths."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {s.layer: s for s in report.layers}
+    layers = sorted(report.vis_phi)
+    cols = min(6, max(1, len(layers)))
+    rows = -(-len(layers) // cols) if layers else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows), squeeze=False)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, layers):
+        ax.hist(report.vis_phi[layer].clamp_min(1e-6).log10().numpy(), bins=40, color="tab:blue")
+        ax.set_yscale("log")
+        tau = stats[layer].suggested_tau
+        if tau:
+            ax.axvline(torch.tensor(tau).log10().item(), color="tab:red", lw=1)
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title} log10 sink value of visual tokens (red: suggested threshold)", fontsize=9)
+    fig.tight_layout()
+    hist_path = out_dir / "sink-histograms.png"
+    fig.savefig(hist_path, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([s.layer for s in report.layers], [s.flagged_per_image for s in report.layers], "o-", label="at layer")
+    ax.plot([s.layer for s in report.layers], [s.flagged_any_upto_per_image for s in report.layers], "s--",
+            label="at any layer <= l")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("flagged visual tokens / image")
+    ax.set_title(f"{title} L-sink candidates per layer", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    count_path = out_dir / "sink-counts.png"
+    fig.savefig(count_path, dpi=110)
+    plt.close(fig)
+    return hist_path, count_path
