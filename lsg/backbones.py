@@ -285,12 +285,13 @@ def local_weights_dir(hf_id: str) -> Path:
 
 
 def _build_hub(hf_id: str, family: str = "llava", dtype: str = "bfloat16", attn_implementation: str = "sdpa",
-               chat_template: str = "hub", **_) -> tuple:
+               chat_template: str = "hub", device_map: str | None = None, **_) -> tuple:
     """A hub-format checkpoint of `family`, checked against it before any weight is read
     (`Family.check_checkpoint`); `chat_template` other than "hub" replaces the processor's
     template with the family's named one (e.g. LLaVA-1.5's own conversation format)."""
     fam = get_family(family)
-    model, processor = fam.load(hf_id, dtype, attn_implementation)
+    model, processor = fam.load(hf_id, dtype, attn_implementation,
+                                **({"device_map": device_map} if device_map else {}))
     if chat_template != "hub":
         if chat_template not in fam.templates:
             raise ValueError(f"chat_template={chat_template!r} is not one of family '{family}': use hub or "
@@ -434,6 +435,8 @@ def load_backbone(name: str, **overrides) -> Backbone:
     device = resolve_device(cfg.pop("device", "cpu"))
     family = get_family(cfg.get("family", "llava"))
     model, processor, fingerprint = BUILDERS[name](**cfg)
-    model.eval().requires_grad_(False).to(device)
+    model.eval().requires_grad_(False)
+    if not cfg.get("device_map"):  # with a device map, accelerate has placed the layers already
+        model.to(device)
     return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt,
                     padding_side=padding_side, sinks=sinks, fingerprint=fingerprint, family=family)

@@ -38,3 +38,18 @@ def test_llava_15_template_is_the_conversation_format_with_its_system_prompt(tin
     assert hub.processor.chat_template != LLAVA_15_TEMPLATE
     with pytest.raises(ValueError, match="chat_template='vicuna' is not one of family 'llava': use hub or llava-1.5"):
         lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), chat_template="vicuna")
+
+
+def test_a_device_map_load_gives_the_same_model(tiny_hub_dir):
+    """`model.device_map=auto` (accelerate's placement, for 13B over several GPUs) loads the same
+    weights; on this CPU-only machine the map puts every layer on the CPU."""
+    import torch
+
+    from tests.conftest import samples
+
+    plain = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32")
+    mapped = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32", device_map="auto")
+    images, questions, _ = samples(2)
+    batch = plain.build_batch(images, questions)
+    with torch.no_grad():
+        torch.testing.assert_close(mapped.model(**batch).logits, plain.model(**batch).logits)

@@ -141,3 +141,28 @@ def test_train_compare_and_calibrate_run_as_a_user_runs_them(ov_dir, tmp_path):
     result = run("calibrate.py", tmp_path, ov_dir, "llava-onevision", f"data.root={tmp_path / 'shapes'}",
                  "data.n_val=14", "n_samples=4")
     assert "sinks:" in result.stdout
+
+
+def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(ov, ov_dir):
+    eager = lsg.load_backbone("llava-onevision", hf_id=str(ov_dir), dtype="float32", sinks=SINKS,
+                              attn_implementation="eager")
+    spec = "var@1-2+vaf@2+knockout@3+oracle@1:0.3"
+    losses = []
+    for bb in (ov, eager):
+        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb, CFG).layers):
+            losses.append(answer_loss(bb, batch_of(bb)))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert_cache_matches_recompute(eager, parse_stack(spec, eager, CFG).layers, new_tokens=3)
+
+
+def test_a_gate_checkpoint_is_refused_by_another_family(ov, ov_dir, tmp_path):
+    from tests.test_qwen2_vl import save_tiny_qwen2_vl
+
+    gate = LSGGate(ov.hidden_size, "vsink-lsink-ordinary")
+    gate.save(tmp_path / "g.safetensors", backbone=ov.name, backbone_fingerprint=ov.fingerprint, layer=2,
+              sinks=ov.sinks.to_dict())
+    qwen = lsg.load_backbone("qwen2-vl", hf_id=str(save_tiny_qwen2_vl(tmp_path / "qwen")), dtype="float32",
+                             sinks=SINKS)
+    with pytest.raises(ValueError, match="llava-onevision"):
+        parse_stack(f"lsg:{tmp_path / 'g.safetensors'}", qwen, CFG)

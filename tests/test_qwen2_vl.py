@@ -233,3 +233,20 @@ def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, variant, 
     result = run("calibrate.py", tmp_path, qwen_dir, variant, f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
                  "n_samples=4")
     assert "sinks:" in result.stdout
+
+
+def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(qwen, qwen_dir, variant):
+    """Key-only gates stay on SDPA, gates that need the attention matrix (VAR, VAF, knockout) get
+    it; under eager attention every path must agree with SDPA, in scoring and in generation."""
+    eager = lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS,
+                              attn_implementation="eager")
+    images, questions, answers = samples(3)
+    spec = "var@1-2+vaf@2+knockout@3+oracle@1:0.3"
+    losses = []
+    for bb in (qwen, eager):
+        batch = bb.build_batch(images, questions, answers, padding_side="left")
+        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb, CFG).layers):
+            losses.append(answer_loss(bb, batch))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert_cache_matches_recompute(eager, parse_stack(spec, eager, CFG).layers, new_tokens=3)

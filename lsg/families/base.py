@@ -49,8 +49,9 @@ class Family:
                              f"{', '.join(supported_families())}.")
         return config
 
-    def load(self, hf_id: str, dtype: str, attn_implementation: str) -> tuple[Any, Any]:
-        """`(model, processor)` from a hub id or a `save_pretrained` folder."""
+    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs) -> tuple[Any, Any]:
+        """`(model, processor)` from a hub id or a `save_pretrained` folder; `load_kwargs` go to
+        `from_pretrained` (e.g. `device_map="auto"` to spread a 13B model over the GPUs)."""
         raise NotImplementedError
 
     # ---- where things live ---------------------------------------------------------------

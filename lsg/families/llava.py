@@ -36,13 +36,13 @@ class LlavaFamily(Family):
     model_types = ("llava",)
     templates = TEMPLATES
 
-    def load(self, hf_id: str, dtype: str, attn_implementation: str):
+    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs):
         from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
         self.check_checkpoint(hf_id)
         processor = LlavaProcessor.from_pretrained(hf_id)
         model = LlavaForConditionalGeneration.from_pretrained(hf_id, dtype=getattr(torch, dtype),
-                                                              attn_implementation=attn_implementation)
+                                                              attn_implementation=attn_implementation, **load_kwargs)
         return model, processor
 
     def vit_module(self, model) -> torch.nn.Module:

@@ -47,13 +47,13 @@ class LlavaOnevisionFamily(Family):
     name = "llava-onevision"
     model_types = ("llava_onevision",)
 
-    def load(self, hf_id: str, dtype: str, attn_implementation: str):
+    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs):
         import transformers
         from transformers.utils import is_torchvision_available
 
         self.check_checkpoint(hf_id)
         model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
-            hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+            hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **load_kwargs)
         if is_torchvision_available():
             processor = transformers.AutoProcessor.from_pretrained(hf_id)
         else:
