@@ -51,6 +51,25 @@ def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None, 
     return attn.o_proj(o.reshape(B, T, -1))
 
 
+def assert_spec_generates_as_recompute(bb, spec: str, backbone_cfg: dict, new_tokens: int = 4):
+    """`assert_cache_matches_recompute` for a gate spec (`lsg@L` = a random LSG gate at layer L),
+    with a key scale at layer 0 added so that the stack surely moves the logits (the helper
+    asserts it; some gates leave a tiny random model unchanged)."""
+    from lsg.comparison import parse_stack
+    from lsg.gates import KeyScaleGate, LSGGate
+
+    if spec.startswith("lsg@"):
+        torch.manual_seed(1)
+        gate = LSGGate(bb.hidden_size, "vsink-lsink-ordinary")
+        torch.nn.init.normal_(gate.fc2.weight, std=0.5)
+        layers = {int(spec[4:]): [gate]}
+    else:
+        layers = parse_stack(spec, bb, backbone_cfg).layers
+    layers = {**layers, 0: [*layers.get(0, []), KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
+    with torch.no_grad():
+        assert_cache_matches_recompute(bb, layers, new_tokens=new_tokens)
+
+
 def assert_cache_matches_recompute(bb, gates, new_tokens=6):
     """Greedy decoding through the KV cache gives the same tokens and next-token logits as
     recomputing the whole sequence at every step.

@@ -12,12 +12,12 @@ from PIL import Image
 
 import lsg
 from lsg.comparison import parse_stack
-from lsg.gates import KeyScaleGate, LSGGate
+from lsg.gates import LSGGate
 from lsg.prefix import compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
-from tests.hand import assert_cache_matches_recompute
+from tests.hand import assert_cache_matches_recompute, assert_spec_generates_as_recompute
 from tests.test_qwen2_vl import CFG, SINKS, SPECS, real, run
 from tests.tiny_families import save_tiny_onevision
 
@@ -103,16 +103,7 @@ def test_left_and_right_padding_give_the_same_loss_under_a_gate(ov):
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
 def test_every_gate_generates_through_the_kv_cache_as_full_recompute(ov, spec):
-    if spec == "lsg@2":
-        torch.manual_seed(1)
-        gate = LSGGate(ov.hidden_size, "vsink-lsink-ordinary")
-        torch.nn.init.normal_(gate.fc2.weight, std=0.5)
-        layers = {2: gate}
-    else:
-        layers = parse_stack(spec, ov, CFG).layers
-    layers = {**layers, 0: [*layers.get(0, []), KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
-    with torch.no_grad():
-        assert_cache_matches_recompute(ov, layers, new_tokens=4)
+    assert_spec_generates_as_recompute(ov, spec, CFG)
 
 
 @pytest.mark.parametrize("spec", ["var", "outro", "var@2-3+oracle@1:0.2"])

@@ -23,7 +23,7 @@ from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
-from tests.hand import assert_cache_matches_recompute
+from tests.hand import assert_cache_matches_recompute, assert_spec_generates_as_recompute
 from tests.tiny_families import save_tiny_qwen2_vl
 
 SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
@@ -169,21 +169,7 @@ def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen, variant):
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
 def test_every_gate_generates_through_the_kv_cache_as_full_recompute(qwen, spec):
-    if spec == "lsg@2":
-        from lsg.gates import LSGGate
-
-        torch.manual_seed(1)
-        gate = LSGGate(qwen.hidden_size, "vsink-lsink-ordinary")
-        torch.nn.init.normal_(gate.fc2.weight, std=0.5)
-        layers = {2: gate}
-    else:
-        layers = parse_stack(spec, qwen, CFG).layers
-    # A key scale at layer 0 makes sure the stack moves the logits (asserted by the helper), as in test_gates.
-    from lsg.gates import KeyScaleGate
-
-    layers = {**layers, 0: [*layers.get(0, []), KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
-    with torch.no_grad():
-        assert_cache_matches_recompute(qwen, layers, new_tokens=4)
+    assert_spec_generates_as_recompute(qwen, spec, CFG)
 
 
 @pytest.mark.parametrize("spec", ["var", "outro", "oracle@2:0.3", "var@2-3+oracle@1:0.2"])
