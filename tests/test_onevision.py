@@ -18,7 +18,7 @@ from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
 from tests.hand import assert_cache_matches_recompute, assert_spec_generates_as_recompute
-from tests.test_qwen2_vl import CFG, SINKS, SPECS, real, run
+from tests.test_qwen2_vl import CFG, SINKS, SPECS, check_evaluate, real, run
 from tests.tiny_families import save_tiny_onevision
 
 WIDE = Image.new("RGB", (60, 30), (200, 30, 30))  # best pinpoint 32x64: base crop + 1x2 sub-crops, no unpadding
@@ -129,6 +129,7 @@ def test_train_compare_and_calibrate_run_as_a_user_runs_them(ov_dir, tmp_path):
                  "timing_repeats=1", f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,"
                                      f"lsg:{export}]")
     assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
+    check_evaluate(tmp_path, ov_dir, "llava-onevision")
     result = run("calibrate.py", tmp_path, ov_dir, "llava-onevision", f"data.root={tmp_path / 'shapes'}",
                  "data.n_val=14", "n_samples=4")
     assert "sinks:" in result.stdout

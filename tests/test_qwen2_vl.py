@@ -206,6 +206,17 @@ def run(script: str, tmp_path: Path, qwen_dir: Path, variant: str, *overrides: s
     return result
 
 
+def check_evaluate(tmp_path: Path, folder: Path, variant: str) -> None:
+    """evaluate.py on the shapes benchmark, by option letters and by KV-cache generation."""
+    for mode in ("choice", "generate"):
+        out = tmp_path / f"evaluate-{mode}"
+        run("evaluate.py", tmp_path, folder, variant, "logger=none", f"benchmark.root={tmp_path / 'shapes'}",
+            "benchmark.n=14", f"benchmark.mode={mode}", "benchmark.max_new_tokens=2", f"out_dir={out}",
+            "gates=[var,oracle@2:0.3]", "batch_size=7", "bootstrap_samples=100")
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert [r["method"] for r in rows] == ["none", "var", "oracle@2:0.3"]
+
+
 def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, variant, tmp_path):
     export = tmp_path / "ck" / "lsg-L2.safetensors"
     run("train.py", tmp_path, qwen_dir, variant, "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}", "data.n_train=16",
@@ -216,6 +227,7 @@ def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, variant, 
                  f"out_dir={tmp_path / 'compare'}", "batch_size=7", "timing_batches=1", "timing_repeats=1",
                  f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
     assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
+    check_evaluate(tmp_path, qwen_dir, variant)
     result = run("calibrate.py", tmp_path, qwen_dir, variant, f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
                  "n_samples=4")
     assert "sinks:" in result.stdout
