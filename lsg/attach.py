@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 
 RUN_ATTR = "_lsg_run"
+# Prefill arguments never kept for the patch -> token map (the KV cache, encoder outputs, pixels).
+LAYOUT_DROPPED = ("cache", "past_key_values", "mm_encoder_outputs", "pixel_values", "pixel_values_videos",
+                  "inputs_embeds", "self", "labels")
 # The KV cache's keyword in `LlavaModel.forward`: transformers >= 5.24 passes `cache`,
 # earlier releases `past_key_values` (accepted, deprecated, until 5.40).
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -63,6 +66,7 @@ class AttachedRun:
     pending_labels: torch.Tensor | None = None
     pending_vit_flags: torch.Tensor | None = None  # per ViT patch, mapped to tokens once the inputs are known
     inputs: dict | None = None  # the multimodal model's call arguments of the current prefill
+    layout: dict = field(default_factory=dict)  # arguments of `Family.layout_calls` since the last prefill
 
 
 def decoder_layers(backbone: Backbone) -> Sequence[torch.nn.Module]:
@@ -81,13 +85,17 @@ def skip_decoder_layers(backbone: Backbone, layers: Sequence[int]) -> Iterator[N
     then runs only the other layers: the prefix mechanism uses it to skip the frozen layers
     below a cached hidden state, or the layers above the last one it needs."""
     modules = [decoder_layers(backbone)[l] for l in layers]
+    saved = [vars(module).get("forward") for module in modules]  # e.g. accelerate's device-moving forward
     try:
         for module in modules:
             module.forward = _pass_through
         yield
     finally:
-        for module in modules:
-            module.__dict__.pop("forward", None)
+        for module, old in zip(modules, saved):
+            if old is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = old
 
 
 def _normalise(gates: Mapping[int, Gate | Sequence[Gate]], backbone: Backbone) -> dict[int, list[Gate]]:
@@ -171,7 +179,10 @@ def attach(
         labels = labels if labels is not None else run.pending_labels
         run.pending_labels = None
         if past is None or past.get_seq_length() == 0:
-            run.inputs = {**(run.inputs or {}), **{k: v for k, v in kwargs.items() if v is not None}}
+            # this prefill's arguments (and those of layout calls made for it), without the heavy ones
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            run.inputs = {k: v for k, v in {**run.layout, **given}.items() if k not in LAYOUT_DROPPED}
+            run.layout = {}
             run.ctx = ForwardContext(Segments.from_batch(input_ids, mask, backbone.image_token_id, labels), sinks,
                                      n_prefill=input_ids.shape[1])
             if run.pending_vit_flags is not None:  # generate() encodes images before the first forward
@@ -220,15 +231,16 @@ def attach(
 
         @functools.wraps(method)  # callers (generate) read the signature
         def wrapped(*args, **kwargs):
-            run.inputs = {**(run.inputs or {}), **signature.bind_partial(*args, **kwargs).arguments}
+            run.layout.update(signature.bind_partial(*args, **kwargs).arguments)
             return method(*args, **kwargs)
         return wrapped
 
     handles = []
     layers = decoder_layers(backbone)
     layout = family.layout_calls(model)
+    saved_layout = [vars(owner).get(name) for owner, name in layout]
     try:
-        for owner, name in layout:  # on the instance, removed on exit
+        for owner, name in layout:  # on the instance, restored on exit
             setattr(owner, name, record_layout(getattr(owner, name)))
         if prefix is None:
             handles.append(model.register_forward_pre_hook(stash_labels, with_kwargs=True))
@@ -253,15 +265,18 @@ def attach(
             yield run
     finally:
         family.language_model(model).set_attn_implementation(base)
-        for owner, name in layout:
-            if name in vars(owner):
-                delattr(owner, name)
+        for (owner, name), old in zip(layout, saved_layout):
+            if old is None:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, old)
         for handle in handles:
             handle.remove()
         for attn_layer in layers:
             if hasattr(attn_layer.self_attn, attention.BINDING_ATTR):
                 delattr(attn_layer.self_attn, attention.BINDING_ATTR)
         run.ctx = run.inputs = None
+        run.layout = {}
         if getattr(model, RUN_ATTR, None) is run:
             delattr(model, RUN_ATTR)
 

@@ -88,7 +88,7 @@ class SweepModule(FrozenBackboneModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         records = batch["records"]
-        need_baseline = any(r.id not in self._baseline for r in records)
+        need_baseline = any(r.options and r.answer_letter and r.id not in self._baseline for r in records)
         prefixes, final = compute_prefixes(self.backbone, model_inputs(batch), self.layers, to_end=need_baseline)
         for layer in self.layers:  # the baseline's letters are read once, with the first layer
             baseline = final if layer == self.layers[0] else None

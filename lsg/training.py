@@ -323,7 +323,8 @@ class GateTrainingModule(FrozenBackboneModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         records = batch["records"]
         prefix = self.prefix(batch, "val")
-        baseline = run_suffix(self.backbone, prefix) if any(r.id not in self._baseline for r in records) else None
+        need = any(r.options and r.answer_letter and r.id not in self._baseline for r in records)  # MC only
+        baseline = run_suffix(self.backbone, prefix) if need else None
         loss, answers = val_answers(self.backbone, batch, prefix, self.layer, self.gate, baseline)
         keep_baseline(answers, self._baseline)
         self._val.update(answers)

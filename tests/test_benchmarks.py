@@ -157,7 +157,16 @@ def test_generation_answers_are_cached_by_weights_revision_and_gates(tiny, hub, 
             answers_key(stacks[1].identity, tiny, other_revision, items),
             answers_key(stacks[1].identity, other_weights, bench, items),
             answers_key(stacks[1].identity, tiny, bench, items[:3])}
-    assert len(keys) == 5
+    template = tiny.processor.chat_template
+    try:  # another chat template (e.g. model.chat_template=hub) never reads these answers
+        tiny.processor.chat_template = template.replace("<|im_start|>", "<|im_start|> ")
+        keys.add(answers_key(stacks[1].identity, tiny, bench, items))
+    finally:
+        tiny.processor.chat_template = template
+    assert len(keys) == 6
+    with pytest.raises(ValueError, match="mode=choice needs options.*Use benchmark.mode=generate"):
+        answer(tiny, load("mmstar", hub["mmstar"], mode="choice"), [*load("mmstar", hub["mmstar"]).load()[:1],
+               items[0]], stacks[:1], None, progress=False)
 
 
 def test_evaluate_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(tiny, tmp_path):

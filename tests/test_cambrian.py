@@ -112,6 +112,19 @@ def test_prepare_cambrian_draws_equal_disjoint_samples_per_category(tmp_path):
     assert all(r.turns == (("And its colour?", "Red."),) for r in records if int(r.id.split("-")[1]) % 2)
 
 
+def test_a_categorys_sample_does_not_depend_on_the_other_categories(tmp_path):
+    from lsg.data.cambrian import quotas, read_jsonl, stratified_sample
+
+    jsonl, root, _ = cambrian_jsonl(tmp_path)
+    records = list(read_jsonl(str(jsonl)))
+    want = quotas(12)
+    full, _ = stratified_sample(records, want, root, seed=3)
+    fewer_math = [r for r in records if not (category_of(r) == "math" and r["id"].endswith(("-1", "-3")))]
+    partial, _ = stratified_sample(fewer_math, want, root, seed=3)
+    assert partial["counting"] == full["counting"] and partial["ocr"] == full["ocr"]
+    assert partial["math"] != full["math"]
+
+
 def test_prepare_cambrian_says_which_category_is_short(tmp_path):
     jsonl, root, _ = cambrian_jsonl(tmp_path, per_source=2)
     result = subprocess.run([sys.executable, str(ROOT / "data" / "prepare_cambrian.py"), "--jsonl", str(jsonl),

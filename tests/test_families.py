@@ -40,6 +40,22 @@ def test_llava_15_template_is_the_conversation_format_with_its_system_prompt(tin
         lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), chat_template="vicuna")
 
 
+def test_prefix_reuse_puts_back_a_layer_forward_it_found(tiny):
+    """accelerate's device_map installs its own `forward` on each layer; skipping layers for a
+    prefix must restore it, not drop it."""
+    from lsg.attach import decoder_layers, skip_decoder_layers
+
+    layer = decoder_layers(tiny)[3]
+    mine = layer.forward
+    layer.forward = mine  # an instance-level forward, as accelerate's hooks install
+    try:
+        with skip_decoder_layers(tiny, [3]):
+            assert layer.forward is not mine
+        assert vars(layer)["forward"] is mine
+    finally:
+        vars(layer).pop("forward", None)
+
+
 def test_a_device_map_load_gives_the_same_model(tiny_hub_dir):
     """`model.device_map=auto` (accelerate's placement, for 13B over several GPUs) loads the same
     weights; on this CPU-only machine the map puts every layer on the CPU."""

@@ -153,6 +153,18 @@ class Benchmark:
                 "split": self.split, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
                 "pre_prompt": self.pre_prompt, "post_prompt": self.post_prompt, "limit": self.limit}
 
+    def data_digest(self) -> str | None:
+        """For a local copy (`hf_id` a folder): sha256 over its files' names, sizes and modification
+        times, so edited data never hits an old cache entry. None for a pinned hub revision."""
+        import hashlib
+
+        path = Path(self.hf_id).expanduser() if self.hf_id else None
+        if path is None or not path.exists():
+            return None
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        blob = "\n".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def dataset(self):
         """The split as a `datasets.Dataset` (images left undecoded until an item asks).
 

@@ -59,14 +59,26 @@ def choice_answers(backbone: Backbone, items: Sequence[Item], stacks: Mapping[st
     return {name: res.predictions for name, res in results.items()}
 
 
+def processor_digest(backbone: Backbone) -> str:
+    """sha256 of what turns a question into tokens and pixels: the chat template, the system
+    prompt, the tokenizer's vocabulary size and the image processor's settings."""
+    image_processor = getattr(backbone.processor, "image_processor", None)
+    settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
+    blob = json.dumps({"template": getattr(backbone.processor, "chat_template", None),
+                       "system_prompt": backbone.system_prompt, "vocab": len(backbone.tokenizer),
+                       "image_processor": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def answers_key(stack_identity: dict, backbone: Backbone, benchmark: Benchmark, items: Sequence[Item]) -> str:
     """Cache key of one stack's answers on one benchmark (see the module docstring); the
-    items' ids and prompts are part of it, so a changed `limit` or prompt never hits."""
+    items' ids and prompts are part of it, so a changed `limit` or prompt never hits, and so
+    are the processor (chat template, image settings) and, for a local copy, its files."""
     questions = hashlib.sha256(json.dumps([(it.id, it.prompt) for it in items]).encode()).hexdigest()
     blob = json.dumps({"stack": stack_identity, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
                        "dtype": str(backbone.model.dtype), "sinks": backbone.sinks.to_dict(),
-                       "system_prompt": backbone.system_prompt, "benchmark": benchmark.identity(),
-                       "questions": questions}, sort_keys=True, default=str)
+                       "processor": processor_digest(backbone), "benchmark": benchmark.identity(),
+                       "data": benchmark.data_digest(), "questions": questions}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -101,6 +113,10 @@ def answer(backbone: Backbone, benchmark: Benchmark, items: Sequence[Item], stac
             hits.add(st.spec)
     todo = [st for st in stacks if st.spec not in responses]
     if benchmark.mode == "choice" and todo:
+        unreadable = [it.id for it in items if not (it.options and it.answer_letter)]
+        if unreadable:
+            raise ValueError(f"mode=choice needs options and a letter answer on every question; {len(unreadable)} "
+                             f"have none (ids {unreadable[:5]}...). Use benchmark.mode=generate.")
         start = time.perf_counter()
         fresh = choice_answers(backbone, items, {st.spec: st.layers for st in todo}, batch_size,
                                progress=f"{benchmark.name}: {len(todo)} stacks in one pass" if progress else None)

@@ -32,7 +32,8 @@ class Shapes(Benchmark):
         self.root, self.n = root, int(n)
 
     def identity(self) -> dict:
-        return {**super().identity(), "n": self.n if not self.hf_id else None}
+        return {**super().identity(), "n": self.n if not self.hf_id else None,
+                "root": str(Path(self.root).resolve()) if not self.hf_id else None}
 
     def load(self) -> list[Item]:
         if self.hf_id:

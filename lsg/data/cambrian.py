@@ -129,8 +129,8 @@ def stratified_sample(records: Iterable[dict], want: dict[str, int], image_folde
 
     `want` is the number of records per category (`quotas`). A record is a candidate if
     `category_of` gives one of those categories, it is `usable`, and
-    (with `check_images`) its image exists under `image_folder`. The result depends only on
-    the file's order and `seed`.
+    (with `check_images`) its image exists under `image_folder`. A category's sample depends
+    only on the file's order of its own candidates and `seed` (one generator per category).
 
     Returns:
         (category -> sampled records in file order, counts of candidates and skips).
@@ -138,7 +138,7 @@ def stratified_sample(records: Iterable[dict], want: dict[str, int], image_folde
     Raises:
         ValueError: a category has fewer candidates than its quota (the message gives counts).
     """
-    rng = random.Random(seed)
+    rng = {c: random.Random(f"{seed}/reservoir/{c}") for c in want}  # a category's draw ignores the others
     seen, stats = Counter(), Counter()
     reservoir: dict[str, list[tuple[int, dict]]] = {c: [] for c in want}
     folder = Path(image_folder) if image_folder is not None else None
@@ -155,7 +155,7 @@ def stratified_sample(records: Iterable[dict], want: dict[str, int], image_folde
             continue
         seen[category] += 1
         k = want[category]
-        slot = len(reservoir[category]) if seen[category] <= k else rng.randrange(seen[category])
+        slot = len(reservoir[category]) if seen[category] <= k else rng[category].randrange(seen[category])
         if slot >= k:
             continue
         if slot == len(reservoir[category]):
