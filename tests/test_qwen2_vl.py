@@ -207,7 +207,11 @@ def run(script: str, tmp_path: Path, qwen_dir: Path, variant: str, *overrides: s
 
 
 def check_evaluate(tmp_path: Path, folder: Path, variant: str) -> None:
-    """evaluate.py on the shapes benchmark, by option letters and by KV-cache generation."""
+    """evaluate.py on the shapes benchmark, by option letters and by KV-cache generation; and
+    scripts/overhead.py (prefill and decode time per gate)."""
+    result = run("scripts/overhead.py", tmp_path, folder, variant, "batch=2", "new_tokens=2", "repeats=1",
+                 "specs=[none,var,oracle@1:0.3]")
+    assert "| var |" in result.stdout and "| oracle@1:0.3 |" in result.stdout
     for mode in ("choice", "generate"):
         out = tmp_path / f"evaluate-{mode}"
         run("evaluate.py", tmp_path, folder, variant, "logger=none", f"benchmark.root={tmp_path / 'shapes'}",
