@@ -26,6 +26,7 @@ class Family:
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()  # `model_type` values of config.json this family reads
+    model_class: ClassVar[str] = ""  # the transformers class its checkpoints load into
     templates: ClassVar[dict[str, str]] = {}  # chat templates selectable by `chat_template: <name>`
 
     # ---- loading -------------------------------------------------------------------------
@@ -50,9 +51,25 @@ class Family:
         return config
 
     def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs) -> tuple[Any, Any]:
-        """`(model, processor)` from a hub id or a `save_pretrained` folder; `load_kwargs` go to
-        `from_pretrained` (e.g. `device_map="auto"` to spread a 13B model over the GPUs)."""
-        raise NotImplementedError
+        """`(model, processor)` from a hub id or a `save_pretrained` folder, after
+        `check_checkpoint`; `load_kwargs` go to `from_pretrained` (e.g. `device_map="auto"` to
+        spread a 13B model over the GPUs).
+
+        Raises:
+            ValueError: the checkpoint belongs to another family (before any weight is read).
+        """
+        import transformers
+
+        self.check_checkpoint(hf_id)
+        model = getattr(transformers, self.model_class).from_pretrained(
+            hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **load_kwargs)
+        return model, self.load_processor(hf_id, model)
+
+    def load_processor(self, hf_id: str, model) -> Any:
+        """The checkpoint's processor (`AutoProcessor` by default)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(hf_id)
 
     # ---- where things live ---------------------------------------------------------------
     def multimodal_model(self, model) -> torch.nn.Module:

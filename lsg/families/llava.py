@@ -34,16 +34,13 @@ TEMPLATES = {"llava-1.5": LLAVA_15_TEMPLATE}
 class LlavaFamily(Family):
     name = "llava"
     model_types = ("llava",)
+    model_class = "LlavaForConditionalGeneration"
     templates = TEMPLATES
 
-    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs):
-        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    def load_processor(self, hf_id: str, model):
+        from transformers import LlavaProcessor
 
-        self.check_checkpoint(hf_id)
-        processor = LlavaProcessor.from_pretrained(hf_id)
-        model = LlavaForConditionalGeneration.from_pretrained(hf_id, dtype=getattr(torch, dtype),
-                                                              attn_implementation=attn_implementation, **load_kwargs)
-        return model, processor
+        return LlavaProcessor.from_pretrained(hf_id)
 
     def vit_module(self, model) -> torch.nn.Module:
         return model.model.vision_tower

@@ -46,30 +46,23 @@ def pil_processor_class():
 class LlavaOnevisionFamily(Family):
     name = "llava-onevision"
     model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
 
-    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs):
-        import transformers
+    def load_processor(self, hf_id: str, model):
         from transformers.utils import is_torchvision_available
 
-        self.check_checkpoint(hf_id)
-        model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(
-            hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **load_kwargs)
         if is_torchvision_available():
-            processor = transformers.AutoProcessor.from_pretrained(hf_id)
-        else:
-            from transformers import AutoTokenizer
-            from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-                LlavaOnevisionImageProcessorPil)
+            return super().load_processor(hf_id, model)
+        from transformers import AutoTokenizer
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
 
-            tokenizer = AutoTokenizer.from_pretrained(hf_id)
-            processor = pil_processor_class()(
-                LlavaOnevisionImageProcessorPil.from_pretrained(hf_id), tokenizer,
-                chat_template=tokenizer.chat_template, num_image_tokens=model.config.vision_config.image_size
-                // model.config.vision_config.patch_size * (model.config.vision_config.image_size
-                                                           // model.config.vision_config.patch_size),
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                vision_aspect_ratio=model.config.vision_aspect_ratio)
-        return model, processor
+        tokenizer, config = AutoTokenizer.from_pretrained(hf_id), model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size  # patches per crop side
+        return pil_processor_class()(
+            LlavaOnevisionImageProcessorPil.from_pretrained(hf_id), tokenizer, chat_template=tokenizer.chat_template,
+            num_image_tokens=side * side, vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio)
 
     def vit_module(self, model) -> torch.nn.Module:
         return model.model.vision_tower

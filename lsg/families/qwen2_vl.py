@@ -94,18 +94,11 @@ class Qwen2VLFamily(Family):
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
 
-    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs):
-        import transformers
+    def load_processor(self, hf_id: str, model):
         from transformers.utils import is_torchvision_available
 
-        self.check_checkpoint(hf_id)
-        model = getattr(transformers, self.model_class).from_pretrained(
-            hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **load_kwargs)
-        if is_torchvision_available():
-            processor = transformers.AutoProcessor.from_pretrained(hf_id)
-        else:
-            processor = PilQwenProcessor.from_pretrained(hf_id)
-        return model, processor
+        return super().load_processor(hf_id, model) if is_torchvision_available() else \
+            PilQwenProcessor.from_pretrained(hf_id)
 
     def vit_module(self, model) -> torch.nn.Module:
         return model.model.visual
