@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lsg.backbones import Backbone
@@ -49,8 +48,7 @@ class VQADataset(Dataset):
 
     def __getitem__(self, i: int):
         rec = self.records[i]
-        with Image.open(rec.image_path) as im:
-            return im.convert("RGB"), rec
+        return rec.load_image(), rec
 
 
 class Collator:

@@ -43,7 +43,7 @@ class Shapes(Benchmark):
         records = load_records({"name": "shapes", "root": self.root, f"n_{self.split}": self.n}, self.split)
         records = records if self.limit is None else records[:int(self.limit)]
         return [Item(id=r.id, prompt=self.wrap(r.question), answer=r.answer, subtask=r.subtask, options=r.options,
-                     answer_letter=r.answer_letter, image_loader=_opener(r.image_path)) for r in records]
+                     answer_letter=r.answer_letter, image_loader=r.load_image) for r in records]
 
     def item(self, row: dict, index: int) -> Item:
         return Item(id=row["id"], prompt=self.wrap(row["question"]), answer=row["answer"], subtask=row["subtask"],
@@ -56,16 +56,6 @@ class Shapes(Benchmark):
         correct = [float(p == it.answer_letter) for p, it in zip(parsed, items)]
         subtasks = [it.subtask for it in items]
         return Score(correct, parsed, subtasks, {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)})
-
-
-def _opener(path: Path):
-    from PIL import Image
-
-    def load():
-        with Image.open(path) as im:
-            im.load()
-            return im
-    return load
 
 
 def export_split(out_dir: str | Path, split: str = "val", n: int = 350, root: str = "data/shapes") -> Path:
