@@ -23,10 +23,8 @@ from lsg.evaluation import images_and_questions
 @hydra.main(version_base="1.3", config_path="conf", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    overrides = {k: v for k, v in model_cfg.items() if k != "name"}
-    overrides["attn_implementation"] = "eager"  # attention weights for the share statistic
-    overrides["device"] = cfg.device
-    backbone = lsg.load_backbone(model_cfg["name"], **overrides)
+    # eager: attention weights for the share statistic
+    backbone = lsg.backbone_from_config(model_cfg, attn_implementation="eager", device=cfg.device)
     records = load_records(OmegaConf.to_container(cfg.data, resolve=True), cfg.split)[: cfg.n_samples]
     batches = [backbone.build_batch(*images_and_questions(records[i : i + cfg.batch_size]))
                for i in range(0, len(records), cfg.batch_size)]

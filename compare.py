@@ -23,8 +23,7 @@ from lsg.loggers import start_run
 @hydra.main(version_base="1.3", config_path="conf", config_name="compare")
 def main(cfg: DictConfig) -> list[dict]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = lsg.load_backbone(model_cfg["name"], **{k: v for k, v in model_cfg.items() if k != "name"},
-                                 device=cfg.device)
+    backbone = lsg.backbone_from_config(model_cfg, device=cfg.device)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     records = load_records(data_cfg, cfg.split)
     out_dir = Path(cfg.out_dir)

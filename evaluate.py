@@ -26,8 +26,7 @@ from lsg.loggers import start_run
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = lsg.load_backbone(model_cfg["name"], **{k: v for k, v in model_cfg.items() if k != "name"},
-                                 device=cfg.device)
+    backbone = lsg.backbone_from_config(model_cfg, device=cfg.device)
     bench_cfg = OmegaConf.to_container(cfg.benchmark, resolve=True)
     benchmark = get_benchmark(bench_cfg.pop("name"), **bench_cfg)
     report = evaluate_benchmark(backbone, model_cfg, benchmark, list(cfg.gates), Path(cfg.out_dir), cfg.batch_size,

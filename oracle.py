@@ -25,8 +25,7 @@ from lsg.sweep import parse_sweep_layers
 @hydra.main(version_base="1.3", config_path="conf", config_name="oracle")
 def main(cfg: DictConfig) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = lsg.load_backbone(model_cfg["name"], **{k: v for k, v in model_cfg.items() if k != "name"},
-                                 device=cfg.device)
+    backbone = lsg.backbone_from_config(model_cfg, device=cfg.device)
     layers = parse_sweep_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_list(cfg.layers) else cfg.layers,
                                 backbone.num_layers)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

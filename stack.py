@@ -29,8 +29,7 @@ from lsg.stats import paired_by_subtask
 @hydra.main(version_base="1.3", config_path="conf", config_name="stack")
 def main(cfg: DictConfig) -> list[dict]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = lsg.load_backbone(model_cfg["name"], **{k: v for k, v in model_cfg.items() if k != "name"},
-                                 device=cfg.device)
+    backbone = lsg.backbone_from_config(model_cfg, device=cfg.device)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     out_dir = Path(cfg.out_dir)
     splits = {"selection": (cfg.selection_split, records_for(load_records(data_cfg, cfg.selection_split),

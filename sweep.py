@@ -28,7 +28,7 @@ from lsg.training import accumulation_steps, build_gate, check_resumable, gate_t
 def main(cfg: DictConfig) -> list[int]:
     L.seed_everything(cfg.seed, workers=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = lsg.load_backbone(model_cfg.pop("name"), **model_cfg)
+    backbone = lsg.backbone_from_config(model_cfg)
     layers = parse_sweep_layers(cfg.layers, backbone.num_layers)
     gate_cfg = OmegaConf.to_container(cfg.gate, resolve=True)
     gates = {l: build_gate(gate_cfg, backbone, cfg.seed) for l in layers}

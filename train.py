@@ -42,7 +42,7 @@ def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResu
 def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = lsg.load_backbone(model_cfg.pop("name"), **model_cfg)
+    backbone = lsg.backbone_from_config(model_cfg)
     layer = backbone.check_layer(cfg.layer)
     gate = build_gate(OmegaConf.to_container(cfg.gate, resolve=True), backbone, cfg.seed)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

@@ -412,6 +412,14 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
     return device
 
 
+def backbone_from_config(model_cfg: dict, **overrides) -> Backbone:
+    """`load_backbone` for a `model=` config group: its `name` picks the backbone, its other
+    values and `overrides` (e.g. `device=`) override `conf/model/<name>.yaml`. `model_cfg` is
+    not modified. Raises as `load_backbone`."""
+    cfg = dict(model_cfg)
+    return load_backbone(cfg.pop("name"), **{**cfg, **overrides})
+
+
 def load_backbone(name: str, **overrides) -> Backbone:
     """Load a registered backbone by name, in eval mode with every parameter frozen.
 

@@ -68,7 +68,7 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="overhead")
 def main(args: DictConfig) -> None:
     cfg = OmegaConf.to_container(args.model, resolve=True)
-    bb = lsg.load_backbone(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"}, device=args.device)
+    bb = lsg.backbone_from_config(cfg, device=args.device)
     mid = bb.num_layers // 3
     samples = [generate_scene_sample("test", i) for i in range(args.batch)]
     prompts = [s[1]["conversations"][0]["value"].replace("<image>\n", "", 1) for s in samples]

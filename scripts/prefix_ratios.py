@@ -58,7 +58,7 @@ def main() -> None:
     from lsg.embedded import REPO_ROOT
 
     model_cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / f"conf/model/{args.model}.yaml"), resolve=True)
-    backbone = lsg.load_backbone(model_cfg["name"], **{k: v for k, v in model_cfg.items() if k != "name"})
+    backbone = lsg.backbone_from_config(model_cfg)
     dev, L = backbone.device, backbone.num_layers
     gate_cfg = {"name": "lsg", "grouping": model_cfg.get("lsg_grouping", "vsink-rest"), "gain": 1.0, "width": 64,
                 "activation": "gelu"}

@@ -90,3 +90,10 @@ def test_llava_hub_checkpoint_runs_every_command_as_a_user_runs_them(tiny_hub_di
     bb = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32", sinks=SINKS)
     for spec in SPECS + ["lsg@2"]:
         assert_spec_generates_as_recompute(bb, spec, CFG)
+
+
+def test_backbone_from_config_takes_the_groups_name_and_overrides_without_changing_it():
+    cfg = {"name": "tiny-random", "num_layers": 2, "padding_side": "left"}
+    bb = lsg.backbone_from_config(cfg, padding_side="right")
+    assert (bb.name, bb.num_layers, bb.padding_side) == ("tiny-random", 2, "right")
+    assert cfg == {"name": "tiny-random", "num_layers": 2, "padding_side": "left"}
