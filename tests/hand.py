@@ -51,6 +51,42 @@ def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None, 
     return attn.o_proj(o.reshape(B, T, -1))
 
 
+def vsinks_with_planted_patch(bb, batch, plant):
+    """V-sink and visual masks `(B, T)` of `batch` while `plant`, a forward hook on the family's
+    ViT module, writes a massive value (1000) into dim 0 of the patches it chooses; V-sinks are
+    read at dim 0 with a raw threshold of 50, so only planted patches can be V-sinks."""
+    import dataclasses
+
+    from lsg.scoring import decoder_hidden
+
+    sinks = dataclasses.replace(bb.sinks, vit_dims=[0], tau_vit=50.0, normalisation="raw")
+    handle = bb.family.vit_module(bb.model).register_forward_hook(plant)
+    try:
+        with torch.no_grad(), lsg.attach(bb, {}, sinks, record_sinks_upto=0) as run:
+            decoder_hidden(bb, batch)
+            return run.ctx.vsink, run.ctx.segments.vis
+    finally:
+        handle.remove()
+
+
+def assert_eager_matches_sdpa(sdpa, eager, make_batch, backbone_cfg: dict,
+                              spec: str = "var@1-2+vaf@2+knockout@3+oracle@1:0.3"):
+    """Under a stack with key-only gates (oracle) and gates that need the attention matrix (VAR,
+    VAF, knockout), the same backbone loaded with SDPA and with eager attention gives the same
+    answer loss, and eager generation through the KV cache equals full recompute.
+    `make_batch(bb)` builds the teacher-forced batch for a backbone."""
+    from lsg.comparison import parse_stack
+    from lsg.scoring import answer_loss
+
+    losses = []
+    for bb in (sdpa, eager):
+        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb, backbone_cfg).layers):
+            losses.append(answer_loss(bb, make_batch(bb)))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert_cache_matches_recompute(eager, parse_stack(spec, eager, backbone_cfg).layers, new_tokens=3)
+
+
 def assert_spec_generates_as_recompute(bb, spec: str, backbone_cfg: dict, new_tokens: int = 4):
     """`assert_cache_matches_recompute` for a gate spec (`lsg@L` = a random LSG gate at layer L),
     with a key scale at layer 0 added so that the stack surely moves the logits (the helper

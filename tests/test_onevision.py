@@ -4,7 +4,6 @@ prefix and under both paddings; train / compare / calibrate as a user runs them.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from lsg.prefix import compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
-from tests.hand import assert_cache_matches_recompute, assert_spec_generates_as_recompute
+from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
 from tests.test_qwen2_vl import CFG, SINKS, SPECS, check_evaluate, real, run
 from tests.tiny_families import save_tiny_onevision
 
@@ -79,14 +78,7 @@ def test_a_planted_vit_sink_lands_on_its_token_through_the_crops(ov, crop, patch
         output.hidden_states[-1][row, patch] = 0.0
         output.hidden_states[-1][row, patch, 0] = 1000.0
 
-    sinks = dataclasses.replace(ov.sinks, vit_dims=[0], tau_vit=50.0, normalisation="raw")
-    handle = ov.family.vit_module(ov.model).register_forward_hook(plant)
-    try:
-        with torch.no_grad(), lsg.attach(ov, {}, sinks, record_sinks_upto=0) as run_:
-            decoder_hidden(ov, batch)
-            vsink, vis = run_.ctx.vsink, run_.ctx.segments.vis
-    finally:
-        handle.remove()
+    vsink, vis = vsinks_with_planted_patch(ov, batch, plant)
     expected = torch.zeros_like(vis)
     expected[1, vis[1].nonzero().flatten()[token]] = True
     assert torch.equal(vsink, expected)
@@ -138,14 +130,7 @@ def test_train_compare_and_calibrate_run_as_a_user_runs_them(ov_dir, tmp_path):
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(ov, ov_dir):
     eager = lsg.load_backbone("llava-onevision", hf_id=str(ov_dir), dtype="float32", sinks=SINKS,
                               attn_implementation="eager")
-    spec = "var@1-2+vaf@2+knockout@3+oracle@1:0.3"
-    losses = []
-    for bb in (ov, eager):
-        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb, CFG).layers):
-            losses.append(answer_loss(bb, batch_of(bb)))
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
-    with torch.no_grad():
-        assert_cache_matches_recompute(eager, parse_stack(spec, eager, CFG).layers, new_tokens=3)
+    assert_eager_matches_sdpa(ov, eager, batch_of, CFG)
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(ov, ov_dir, tmp_path):

@@ -5,7 +5,6 @@ calibrate as a user runs them."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
-from tests.hand import assert_cache_matches_recompute, assert_spec_generates_as_recompute
+from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
 from tests.tiny_families import save_tiny_qwen2_vl
 
 SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
@@ -120,14 +119,7 @@ def test_a_planted_vit_sink_marks_its_merged_visual_token(qwen, variant):
         output.last_hidden_state[planted, 0] = 1000.0
         return output
 
-    sinks = dataclasses.replace(qwen.sinks, vit_dims=[0], tau_vit=50.0, normalisation="raw")
-    handle = qwen.family.vit_module(qwen.model).register_forward_hook(plant)
-    try:
-        with torch.no_grad(), lsg.attach(qwen, {}, sinks, record_sinks_upto=0) as run:
-            decoder_hidden(qwen, batch)
-            vsink, vis = run.ctx.vsink, run.ctx.segments.vis
-    finally:
-        handle.remove()
+    vsink, vis = vsinks_with_planted_patch(qwen, batch, plant)
     expected = torch.zeros_like(vis)
     expected[0, vis[0].nonzero().flatten()[group]] = True
     assert torch.equal(vsink, expected)
@@ -243,12 +235,5 @@ def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(qwen, qwe
     eager = lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS,
                               attn_implementation="eager")
     images, questions, answers = samples(3)
-    spec = "var@1-2+vaf@2+knockout@3+oracle@1:0.3"
-    losses = []
-    for bb in (qwen, eager):
-        batch = bb.build_batch(images, questions, answers, padding_side="left")
-        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb, CFG).layers):
-            losses.append(answer_loss(bb, batch))
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
-    with torch.no_grad():
-        assert_cache_matches_recompute(eager, parse_stack(spec, eager, CFG).layers, new_tokens=3)
+    assert_eager_matches_sdpa(qwen, eager, lambda bb: bb.build_batch(images, questions, answers, padding_side="left"),
+                              CFG)
