@@ -26,60 +26,22 @@ MODEL=(model=llava-1.5-7b "model.hf_id=$WORK/hub" "model.sinks.vit_dims=[0,1]" "
        model.sinks.tau_vit=1.5 model.sinks.tau_llm=1.2 model.lsg_grouping=vsink-lsink-ordinary)
 DATA=("data.root=$WORK/shapes" data.n_train=64 data.n_val=28 data.n_test=0)
 
-echo "== gated generation on CUDA: KV cache vs full recompute, float32 and bf16"
-python3 - "$WORK/hub" <<'EOF'
-import sys, time
-import torch
-import lsg
-from lsg.comparison import parse_stack
-from lsg.backbones import backbone_config
-from tests.conftest import samples
-
-sinks = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
-         "lsink_scope": "layer"}
-for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
-    bb = lsg.load_backbone("llava-1.5-7b", hf_id=sys.argv[1], dtype=dtype, device="cuda", sinks=sinks)
-    cfg = {**backbone_config("llava-1.5-7b"), "lsg_grouping": "vsink-lsink-ordinary", "sinks": sinks}
-    images, questions, _ = samples(3)
-    batch = bb.on_device(bb.build_batch(images, questions, padding_side="left"))
-    width = batch["input_ids"].shape[1]
-    for spec in ("oracle@2:0.3", "var", "vaf@1-2", "spear@1-2", "outro", "knockout@2", "mean-v@2"):
-        stack = parse_stack(spec, bb, cfg)  # gates are built on the CPU; attach moves them to the GPU
-        with torch.no_grad(), lsg.attach(bb, stack.layers):
-            t = time.perf_counter()
-            gen = bb.model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                    output_logits=True, return_dict_in_generate=True)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            worst = 0.0
-            for step in range(4):
-                labels = ids.clone()
-                labels[:, :width] = -100
-                logits = bb.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                                  position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
-                                  use_cache=False).logits[:, -1].float()
-                worst = max(worst, (gen.logits[step].float() - logits).abs().max().item())
-                ids = torch.cat([ids, gen.sequences[:, width + step:width + step + 1]], 1)
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        ok = worst <= tol
-        print(f"{dtype:9s} {spec:14s} cache vs recompute max |dlogit| {worst:.2e} (tol {tol:g}) "
-              f"{'ok' if ok else 'FAIL'}  {1000 * (time.perf_counter() - t):.0f} ms", flush=True)
-        assert ok, spec
-EOF
-
-echo "== the other families (tiny hub-format Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision): gated generation on CUDA"
+echo "== gated generation on CUDA, every family (tiny hub-format LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision):"
+echo "   KV cache vs full recompute, float32 and bf16"
 python3 - "$WORK" <<'EOF'
-import sys
+import sys, time
 from pathlib import Path
 import torch
 import lsg
 from lsg.comparison import parse_stack
 from tests.conftest import samples
+from tests.hand import generate_and_recompute
 from tests.tiny_families import save_tiny_onevision, save_tiny_qwen2_vl
 
 sinks = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
          "lsink_scope": "layer"}
 work = Path(sys.argv[1])
-dirs = {"qwen2-vl": save_tiny_qwen2_vl(work / "qwen2"),
+dirs = {"llava-1.5-7b": work / "hub", "qwen2-vl": save_tiny_qwen2_vl(work / "qwen2"),
         "qwen2.5-vl": save_tiny_qwen2_vl(work / "qwen25", image_size=64, version="2.5"),
         "llava-onevision": save_tiny_onevision(work / "ov")}
 for name, folder in dirs.items():
@@ -87,26 +49,14 @@ for name, folder in dirs.items():
         bb = lsg.load_backbone(name, hf_id=str(folder), dtype=dtype, device="cuda", sinks=sinks)
         images, questions, _ = samples(3)
         batch = bb.on_device(bb.build_batch(images, questions, padding_side="left"))
-        width = batch["input_ids"].shape[1]
-        for spec in ("oracle@2:0.3", "var", "vaf@1-2", "outro", "knockout@2"):
-            stack = parse_stack(spec, bb, {"lsg_grouping": "vsink-lsink-ordinary"})
-            with torch.no_grad(), lsg.attach(bb, stack.layers):
-                gen = bb.model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                        output_logits=True, return_dict_in_generate=True)
-                ids, mask, worst = batch["input_ids"], batch["attention_mask"], 0.0
-                for step in range(4):
-                    labels = ids.clone()
-                    labels[:, :width] = -100
-                    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-                    inputs = bb.family.finish_batch({**rest, "input_ids": ids, "attention_mask": mask}, bb.model)
-                    positions = bb.family.position_ids(inputs)
-                    logits = bb.model(**inputs, **({"position_ids": positions} if positions is not None else {}),
-                                      labels=labels, use_cache=False).logits[:, -1].float()
-                    worst = max(worst, (gen.logits[step].float() - logits).abs().max().item())
-                    ids = torch.cat([ids, gen.sequences[:, width + step:width + step + 1]], 1)
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            print(f"{name:16s} {dtype:9s} {spec:14s} max |dlogit| {worst:.2e} (tol {tol:g}) "
-                  f"{'ok' if worst <= tol else 'FAIL'}", flush=True)
+        for spec in ("oracle@2:0.3", "var", "vaf@1-2", "spear@1-2", "outro", "knockout@2", "mean-v@2"):
+            stack = parse_stack(spec, bb, {"lsg_grouping": "vsink-lsink-ordinary"})  # attach moves the gates
+            t = time.perf_counter()
+            with torch.no_grad():
+                gen, recomputed = generate_and_recompute(bb, batch, stack.layers, 4)
+            worst = max((g.float() - r.float()).abs().max().item() for g, r in zip(gen.logits, recomputed))
+            print(f"{name:16s} {dtype:9s} {spec:14s} cache vs recompute max |dlogit| {worst:.2e} (tol {tol:g}) "
+                  f"{'ok' if worst <= tol else 'FAIL'}  {1000 * (time.perf_counter() - t):.0f} ms", flush=True)
             assert worst <= tol, (name, spec)
 EOF
 

@@ -106,33 +106,49 @@ def assert_spec_generates_as_recompute(bb, spec: str, backbone_cfg: dict, new_to
         assert_cache_matches_recompute(bb, layers, new_tokens=new_tokens)
 
 
+def generate_and_recompute(bb, batch, gates, new_tokens: int):
+    """Greedy generation of `batch` (left padded) through the KV cache with `gates` attached, and
+    each of its steps recomputed from the whole sequence so far (no cache).
+
+    The recompute passes labels on the generated positions, so they are `out` tokens exactly as
+    in the cached decode steps (without labels every token would be prompt), and positions as
+    the family builds them for a whole sequence.
+
+    Returns:
+        (generate's output, with `.logits` and `.sequences`; per step the recomputed next-token
+        logits `(B, V)`).
+    """
+    width = batch["input_ids"].shape[1]
+    recomputed = []
+    with lsg.attach(bb, gates):
+        gen = bb.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                output_logits=True, return_dict_in_generate=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        for step in range(new_tokens):
+            labels = ids.clone()
+            labels[:, :width] = -100
+            inputs = bb.family.finish_batch({**rest, "input_ids": ids, "attention_mask": mask}, bb.model)
+            positions = bb.family.position_ids(inputs)
+            recomputed.append(bb.model(**inputs, **({"position_ids": positions} if positions is not None else {}),
+                                       labels=labels, use_cache=False).logits[:, -1])
+            ids = torch.cat([ids, gen.sequences[:, width + step:width + step + 1]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return gen, recomputed
+
+
 def assert_cache_matches_recompute(bb, gates, new_tokens=6):
     """Greedy decoding through the KV cache gives the same tokens and next-token logits as
-    recomputing the whole sequence at every step.
-
-    The recompute passes labels on the generated positions, so they are `out` tokens
-    exactly as in the cached decode steps (without labels every token would be prompt).
+    recomputing the whole sequence at every step (`generate_and_recompute`).
     Logits are compared because the tiny random model's argmax rarely moves.
     """
     images, questions, _ = samples(3)
     batch = bb.build_batch(images, questions, padding_side="left")
     width = batch["input_ids"].shape[1]
-    with lsg.attach(bb, gates):
-        gen = bb.model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-                                output_logits=True, return_dict_in_generate=True)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        for step in range(new_tokens):
-            labels = ids.clone()
-            labels[:, :width] = -100
-            inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-            inputs = bb.family.finish_batch({**inputs, "input_ids": ids, "attention_mask": mask}, bb.model)
-            positions = bb.family.position_ids(inputs)
-            logits = bb.model(**inputs, **({"position_ids": positions} if positions is not None else {}),
-                              labels=labels, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-4)
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(gen.sequences, ids)
+    gen, recomputed = generate_and_recompute(bb, batch, gates, new_tokens)
+    for step, logits in enumerate(recomputed):
+        torch.testing.assert_close(gen.logits[step], logits, atol=1e-5, rtol=1e-4)
+        assert torch.equal(gen.sequences[:, width + step], logits.argmax(-1))  # the recompute's greedy token
     base = bb.model(**batch).logits[:, -1]
     assert (gen.logits[0] - base).abs().max() > 1e-4, "the gates must change the first answer token's logits"
 
