@@ -70,15 +70,23 @@ def processor_digest(backbone: Backbone) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def answers_key(stack_identity: dict, backbone: Backbone, benchmark: Benchmark, items: Sequence[Item]) -> str:
-    """Cache key of one stack's answers on one benchmark (see the module docstring); the
-    items' ids and prompts are part of it, so a changed `limit` or prompt never hits, and so
-    are the processor (chat template, image settings) and, for a local copy, its files."""
+def answers_context(backbone: Backbone, benchmark: Benchmark, items: Sequence[Item]) -> dict:
+    """Everything but the stack that identifies cached answers: the backbone (name, weights
+    fingerprint, dtype, sinks, processor: chat template and image settings), the benchmark's
+    identity, a local copy's files, and the items' ids and prompts (so a changed `limit` or
+    prompt never hits). Computed once per evaluation: it reads the processor and the data files."""
     questions = hashlib.sha256(json.dumps([(it.id, it.prompt) for it in items]).encode()).hexdigest()
-    blob = json.dumps({"stack": stack_identity, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                       "dtype": str(backbone.model.dtype), "sinks": backbone.sinks.to_dict(),
-                       "processor": processor_digest(backbone), "benchmark": benchmark.identity(),
-                       "data": benchmark.data_digest(), "questions": questions}, sort_keys=True, default=str)
+    return {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "dtype": str(backbone.model.dtype),
+            "sinks": backbone.sinks.to_dict(), "processor": processor_digest(backbone),
+            "benchmark": benchmark.identity(), "data": benchmark.data_digest(), "questions": questions}
+
+
+def answers_key(stack_identity: dict, backbone: Backbone, benchmark: Benchmark, items: Sequence[Item],
+                context: dict | None = None) -> str:
+    """Cache key of one stack's answers on one benchmark: the stack's identity (gate configs,
+    checkpoint digests, layers) and `answers_context` (given, or computed here)."""
+    context = answers_context(backbone, benchmark, items) if context is None else context
+    blob = json.dumps({"stack": stack_identity, **context}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -104,7 +112,8 @@ def answer(backbone: Backbone, benchmark: Benchmark, items: Sequence[Item], stac
     Returns:
         (spec -> one answer string per item, the specs read from the cache).
     """
-    keys = {st.spec: answers_key(st.identity, backbone, benchmark, items) for st in stacks}
+    context = answers_context(backbone, benchmark, items)
+    keys = {st.spec: answers_key(st.identity, backbone, benchmark, items, context) for st in stacks}
     responses, hits = {}, set()
     for st in stacks:
         cached = _read(Path(cache_dir) / f"{keys[st.spec]}.json", len(items)) if cache_dir else None
