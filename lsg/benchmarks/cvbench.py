@@ -6,8 +6,13 @@ Row schema: `idx` int64, `type` "2D"/"3D", `task`, `image` Image, `question`, `c
 str, `answer` "(C)", `prompt` (question + "Select from the following choices." + "(A) ..."
 lines), `filename`, `source` "ADE20K"/"COCO"/"Omni3D", `source_dataset`, `source_filename`,
 `target_class`, `target_size`, `bbox`. Scored as the dataset card defines: accuracy per
-source, 2D = mean(ADE20K, COCO), 3D = Omni3D, combined = mean(2D, 3D); the letter is read by
-the authors' own scorer (`parsing.cambrian_letter`).
+source, 2D = mean(ADE20K, COCO), 3D = Omni3D, combined = mean(2D, 3D).
+
+Per question, `parser: official` (the default) gives the verdict of the authors' scorer for
+the question's source (cambrian-mllm/cambrian `eval/eval/{ade,coco,omni}/*_test.py`,
+`parsing.cvbench_official`): ADE20K and COCO take the option letter only, Omni3D its own rule.
+`parser: lenient` is this project's own reader instead (`parsing.cvbench_lenient_letter`: an
+exact option text also counts); it is no official rule.
 """
 
 from __future__ import annotations
@@ -16,13 +21,27 @@ from statistics import mean
 from typing import Sequence
 
 from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
-from lsg.benchmarks.parsing import cambrian_letter
+from lsg.benchmarks.parsing import CVBENCH_PARSERS, cvbench_lenient_letter, cvbench_official
 
 
 @register
 class CVBench(Benchmark):
+    """CV-Bench; every `Benchmark` option plus:
+
+    Args:
+        parser: "official" (Cambrian's per-source scorers, the default) or "lenient" (this
+            project's reader: option letter or exact option text, any source). Only the scores
+            depend on it; cached answers are reused.
+    """
+
     name = "cvbench"
     multiple_choice = True
+
+    def __init__(self, *args, parser: str = "official", **kwargs):
+        super().__init__(*args, **kwargs)
+        if parser not in CVBENCH_PARSERS:
+            raise ValueError(f"benchmark.parser={parser!r}: use one of {', '.join(CVBENCH_PARSERS)}.")
+        self.parser = parser
 
     def item(self, row: dict, index: int) -> Item:
         letter = row["answer"].strip().strip("()").upper()
@@ -30,12 +49,20 @@ class CVBench(Benchmark):
                     options=tuple(row["choices"]), answer_letter=letter,
                     meta={"source": row["source"], "type": row["type"]}, image_loader=self.image_loader(row))
 
+    def verdict(self, response: str, item: Item) -> tuple[str, bool]:
+        """(what the configured parser read, whether the answer is right) for one question."""
+        if self.parser == "official":
+            return cvbench_official(response, item.meta["source"], item.options, item.answer_letter)
+        letter = cvbench_lenient_letter(response, item.options)
+        return letter, letter != "" and letter == item.answer_letter
+
     def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
         """Per-question correctness; metrics (%): accuracy per source, 2D, 3D, and the combined
         score (sources absent from `items`, e.g. with `limit`, are left out of the means)."""
         check_lengths(items, responses)
-        parsed = [cambrian_letter(r, it.options) for r, it in zip(responses, items)]
-        correct = [float(p != "" and p == it.answer_letter) for p, it in zip(parsed, items)]
+        verdicts = [self.verdict(r, it) for r, it in zip(responses, items)]
+        parsed = [p for p, _ in verdicts]
+        correct = [float(right) for _, right in verdicts]
         by_source: dict[str, list[float]] = {}
         for c, it in zip(correct, items):
             by_source.setdefault(it.meta["source"], []).append(c)

@@ -4,8 +4,11 @@ reasoning, math, science & technology). Hub: `Lin-Chen/MMStar`, split `val`.
 
 Row schema: `index` int64, `question` str with the options inline ("...\\nOptions: A: x, B: y,
 C: z, D: w"), `image` Image, `answer` a bare letter "A".."D", `category` str, `l2_category` str,
-`meta_info` {source, split, image_path}. Scored by MMStar's official evaluator: the letter at
-the start of the answer (`parsing.extract_letter`); the score is the accuracy over all questions.
+`meta_info` {source, split, image_path}. Scored by MMStar's official evaluator (MMStar
+`eval/vlmeval/evaluate/mmstar.py`): the letter at the start of the answer
+(`parsing.extract_letter`); the score is the accuracy over all questions. Only older lmms-eval
+releases read the letter the same way (`exact_match` in `lmms_eval/tasks/mmstar/utils.py`);
+later ones changed that function.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ negative-sampling settings (random, popular, adversarial) of 3,000 balanced ques
 Hub: `lmms-lab/POPE`, config `default`, split `test` (9,000 rows).
 
 Row schema: `id`, `question_id`, `question`, `answer` "yes"/"no", `image_source`, `image`
-Image, `category` (the setting). Scored by POPE's official `evaluate.py`: the answer is "no"
-when its first sentence holds the word "no" / "No" / "not", else "yes"
-(`parsing.pope_yes_no`); accuracy, precision, recall and F1 with "yes" as the positive class,
-and the yes-ratio of the predictions, per setting.
+Image, `category` (the setting). Scored by POPE's official scorer (AoiDragon/POPE
+`evaluate.py`): the answer is "no" when its first sentence holds the word "no" / "No" / "not",
+else "yes" (`parsing.pope_yes_no`); accuracy, precision, recall and F1 with "yes" as the
+positive class, and the yes-ratio of the predictions, per setting.
 """
 
 from __future__ import annotations
