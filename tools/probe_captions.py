@@ -1,7 +1,7 @@
 """How well does the embedded backbone see? Caption grounding of `smol-llava`.
 
-    python scripts/probe_captions.py                      # the committed weights, 40 images
-    LSG_EMBEDDED_DIR=DIR python scripts/probe_captions.py # weights from a train_embedded.py --out DIR
+    python tools/probe_captions.py                      # the committed weights, 40 images
+    LSG_EMBEDDED_DIR=DIR python tools/probe_captions.py # weights from a tools/train_embedded.py --out DIR
 
 Generates a greedy caption for the first `--images` validation scenes with the stage-B
 caption instruction and scores it against the scene (no option letters involved, so this
@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import lsg  # noqa: E402
-from lsg.data.shapes import CAPTION_PROMPT, COLOUR_NAMES, SHAPES, describe, render, sample_scene  # noqa: E402
+import lsg
+from lsg.data.shapes import CAPTION_PROMPT, COLOUR_NAMES, SHAPES, describe, render, sample_scene
 
 PAIR = re.compile(r"\b(%s) (%s)\b" % ("|".join(COLOUR_NAMES), "|".join(SHAPES)))
 COUNT = re.compile(r"\s*(\d+) objects?\b")

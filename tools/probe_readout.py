@@ -1,8 +1,8 @@
 """Can SmolLM2 + a LoRA learn to answer from a given visual-token representation?
 
-    python scripts/probe_readout.py --tokens word-sum --subtask colour --minutes 10
-    python scripts/probe_readout.py --tokens two-token --subtask colour --minutes 10
-    python scripts/probe_readout.py --tokens text --subtask colour --minutes 10
+    python tools/probe_readout.py --tokens word-sum --subtask colour --minutes 10
+    python tools/probe_readout.py --tokens two-token --subtask colour --minutes 10
+    python tools/probe_readout.py --tokens text --subtask colour --minutes 10
 
 An oracle probe of the embedded backbone's language side, with no vision tower: each
 scene's visual tokens are built from its ground truth, so the only thing learned is the
@@ -12,7 +12,7 @@ read content delivered in this form".
 
 --tokens:
   word-sum   one token per 16 px patch, E(colour) + E(shape) + E(size), E(" empty") for an
-             empty patch: the target `scripts/train_embedded.py` stage A2 fits the projector to.
+             empty patch: the target `tools/train_embedded.py` stage A2 fits the projector to.
   two-token  two tokens per patch, E(colour) then E(shape) (zero, then E(" empty"), for an
              empty patch): the object reads as the phrase "red circle".
   quadrant   what the 8 px-patch tower (12x12 tokens, LLaVA's one token per patch) is fitted
@@ -29,22 +29,16 @@ sub-task) every `--eval-every` steps.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from lsg import embedded  # noqa: E402
-from lsg.backbones import Backbone  # noqa: E402
-from lsg.data import SUBTASKS  # noqa: E402
-from lsg.data.shapes import ShapesConfig, describe, patch_labels, render, sample_scene  # noqa: E402
-from lsg.scoring import LETTERS, option_loss, option_scores  # noqa: E402
-from train_embedded import record_to_sample, scene_labels, subtask_index, visual_targets, word_tables  # noqa: E402
+from lsg import embedded
+from lsg.backbones import Backbone
+from lsg.data import SUBTASKS
+from lsg.data.shapes import ShapesConfig, describe, patch_labels, render, sample_scene
+from lsg.embedded.recipe import record_to_sample, scene_labels, subtask_index, visual_targets, word_tables
+from lsg.scoring import LETTERS, option_loss, option_scores
 
 TOKENS_PER_PATCH = {"word-sum": 1, "two-token": 2, "quadrant": 4, "text": 1}  # per 16 px grid cell
 
@@ -68,7 +62,7 @@ def parse_args(argv: list[str] | None = None):
 def oracle_tokens(scenes, tables: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     """Visual tokens `(B, P * TOKENS_PER_PATCH[kind], D)` built from the scenes' patch labels
     (P = grid cells), in the raster order the LM reads them. `word-sum` and `quadrant` are
-    `train_embedded.visual_targets` for 16 px and 8 px patches."""
+    `lsg.embedded.recipe.visual_targets` for 16 px and 8 px patches."""
     labels = scene_labels([patch_labels(s) for s in scenes])
     if kind == "word-sum":
         return visual_targets(labels, tables, 1)
