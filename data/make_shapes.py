@@ -5,14 +5,12 @@ Usage (from the repo root):
 """
 import argparse
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script without installing
 
-from lsg.data.shapes import SUBTASKS, ShapesConfig, generate_split  # noqa: E402
+from lsg.data.shapes import SUBTASKS, ShapesConfig, generate_split
 
 
 def main() -> None:

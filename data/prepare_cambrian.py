@@ -25,9 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script without installing
 
-from lsg.data.cambrian import (CATEGORIES, quotas, read_jsonl, split_sample, stratified_sample,  # noqa: E402
+from lsg.data.cambrian import (CATEGORIES, quotas, read_jsonl, split_sample, stratified_sample,
                                to_llava)
 
 

@@ -16,19 +16,14 @@ explicit eager path, equal to HF eager up to float rounding).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lsg.context import LayerView, rows_view
-from lsg.gates.base import MATRIX_HOOKS, HookPoint
-
-if TYPE_CHECKING:
-    from lsg.attach import AttachedRun
-    from lsg.gates.base import Gate
+from lsg.context import LayerView, RunState, rows_view
+from lsg.gates.base import MATRIX_HOOKS, Gate, HookPoint
 
 ATTN_IMPLEMENTATION = "lsg"
 BINDING_ATTR = "_lsg_binding"
@@ -39,8 +34,8 @@ class LayerBinding:
     """The gates of one decoder layer and the run they belong to."""
 
     layer: int
-    gates: list["Gate"]
-    run: "AttachedRun"
+    gates: list[Gate]
+    run: RunState
 
 
 def full_mask(mask: torch.Tensor | None, n_q: int, n_kv: int, device) -> torch.Tensor:

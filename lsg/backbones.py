@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -35,18 +36,15 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from lsg import embedded
+from lsg.configs import config_path, load_config
 from lsg.families import Family, LlavaFamily, get_family
+from lsg.segments import IGNORE_INDEX
 from lsg.sinks import SinkConfig
 
-IGNORE_INDEX = -100  # labels ignored by the next-token loss (HF convention)
 
 
-@dataclass
-class SinkDims:
-    """Massive-activation dimensions of a backbone (SPEC section 2). Empty = unknown / absent."""
-
-    vit: list[int] = field(default_factory=list)
-    llm: list[int] = field(default_factory=list)
+def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return hidden_states
 
 
 @dataclass
@@ -81,6 +79,31 @@ class Backbone:
     @property
     def image_token_id(self) -> int:
         return self.family.image_token_id(self.model)
+
+    @property
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        """The decoder layers, wherever the family keeps them."""
+        return self.family.decoder_layers(self.model)
+
+    @contextmanager
+    def skip_decoder_layers(self, layers: Sequence[int]) -> Iterator[None]:
+        """Within the block, decoder `layers` return their input hidden state unchanged (their
+        `forward` is replaced on the instance; hooks still fire), so the language model's own
+        forward runs only the others: `lsg.prefix` skips the frozen layers below a cached hidden
+        state, or the layers above the last one it needs. A `forward` found on the instance
+        (accelerate's device-moving one under `device_map`) is put back on exit."""
+        modules = [self.decoder_layers[l] for l in layers]
+        saved = [vars(module).get("forward") for module in modules]
+        try:
+            for module in modules:
+                module.forward = _pass_through
+            yield
+        finally:
+            for module, old in zip(modules, saved):
+                if old is None:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = old
 
     @property
     def tokenizer(self):
@@ -377,7 +400,6 @@ BUILDERS: dict[str, Callable[..., tuple]] = {
 }
 
 
-CONF_DIR = embedded.REPO_ROOT / "conf" / "model"
 
 
 def backbone_config(name: str) -> dict:
@@ -386,12 +408,9 @@ def backbone_config(name: str) -> dict:
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
-    from omegaconf import OmegaConf
-
-    path = CONF_DIR / f"{name}.yaml"
-    if name not in BUILDERS or not path.exists():
+    if name not in BUILDERS or not config_path("model", name).exists():
         raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(sorted(BUILDERS))}.")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return load_config("model", name)
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:

@@ -1,217 +1,60 @@
 """Joint comparison of gates and gate stacks on one evaluation split (SPEC section 6).
 
-A gate spec is a string: `name[@layers][:arg]`, stacks joined by `+`.
-
-    none                        the unmodified backbone
-    var  vaf  spear  outro      training-free gates at their default layers for this depth
-    vaf@8-13                    explicit layers ("8-13", "3,7,10" or "10")
-    lsg:checkpoints/smol-llava/lsg-L10.safetensors     a trained gate (layer from its metadata)
-    oracle@10:0.3               KeyScaleGate.oracle(alpha=0.3) at layer 10 (SPEC section 4)
-    oracle@10:0.3/0.5/0.9       V-sink / L-sink / ordinary keys x 0.3 / 0.5 / 0.9 (3-group oracle)
-    lsg:ckpt_a+lsg:ckpt_b+var@2-5                      a stack mixing trained and training-free gates
-    stack:runs/stack/smol-llava/stack-keep-all.json    a stack manifest written by stack.py
-
-Hyperparameters of a named gate come from `conf/gate/<name>.yaml`.
+Gate specs (`lsg.specs`) name the stacks; every stack's answers go through the answer store
+(`lsg.answers`): cached ones are read, the others are computed together in one pass with
+prefix reuse (`lsg.evaluation.evaluate_many`) and stored.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from omegaconf import OmegaConf
 
-from lsg import gates as gate_registry
+from lsg.answers import AnswerCache, answer_context, answers_of
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
-from lsg.embedded import REPO_ROOT, sha256_of
 from lsg.evaluation import (BOOTSTRAP_SAMPLES, CI_LEVEL, EvalResult, comparison_rows, delta_cell, evaluate_many,
-                            images_and_questions)
-from lsg.gates.base import Gate
-
-GATE_CONF_DIR = REPO_ROOT / "conf" / "gate"
+                            images_and_questions, mc_records)
+from lsg.specs import BASELINE, GateStack, parse_stacks
 
 
-@dataclass
-class GateStack:
-    """A parsed spec: `{layer: [gates]}` plus what identifies it for caching."""
-
-    spec: str
-    layers: dict[int, list[Gate]]
-    identity: dict
-
-
-def parse_layers(text: str, num_layers: int) -> list[int]:
-    """"10" -> [10]; "3-7" -> [3..7]; "3,7,10" -> [3, 7, 10]. Raises ValueError on bad syntax/range."""
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"Bad layer list {text!r}: use '10', '3-7' or '3,7,10'.") from None
-    bad = [l for l in out if not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"Layers {bad} are out of range for a backbone with {num_layers} decoder layers.")
-    return out
-
-
-def gate_config(name: str, backbone_cfg: dict) -> dict:
-    """`conf/gate/<name>.yaml` resolved against the backbone's config (for `${model.*}`)."""
-    path = GATE_CONF_DIR / f"{name}.yaml"
-    if not path.exists():
-        raise ValueError(f"Unknown gate {name!r}. Known gates: none, oracle, "
-                         f"{', '.join(p.stem for p in sorted(GATE_CONF_DIR.glob('*.yaml')))}.")
-    root = OmegaConf.create({"model": backbone_cfg, "gate": OmegaConf.load(path)})
-    return OmegaConf.to_container(root.gate, resolve=True)
-
-
-def oracle_gate(arg: str, grouping: str) -> Gate:
-    """The oracle of a spec's argument (SPEC section 4): `0.3` = first group x 0.3, the rest
-    x 0.7, in the backbone's grouping; `0.3/0.5/0.9` = one coefficient per group of the
-    3-group split (V-sinks / L-sinks / ordinary, the paper's stage 2).
-
-    Raises:
-        ValueError: not a number, or a coefficient list that fits no grouping.
-    """
-    try:
-        values = [float(x) for x in arg.split("/")]
-    except ValueError:
-        raise ValueError(f"Bad oracle argument {arg!r}: give alpha (0.3) or per-group coefficients (0.3/0.5/0.9).") from None
-    if len(values) == 1:
-        return gate_registry.KeyScaleGate.oracle(values[0], grouping)
-    if len(values) == 3:
-        return gate_registry.KeyScaleGate(values, "vsink-lsink-ordinary")
-    return gate_registry.KeyScaleGate(values, grouping)
-
-
-def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_move: bool = False) -> GateStack:
-    """Build the gates of one spec (see the module docstring).
-
-    A trained gate runs at the layer it was trained at; `lsg@N:ckpt` at another layer is
-    refused unless `allow_layer_move` (compare.py `allow_layer_move=true`).
-
-    Raises:
-        ValueError: unknown gate, bad layers, a checkpoint for another backbone or sink setup,
-            a trained gate moved to another layer without `allow_layer_move`.
-        FileNotFoundError: a checkpoint path that does not exist.
-    """
-    layers: dict[int, list[Gate]] = {}
-    parts = []
-    if spec.strip() == "none":
-        return GateStack("none", {}, {"spec": "none"})
-    elements = []
-    for element in spec.split("+"):  # a stack manifest expands into its gates' specs
-        if element.strip().startswith("stack:"):
-            from lsg.stacking import manifest_specs
-
-            elements += manifest_specs(Path(element.strip().split(":", 1)[1]), backbone)
-        else:
-            elements.append(element)
-    for element in elements:
-        head, _, arg = element.strip().partition(":")
-        name, _, layer_text = head.partition("@")
-        if name == "lsg":
-            if not arg:
-                raise ValueError(f"{element!r}: give the trained gate's checkpoint, e.g. lsg:checkpoints/"
-                                 f"{backbone.name}/lsg-L10.safetensors")
-            gate = Gate.load(arg, backbone=backbone.name, backbone_fingerprint=backbone.fingerprint,
-                             sinks=backbone.sinks.to_dict())
-            trained_at = gate.metadata["layer"]
-            chosen = parse_layers(layer_text, backbone.num_layers) if layer_text else [trained_at]
-            if chosen != [trained_at] and not allow_layer_move:
-                raise ValueError(f"{element!r}: this gate was trained at layer {trained_at}; running it at {chosen} "
-                                 f"moves it to layers it never saw. Drop '@{layer_text}', or pass "
-                                 f"allow_layer_move=true to compare.py to do it on purpose.")
-            ident = {"gate": "lsg", "checkpoint": sha256_of(Path(arg))[:16], "layers": chosen}
-        elif name == "oracle":
-            if not layer_text or not arg:
-                raise ValueError(f"{element!r}: the oracle needs a layer and alpha, e.g. oracle@10:0.3")
-            gate = oracle_gate(arg, backbone_cfg.get("lsg_grouping", "vsink-rest"))
-            chosen = parse_layers(layer_text, backbone.num_layers)
-            ident = {"gate": "keyscale", "config": gate.config(), "layers": chosen}
-        else:
-            cfg = gate_config(name, backbone_cfg)
-            cfg.pop("name")
-            default = cfg.pop("layers", "auto")
-            if "num_layers" in cfg and cfg["num_layers"] is None:  # depth-scaled defaults (OutRo)
-                cfg["num_layers"] = backbone.num_layers
-            gate = gate_registry.get(name, **cfg)
-            if layer_text:
-                chosen = parse_layers(layer_text, backbone.num_layers)
-            elif default == "auto" and hasattr(gate, "default_layers"):
-                chosen = gate.default_layers(backbone.num_layers)
-            elif default != "auto":
-                chosen = parse_layers(str(default), backbone.num_layers)
-            else:
-                raise ValueError(f"{element!r}: gate {name!r} has no default layers; give them, e.g. {name}@10.")
-            ident = {"gate": name, "config": gate.config(), "layers": chosen}
-        for layer in chosen:
-            layers.setdefault(layer, []).append(gate)
-        parts.append(ident)
-    return GateStack(spec, layers, {"spec": parts})
-
-
-def cache_key(stack: GateStack, backbone: Backbone, records: Sequence[VQARecord], data_cfg: dict, split: str) -> str:
-    """Key of one stack's cached answers: the stack (gate configs, checkpoint digests, layers),
-    the backbone's weights (`Backbone.fingerprint`, never just its name), dtype and sinks, the
-    data config, the split and the questions themselves (ids and answers), so a cache never
-    serves another model's, another gate's or another split's answers."""
-    questions = hashlib.sha256(json.dumps([(r.id, r.question, r.answer) for r in records]).encode()).hexdigest()
-    blob = json.dumps({"stack": stack.identity, "backbone": backbone.name, "fingerprint": backbone.fingerprint,
-                       "dtype": str(backbone.model.dtype), "sinks": backbone.sinks.to_dict(), "data": data_cfg,
-                       "split": split, "questions": questions}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def read_cached(records: Sequence[VQARecord], cache_dir: Path, key: str) -> EvalResult | None:
-    """A stack's answers from `cache_dir/<key>.json`, or None if not cached."""
-    path = Path(cache_dir) / f"{key}.json"
-    if not path.exists():
-        return None
-    d = json.loads(path.read_text())
-    return EvalResult.from_predictions(records, d["predictions"], d["elapsed_s"])
-
-
-def write_cached(result: EvalResult, spec: str, cache_dir: Path, key: str) -> None:
-    """Store a stack's answers under `cache_dir/<key>.json` (atomically)."""
-    path = Path(cache_dir) / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**result.as_dict(), "predictions": result.predictions, "spec": spec}))
-    tmp.replace(path)
+def split_context(backbone: Backbone, records: Sequence[VQARecord], data_cfg: dict, split: str) -> dict:
+    """The answer-store context of a data split (`lsg.answers.answer_context`): backbone,
+    processor, questions, data config and split."""
+    return answer_context(backbone, records, data=data_cfg, split=split)
 
 
 def cached_evaluate_many(stacks: Sequence[GateStack], backbone: Backbone, records: Sequence[VQARecord],
-                         cache_dir: Path, keys: Sequence[str], batch_size: int,
+                         cache: AnswerCache, batch_size: int,
                          progress: str | None = "evaluating") -> tuple[dict[str, EvalResult], set[str]]:
-    """Answers of every stack: cached ones read from `cache_dir`, the others computed together
-    in one pass with prefix reuse (`lsg.evaluation.evaluate_many`) and cached.
+    """Answers of every stack: cached ones read from `cache`, the others computed together
+    in one pass with prefix reuse (`lsg.evaluation.evaluate_many`) and stored.
 
     Returns:
         (spec -> result, the specs that were read from the cache).
     """
     results, hits = {}, set()
     todo = {}
-    for stack, key in zip(stacks, keys):
-        cached = read_cached(records, cache_dir, key)
-        if cached is not None:
-            results[stack.spec] = cached
+    for stack in stacks:
+        found = cache.get(stack.identity, records)
+        if found is not None:
+            answers, info = found
+            results[stack.spec] = EvalResult.from_predictions(records, [a.prediction for a in answers],
+                                                              info.get("elapsed_s", 0.0))
             hits.add(stack.spec)
         else:
-            todo[stack.spec] = (stack, key)
+            todo[stack.spec] = stack
     if todo:
-        fresh = evaluate_many(backbone, records, {spec: st.layers for spec, (st, _) in todo.items()}, batch_size,
+        fresh = evaluate_many(backbone, records, {spec: st.layers for spec, st in todo.items()}, batch_size,
                               progress=f"{progress} ({len(todo)} in one pass)" if progress else None)
-        for spec, (stack, key) in todo.items():
-            write_cached(fresh[spec], spec, cache_dir, key)
+        for spec, stack in todo.items():
+            cache.put(stack.identity, answers_of(records, fresh[spec].predictions), spec=spec,
+                      elapsed_s=fresh[spec].elapsed_s, accuracy=fresh[spec].accuracy)
             results[spec] = fresh[spec]
     return results, hits
 
@@ -303,15 +146,10 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
     per (stack, split) under `out_dir/cache`, so a re-run reuses them.
     Overhead is measured in this run: prefill time per batch with the stack / without.
     """
-    from lsg.evaluation import mc_records
-
     records = mc_records(records)
-    stacks = [parse_stack(s, backbone, backbone_cfg, allow_layer_move) for s in specs]
-    if not any(s.spec == "none" for s in stacks):
-        stacks.insert(0, GateStack("none", {}, {"spec": "none"}))
-    stacks.sort(key=lambda s: s.spec != "none")  # the baseline row first
-    keys = [cache_key(stack, backbone, records, data_cfg, split) for stack in stacks]
-    results, hits = cached_evaluate_many(stacks, backbone, records, out_dir / "cache", keys, batch_size)
+    stacks = parse_stacks(specs, backbone, backbone_cfg, allow_layer_move)  # the baseline row first
+    cache = AnswerCache(out_dir / "cache", split_context(backbone, records, data_cfg, split))
+    results, hits = cached_evaluate_many(stacks, backbone, records, cache, batch_size)
     results = {stack.spec: results[stack.spec] for stack in stacks}  # table rows in the order asked
     for stack in stacks:
         res = results[stack.spec]
@@ -320,9 +158,9 @@ def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], record
     timing = [backbone.on_device(backbone.build_batch(*images_and_questions(records[i * batch_size:(i + 1) * batch_size])))
               for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
     base_s = time_forward(backbone, timing, None, timing_repeats)
-    baseline = results.pop("none")
+    baseline = results.pop(BASELINE)
     rows = comparison_rows(baseline, results, bootstrap_samples, ci_level)
     for row, stack in zip(rows, stacks):
-        row["overhead"] = 1.0 if stack.spec == "none" else time_forward(backbone, timing, stack, timing_repeats) / base_s
+        row["overhead"] = 1.0 if stack.spec == BASELINE else time_forward(backbone, timing, stack, timing_repeats) / base_s
         row["prefill_ms_per_batch"] = 1000 * base_s * row["overhead"]
     return rows, sorted(baseline.counts)

@@ -1,9 +1,12 @@
 """Per-forward state shared by the hooks and the attention function, as typed objects.
 
-`ForwardContext` is built once per model call (prefill or decode step) from the batch:
-segments, V-sinks, the sink values of the hidden state entering each hooked layer,
-and the state each gate computed at prefill. `LayerView` is what a gate sees inside
-decoder layer `l`: positions of the current queries and keys, and the token groups.
+`RunState` is the live state of one `lsg.attach` block, reachable from the model
+(`run_state(model)`): its settings, the labels and ViT flags waiting for the next
+context, and the current `ForwardContext`. `ForwardContext` is built once per model call
+(prefill or decode step) from the batch: segments, V-sinks, the sink values of the hidden
+state entering each hooked layer, and the state each gate computed at prefill.
+`LayerView` is what a gate sees inside decoder layer `l`: positions of the current queries
+and keys, and the token groups.
 """
 
 from __future__ import annotations
@@ -109,6 +112,51 @@ class ForwardContext:
         if grouping == "lsink-rest":
             groups[self.lsinks(layer)] = 0
         return groups
+
+
+RUN_ATTR = "_lsg_run"  # the attribute of the top-level model holding an attach block's RunState
+
+
+@dataclass
+class RunState:
+    """Live state of one `lsg.attach` block. Tensors are `(B, T)` unless noted.
+
+    Attributes:
+        sinks: the block's sink configuration.
+        base_implementation: "sdpa" or "eager": the path of ungated layers.
+        ctx: the context of the current (or last) forward; given at start for a suffix run.
+        labels: labels of the next forward (answers are `out` tokens, so teacher forcing never
+            moves the last prompt token); set by `lsg.scoring` or the top-level model's call,
+            taken by the context that forward builds.
+        vit_flags: `(N_patches,)` V-sink flags read from the ViT before the forward that builds
+            the context (`generate` encodes images first), taken by that context.
+        inputs: the multimodal model's call arguments of the current prefill (without the
+            KV cache, pixels and embeddings), for the family's patch -> token map.
+        layout: arguments of `Family.layout_calls` since the last prefill.
+    """
+
+    sinks: SinkConfig
+    base_implementation: str
+    ctx: ForwardContext | None = None
+    labels: torch.Tensor | None = None
+    vit_flags: torch.Tensor | None = None
+    inputs: dict | None = None
+    layout: dict = field(default_factory=dict)
+
+    def take_labels(self) -> torch.Tensor | None:
+        """The waiting labels (None if none), cleared so they serve one forward only."""
+        labels, self.labels = self.labels, None
+        return labels
+
+    def clear(self) -> None:
+        """Drop every per-forward tensor (the block is over)."""
+        self.ctx = self.inputs = self.labels = self.vit_flags = None
+        self.layout = {}
+
+
+def run_state(model) -> RunState | None:
+    """The `RunState` of the attach block on `model` (the top-level model), None outside one."""
+    return vars(model).get(RUN_ATTR)
 
 
 @dataclass

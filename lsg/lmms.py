@@ -28,7 +28,10 @@ import torch
 from lmms_eval.api.model import lmms
 
 from lsg.attach import attach
-from lsg.backbones import IGNORE_INDEX, backbone_config, load_backbone
+from lsg.backbones import backbone_config, load_backbone
+from lsg.scoring import decoder_hidden
+from lsg.segments import IGNORE_INDEX
+from lsg.specs import parse_stack
 
 DEFAULT_MAX_NEW_TOKENS = 16
 
@@ -58,8 +61,6 @@ class LSGModel(lmms):
                  dtype: str | None = None, device: str = "auto", batch_size: int | str = 1,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, allow_layer_move: bool = False, **unused):
         super().__init__()
-        from lsg.comparison import parse_stack
-
         overrides = {k: v for k, v in {"hf_id": hf_id, "dtype": dtype}.items() if v is not None}
         self.backbone_cfg = {**backbone_config(backbone), **overrides}
         self.backbone = load_backbone(backbone, **overrides, device=device)
@@ -107,8 +108,6 @@ class LSGModel(lmms):
         """Per request `(negative log-likelihood of the continuation in nats, whether it is the
         greedy continuation)`, the continuation being the assistant's answer after the prompt
         (lmms-eval's convention: lower is better; multiple choice takes the argmin)."""
-        from lsg.scoring import decoder_hidden
-
         out = []
         with self._gated():
             for request in requests:

@@ -12,14 +12,16 @@ per cell like compare.py's, so an interrupted grid resumes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 from lsg.backbones import Backbone
-from lsg.comparison import GateStack, cache_key, cached_evaluate_many, parse_stack
+from lsg.answers import AnswerCache
+from lsg.comparison import cached_evaluate_many, split_context
 from lsg.data import VQARecord
 from lsg.evaluation import EvalResult, mc_records
+from lsg.files import write_json
+from lsg.specs import BASELINE, GateStack, baseline_stack, parse_stack
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # SPEC section 4
@@ -45,14 +47,13 @@ def run_grid(backbone: Backbone, backbone_cfg: dict, records: Sequence[VQARecord
         ValueError: no multiple-choice record, a bad layer.
     """
     records = mc_records(records)
-    stacks: list[GateStack] = [GateStack("none", {}, {"spec": "none"})]
+    stacks: list[GateStack] = [baseline_stack()]
     cells = [(backbone.check_layer(l), float(a)) for l in layers for a in alphas]
     stacks += [parse_stack(spec(l, a), backbone, backbone_cfg) for l, a in cells]
     stacks += [parse_stack(s, backbone, backbone_cfg) for s in extra_specs]
-    keys = [cache_key(st, backbone, records, data_cfg, split) for st in stacks]
-    results, _ = cached_evaluate_many(stacks, backbone, records, Path(out_dir) / "cache", keys, batch_size,
-                                      progress="oracle grid")
-    baseline = results["none"]
+    cache = AnswerCache(Path(out_dir) / "cache", split_context(backbone, records, data_cfg, split))
+    results, _ = cached_evaluate_many(stacks, backbone, records, cache, batch_size, progress="oracle grid")
+    baseline = results[BASELINE]
     table = {"split": split, "n": len(records), "layers": list(layers), "alphas": list(alphas),
              "baseline": {**{t: 100 * a for t, a in baseline.accuracy.items()}, "overall": 100 * baseline.overall},
              "cells": [], "best": {}}
@@ -100,7 +101,7 @@ def write_grid(table: dict, out_dir: Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "grid.json").write_text(json.dumps(table, indent=1))
+    write_json(out_dir / "grid.json", table, indent=1)
     tasks = sorted(t for t in table["baseline"] if t != "overall") + ["overall"]
     lines = [f"Oracle grid on {table['split']} ({table['n']} questions): best alpha per layer and sub-task, "
              f"delta vs baseline in points [95% paired bootstrap CI], * = CI excludes 0; ties go to the alpha nearest "

@@ -17,7 +17,7 @@ Three consumers:
   (`lsg.training.GateTrainingModule`).
 
 transformers' own decoder forward does the work: the layers below l are skipped (their
-input passes through, `lsg.attach.skip_decoder_layers`) and the cached state is given to
+input passes through, `Backbone.skip_decoder_layers`) and the cached state is given to
 the language model as its input embeddings, so positions, masks and rotary embeddings are
 built by transformers exactly as in the plain forward.
 """
@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from lsg.attach import attach, decoder_layers, skip_decoder_layers
+from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext
 from lsg.gates.base import Gate
@@ -115,13 +115,13 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
     def keep_positions(module, args, kwargs):
         positions["ids"] = kwargs.get("position_ids")
 
-    handles = [decoder_layers(backbone)[l].register_forward_pre_hook(keep(l), with_kwargs=True)
+    handles = [backbone.decoder_layers[l].register_forward_pre_hook(keep(l), with_kwargs=True)
                for l in layers]
     handles.append(backbone.family.language_model(backbone.model).register_forward_pre_hook(keep_positions,
                                                                                              with_kwargs=True))
     above = [] if to_end else range(stop + 1, backbone.num_layers)
     try:
-        with attach(backbone, {}, sinks, record_sinks_upto=stop) as run, skip_decoder_layers(backbone, above):
+        with attach(backbone, {}, sinks, record_sinks_upto=stop) as run, backbone.skip_decoder_layers(above):
             final = decoder_hidden(backbone, inputs)
             ctx = run.ctx
     finally:
@@ -150,7 +150,7 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
     Raises:
         ValueError: a gate below `prefix.layer` (see `lsg.attach.attach`).
     """
-    with attach(backbone, gates or {}, prefix.sinks, prefix=prefix) as run:
+    with attach(backbone, gates or {}, prefix.sinks, start_layer=prefix.layer, context=prefix.context()) as run:
         out = backbone.family.language_model(backbone.model)(
             inputs_embeds=prefix.hidden, attention_mask=prefix.attention_mask, position_ids=prefix.position_ids,
             use_cache=False)

@@ -14,9 +14,9 @@ import string
 import torch
 import torch.nn.functional as F
 
-from lsg.backbones import IGNORE_INDEX, Backbone
-from lsg.attach import is_attached
-from lsg.segments import last_prompt_positions
+from lsg.backbones import Backbone
+from lsg.context import run_state
+from lsg.segments import IGNORE_INDEX, last_prompt_positions
 
 LETTERS = string.ascii_uppercase
 
@@ -24,11 +24,13 @@ LETTERS = string.ascii_uppercase
 def decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states `(B, T, D)` of the LLM (after its final norm), no LM head.
 
-    Inside `lsg.attach`, the batch's labels reach the gate context, so teacher-forced
-    answers are `out` tokens and never move the last prompt token."""
+    Inside `lsg.attach`, the batch's labels are put on the block's run state for the context
+    this forward builds, so teacher-forced answers are `out` tokens and never move the last
+    prompt token."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if is_attached(backbone.model) and batch.get("labels") is not None:
-        inputs["labels"] = batch["labels"]  # read (and removed) by the gate context hook
+    run = run_state(backbone.model)
+    if run is not None:
+        run.labels = batch.get("labels")
     return backbone.family.multimodal_model(backbone.model)(**inputs, use_cache=False).last_hidden_state
 
 

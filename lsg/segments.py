@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lsg.backbones import IGNORE_INDEX
+IGNORE_INDEX = -100  # labels ignored by the next-token loss (the Hugging Face convention)
+
 
 
 def last_prompt_positions(attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

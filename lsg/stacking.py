@@ -9,31 +9,28 @@ and reported on another (SPEC section 6).
    stays only if the stack's selection accuracy rises).
 3. Every stack of both policies is then scored on the held-out split, with paired CIs.
 
-A stack is saved as a manifest (JSON: backbone, fingerprint, sinks and one entry per gate
-with its spec and, for checkpoints, their sha256), loaded by `load_manifest`, by compare.py
-(`stack:<manifest>`) and by stack.py (`base=<manifest>`).
+A stack is saved as a manifest (`lsg.specs.manifest`), loaded by `lsg.specs.load_manifest`, by
+every gate spec (`stack:<manifest>`) and by stack.py (`base=<manifest>`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lsg.backbones import Backbone
+from lsg.answers import answers_for, read_answers
 from lsg.data import VQARecord
-from lsg.embedded import sha256_of
 from lsg.evaluation import EvalResult, mc_records
+from lsg.specs import short_name
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
 
 POLICIES = ("keep-all", "keep-if-better")
-MANIFEST_VERSION = 1
 
 
 @dataclass
 class Candidate:
-    """One single-layer gate: its spec (compare.py syntax) and, for a checkpoint, its path."""
+    """One single-layer gate: its spec (`lsg.specs` syntax) and, for a checkpoint, its path."""
 
     spec: str
     checkpoint: Path | None = None
@@ -58,7 +55,7 @@ class Step:
 
 
 def sweep_candidates(sweep_dir: Path, epoch: int = 1) -> list[Candidate]:
-    """`lsg:<checkpoint>` candidates for every `lsg-L<l>/gate-epoch<epoch>.safetensors` under a
+    """`ckpt:<checkpoint>` candidates for every `lsg-L<l>/gate-epoch<epoch>.safetensors` under a
     sweep directory (sweep.py's out_dir or train.py runs in one folder).
 
     Raises:
@@ -69,20 +66,18 @@ def sweep_candidates(sweep_dir: Path, epoch: int = 1) -> list[Candidate]:
     if not paths:
         raise FileNotFoundError(f"No lsg-L<layer>/gate-epoch{epoch}.safetensors under {sweep_dir}; run sweep.py "
                                 f"first, or give candidates_dir=<its out_dir> and the epoch it exported.")
-    return [Candidate(f"lsg:{p}", p) for p in paths]
+    return [Candidate(f"ckpt:{p}", p) for p in paths]
 
 
 def answers_beside(checkpoint: Path, records: Sequence[VQARecord]) -> EvalResult | None:
     """The gate's answers on `records` from the `val-epoch<e>.json` its training wrote beside it
     (same questions, same scoring), or None when that file is absent or misses a question."""
     epoch = checkpoint.stem.removeprefix("gate-epoch")
-    path = checkpoint.parent / f"val-epoch{epoch}.json"
-    if not path.exists():
+    found = read_answers(checkpoint.parent / f"val-epoch{epoch}.json")
+    answers = answers_for(records, found[1]) if found is not None else None
+    if answers is None:
         return None
-    answers = json.loads(path.read_text())["answers"]
-    if not all(r.id in answers and answers[r.id]["answer"] == r.answer_letter for r in records):
-        return None
-    return EvalResult.from_predictions(records, [answers[r.id]["prediction"] for r in records])
+    return EvalResult.from_predictions(records, [a.prediction for a in answers])
 
 
 def greedy(candidates: Sequence[Candidate], evaluate, baseline: EvalResult, max_size: int,
@@ -124,77 +119,6 @@ def greedy(candidates: Sequence[Candidate], evaluate, baseline: EvalResult, max_
     return steps
 
 
-def manifest(specs: Sequence[str], backbone: Backbone, **info) -> dict:
-    """A stack manifest: the backbone it belongs to and each gate's spec, with the sha256 of
-    every checkpoint it names (`lsg:<path>`)."""
-    gates = []
-    for s in specs:
-        entry = {"spec": s}
-        if s.startswith("lsg:"):
-            entry["sha256"] = sha256_of(Path(s.split(":", 1)[1]))
-        gates.append(entry)
-    return {"version": MANIFEST_VERSION, "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint,
-            "sinks": backbone.sinks.to_dict(), "gates": gates, **info}
-
-
-def write_manifest(path: Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
-
-
-def manifest_specs(path: Path, backbone: Backbone) -> list[str]:
-    """The gate specs of a manifest, checked against this backbone and the checkpoints' hashes.
-
-    Raises:
-        FileNotFoundError: no such manifest, or a checkpoint it names is gone.
-        ValueError: the manifest belongs to another backbone, weights or sink setup, or a
-            checkpoint changed since the manifest was written.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No stack manifest at {path}.")
-    data = json.loads(path.read_text())
-    for key, have in (("backbone", backbone.name), ("backbone_fingerprint", backbone.fingerprint),
-                      ("sinks", backbone.sinks.to_dict())):
-        if data.get(key) != have:
-            raise ValueError(f"Refusing stack {path}: it was built with {key}={data.get(key)!r}, but this backbone has "
-                             f"{key}={have!r}. Build the stack for this setup (python stack.py ...).")
-    for g in data["gates"]:
-        if "sha256" in g:
-            ckpt = Path(g["spec"].split(":", 1)[1])
-            if not ckpt.exists():
-                raise FileNotFoundError(f"Stack {path} names {ckpt}, which does not exist.")
-            if sha256_of(ckpt) != g["sha256"]:
-                raise ValueError(f"Refusing stack {path}: {ckpt} changed since the manifest was written "
-                                 f"(sha256 differs); rebuild the stack or restore the checkpoint.")
-    return [g["spec"] for g in data["gates"]]
-
-
-def load_manifest(path: Path, backbone: Backbone, backbone_cfg: dict | None = None):
-    """`{layer: [gates]}` of a manifest, ready for `lsg.attach(backbone, ...)`.
-
-    Args:
-        backbone_cfg: the backbone's `conf/model` entries (training-free gates read
-            `lsg_grouping` and `${model.*}` from it); None = `conf/model/<backbone.name>.yaml`.
-
-    Raises:
-        see `manifest_specs` and `lsg.comparison.parse_stack`.
-    """
-    from lsg.comparison import parse_stack
-
-    if backbone_cfg is None:
-        from omegaconf import OmegaConf
-
-        from lsg.embedded import REPO_ROOT
-
-        conf = REPO_ROOT / "conf" / "model" / f"{backbone.name}.yaml"
-        backbone_cfg = OmegaConf.to_container(OmegaConf.load(conf), resolve=True) if conf.exists() else {}
-
-    return parse_stack("+".join(manifest_specs(path, backbone)), backbone, backbone_cfg).layers
-
-
 def table2_markdown(steps: Sequence[Step], n_selection: int, n_heldout: int) -> str:
     """Table 2: every stack of every policy, its selection and held-out overall delta with CIs."""
     from lsg.stats import cell
@@ -206,17 +130,9 @@ def table2_markdown(steps: Sequence[Step], n_selection: int, n_heldout: int) -> 
     for s in steps:
         held = cell(s.heldout["overall"]) if s.heldout else "-"
         p = f"{s.heldout['overall']['p']:.2f}" if s.heldout else "-"
-        lines.append(f"| {s.policy} | {s.size} | `{short(s.added)}` | {'yes' if s.kept else 'no'} | "
-                     f"{cell(s.selection['overall'])} | {held} | {p} | `{' + '.join(short(x) for x in s.specs)}` |")
+        lines.append(f"| {s.policy} | {s.size} | `{short_name(s.added)}` | {'yes' if s.kept else 'no'} | "
+                     f"{cell(s.selection['overall'])} | {held} | {p} | `{' + '.join(short_name(x) for x in s.specs)}` |")
     return "\n".join(lines) + "\n"
-
-
-def short(spec: str) -> str:
-    """`lsg:.../lsg-L10/gate-epoch1.safetensors` -> `lsg-L10`; other specs unchanged."""
-    if spec.startswith("lsg:"):
-        p = Path(spec.split(":", 1)[1])
-        return p.parent.name if p.parent.name.startswith("lsg-L") else p.stem
-    return spec
 
 
 def plot_table2(steps: Sequence[Step], path: Path) -> Path:

@@ -8,11 +8,11 @@ paired over the same questions, with its bootstrap CI and McNemar p (`lsg.stats`
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
 
+from lsg.answers import Answer, read_answers
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, cell, paired_by_subtask
 
 LAYER_DIR = re.compile(r"lsg-L(\d+)$")
@@ -32,19 +32,20 @@ def read_sweep(sweep_dir: Path) -> dict[int, dict[int, dict]]:
             continue
         for path in folder.glob("val-epoch*.json"):
             epoch = int(path.stem.removeprefix("val-epoch"))
-            out.setdefault(int(m.group(1)), {})[epoch] = json.loads(path.read_text())
+            info, answers = read_answers(path)
+            out.setdefault(int(m.group(1)), {})[epoch] = {**info, "answers": answers}
     if not out:
         raise FileNotFoundError(f"No lsg-L<layer>/val-epoch<e>.json under {sweep_dir}: give the out_dir of sweep.py, "
                                 f"or the folder holding train.py's run_dir=.../lsg-L<layer> runs.")
     return out
 
 
-def layer_stats(answers: dict[str, dict], samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL) -> dict:
+def layer_stats(answers: dict[str, Answer], samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL) -> dict:
     """`lsg.stats.paired_by_subtask` of a layer's gate against the baseline on its validation answers."""
     ids = sorted(answers)
-    return paired_by_subtask([answers[i]["baseline"] == answers[i]["answer"] for i in ids],
-                             [answers[i]["prediction"] == answers[i]["answer"] for i in ids],
-                             [answers[i]["subtask"] for i in ids], samples, level)
+    return paired_by_subtask([answers[i].baseline == answers[i].gold for i in ids],
+                             [answers[i].prediction == answers[i].gold for i in ids],
+                             [answers[i].subtask for i in ids], samples, level)
 
 
 def summarize(sweep: dict[int, dict[int, dict]], epoch: int | None = 1, block: int = BLOCK,
@@ -138,9 +139,9 @@ def ratio_curves(sweep: dict[int, dict[int, dict]], layer: int, group: int = 0) 
     for epoch, data in sorted(sweep[layer].items()):
         per_task: dict[str, list[float]] = {}
         for a in data["answers"].values():
-            if a.get("ratios"):
-                per_task.setdefault(a["subtask"], []).append(a["ratios"][group])
-                groups = len(a["ratios"])
+            if a.ratios:
+                per_task.setdefault(a.subtask, []).append(a.ratios[group])
+                groups = len(a.ratios)
         for task, values in per_task.items():
             curve = curves.setdefault(task, [(0, 1.0 / groups)])
             curve.append((data.get("steps", epoch), sum(values) / len(values)))

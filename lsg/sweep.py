@@ -18,12 +18,13 @@ metrics; `train.py -m layer=...` gives the one-run-per-layer layout, grouped.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lsg.answers import Answer
 from lsg.backbones import Backbone
 from lsg.context import GROUPINGS
 from lsg.gates.base import Gate
@@ -62,9 +63,9 @@ class SweepModule(FrozenBackboneModule):
         self.gates = torch.nn.ModuleDict({str(l): gates[l].float() for l in self.layers})
         self.lr, self.accumulation = lr, accumulation
         self.automatic_optimization = False
-        self._val: dict[int, dict[str, dict]] = {l: {} for l in self.layers}
+        self._val: dict[int, dict[str, Answer]] = {l: {} for l in self.layers}
         self._baseline: dict[str, str] = {}
-        self.val_answers: dict[int, dict[str, dict]] = {}
+        self.val_answers: dict[int, dict[str, Answer]] = {}
 
     def gate(self, layer: int) -> Gate:
         return self.gates[str(layer)]
@@ -142,28 +143,3 @@ class SweepExport(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, with_val=True)
-
-
-def parse_sweep_layers(spec: str | int | Sequence[int], num_layers: int) -> list[int]:
-    """`all`, `every:K` (0, K, 2K, ...), `3-7`, `3,7,10`, an int or a list -> sorted layers.
-
-    Raises:
-        ValueError: bad syntax or a layer out of range.
-    """
-    from lsg.comparison import parse_layers
-
-    if isinstance(spec, int):
-        spec = str(spec)
-    if not isinstance(spec, str):
-        return sorted({int(x) for x in parse_layers(",".join(str(int(x)) for x in spec), num_layers)})
-    if spec == "all":
-        return list(range(num_layers))
-    if spec.startswith("every:"):
-        try:
-            step = int(spec.split(":", 1)[1])
-        except ValueError:
-            step = 0
-        if step < 1:
-            raise ValueError(f"Bad layers={spec!r}: every:K needs a positive K, e.g. every:3.")
-        return list(range(0, num_layers, step))
-    return sorted(set(parse_layers(spec, num_layers)))

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lsg.answers import Answer, answers_of, write_answers
 from lsg.backbones import Backbone
 from lsg.context import GROUPINGS
 from lsg.gates.base import Gate
@@ -29,6 +30,7 @@ from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, model_inputs, run_s
 from lsg.scoring import LETTERS, answer_loss, option_scores
 
 TENSOR_TAG = "__tensor__"
+RATIO_DECIMALS = 6  # decimals of the gate ratios kept in validation answer files
 
 
 # ----------------------------------------------------------------- checkpoint format
@@ -116,7 +118,7 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
 
 # ----------------------------------------------------------------- validation answers
 def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gate: Gate,
-                baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, dict]]:
+                baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Answer]]:
     """Validation loss and answers of one gate from a prefix.
 
     Args:
@@ -124,9 +126,9 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
             record its answers too (None = not recorded).
 
     Returns:
-        (answer loss, record id -> {subtask, answer, prediction, ratios, and `baseline` when
-        given}); `ratios` is the gate's group-ratio vector for the question (LSG, SPEC
-        section 3) or None for gates without one.
+        (answer loss, record id -> `lsg.answers.Answer` of every multiple-choice record, with
+        the gate's group-ratio vector (LSG, SPEC section 3; None for gates without one) and,
+        when `baseline` is given, the baseline's letter).
     """
     records = batch["records"]
     state: dict = {}
@@ -142,11 +144,10 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
         if not (r.options and r.answer_letter):
             continue
         k = len(r.options)
-        out[r.id] = {"subtask": r.subtask, "answer": r.answer_letter,
-                     "prediction": LETTERS[int(scores[i, :k].argmax())],
-                     "ratios": None if ratios is None else [round(float(x), 6) for x in ratios[i]]}
-        if base is not None:
-            out[r.id]["baseline"] = LETTERS[int(base[i, :k].argmax())]
+        out[r.id] = answers_of(
+            [r], [LETTERS[int(scores[i, :k].argmax())]],
+            ratios=[None if ratios is None else [round(float(x), RATIO_DECIMALS) for x in ratios[i]]],
+            baseline=[None if base is None else LETTERS[int(base[i, :k].argmax())]])[0]
     return loss, out
 
 
@@ -162,16 +163,16 @@ def build_gate(gate_cfg: dict, backbone: Backbone, seed: int) -> Gate:
     return cls.build(backbone, **cfg)
 
 
-def keep_baseline(answers: dict[str, dict], store: dict[str, str]) -> None:
+def keep_baseline(answers: dict[str, Answer], store: dict[str, str]) -> None:
     """Fill every answer's `baseline` letter from `store`, adding to `store` the letters this
     batch computed (the ungated backbone is scored once per record and process)."""
     for rid, a in answers.items():
-        if a.get("baseline") is not None:
-            store.setdefault(rid, a["baseline"])
-        a["baseline"] = store[rid]
+        if a.baseline is not None:
+            store.setdefault(rid, a.baseline)
+        a.baseline = store[rid]
 
 
-def gather_answers(answers: dict[str, dict]) -> dict[str, dict]:
+def gather_answers(answers: dict[str, Answer]) -> dict[str, Answer]:
     """Every rank's answers, merged by record id (records the distributed sampler repeated to
     even out ranks count once); the answers themselves without DDP."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -181,31 +182,27 @@ def gather_answers(answers: dict[str, dict]) -> dict[str, dict]:
     return dict(answers)
 
 
-def answer_metrics(answers: dict[str, dict]) -> dict[str, float]:
+def answer_metrics(answers: dict[str, Answer]) -> dict[str, float]:
     """`acc_<subtask>`, `acc` (overall), `n` and, where baselines are present, `baseline_acc`
     (fractions in [0, 1]) over validation answers."""
     per_task = defaultdict(list)
     for a in answers.values():
-        per_task[a["subtask"]].append(a["prediction"] == a["answer"])
+        per_task[a.subtask].append(a.prediction == a.gold)
     out = {f"acc_{t}": sum(h) / len(h) for t, h in per_task.items()}
     if answers:
-        out["acc"] = sum(a["prediction"] == a["answer"] for a in answers.values()) / len(answers)
+        out["acc"] = sum(a.prediction == a.gold for a in answers.values()) / len(answers)
         out["n"] = float(len(answers))
-        if all("baseline" in a for a in answers.values()):
-            out["baseline_acc"] = sum(a["baseline"] == a["answer"] for a in answers.values()) / len(answers)
+        if all(a.baseline is not None for a in answers.values()):
+            out["baseline_acc"] = sum(a.baseline == a.gold for a in answers.values()) / len(answers)
     return out
 
 
-def write_val_answers(path: Path, answers: dict[str, dict], **info) -> Path:
-    """`val-epoch{e}.json`: per validation question its sub-task, answer, the gate's prediction,
-    the baseline's and the gate ratios, plus `info` (epoch, step, layer, groups). Read by
-    train.py (the final comparison without re-evaluating) and summarize.py (Table 1, Figures 7-8)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "answers": answers}))
-    tmp.replace(path)
-    return path
+def write_val_answers(path: Path, answers: dict[str, Answer], **info) -> Path:
+    """`val-epoch{e}.json` through the answer store (`lsg.answers.write_answers`): per validation
+    question its sub-task, question, gold letter, the gate's prediction, the baseline's and the
+    gate ratios, plus `info` (epoch, step, layer, groups). Read by train.py (the final comparison
+    without re-evaluating), stack.py (single-gate gains) and summarize.py (Table 1, Figures 7-8)."""
+    return write_answers(path, list(answers.values()), **info)
 
 
 # ----------------------------------------------------------------- the modules
@@ -259,7 +256,7 @@ class GateTrainingModule(FrozenBackboneModule):
         backbone: a loaded `Backbone` (frozen by `load_backbone`).
         gate: a trainable `Gate`.
         layer: 0-based decoder layer.
-        lr: Adam learning rate, constant (the paper gives none; default 1e-3).
+        lr: Adam learning rate, constant (the paper gives none; train.yaml's default is 1e-2).
         prefix_cache_mb: host memory for the frozen prefix (hidden state entering `layer`,
             per sample; `lsg.prefix.PrefixCache`): epoch 2 and every validation after the
             first run layers `layer..L-1` only. Past the budget samples are recomputed.
@@ -276,9 +273,9 @@ class GateTrainingModule(FrozenBackboneModule):
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
         self.gate.float()
         self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb)
-        self._val: dict[str, dict] = {}  # record id -> answer (val_answers)
+        self._val: dict[str, Answer] = {}  # record id -> answer (val_answers)
         self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
-        self.val_answers: dict[str, dict] = {}
+        self.val_answers: dict[str, Answer] = {}
 
     _last_loss: torch.Tensor | None = None
     batch_log: Path | None = None  # JSONL of every training batch's record ids (data-order checks)
@@ -286,7 +283,7 @@ class GateTrainingModule(FrozenBackboneModule):
     def prefix(self, batch: dict, split: str) -> Prefix:
         """The batch's prefix at the gate's layer, per sample keyed by split, record id and image
         (the cache also checks the tokens), so a reused id never serves another sample."""
-        return self.prefixes.prefix(batch, [f"{split}/{r.id}/{getattr(r, 'image_path', '')}"
+        return self.prefixes.prefix(batch, [f"{split}/{r.id}/{getattr(r, 'image_path', None) or ''}"
                                             for r in batch["records"]])
 
     def forward(self, batch: dict) -> torch.Tensor:

@@ -11,12 +11,10 @@ lsg/lmms_eval/tasks (`--include_path`).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lsg.benchmarks.shapes import export_split  # noqa: E402
+from lsg.benchmarks.shapes import export_split
 
 
 def main(argv: list[str] | None = None) -> Path:

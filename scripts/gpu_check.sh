@@ -33,7 +33,7 @@ import sys, time
 from pathlib import Path
 import torch
 import lsg
-from lsg.comparison import parse_stack
+from lsg.specs import parse_stack
 from tests.conftest import samples
 from tests.hand import generate_and_recompute
 from tests.tiny_families import save_tiny_onevision, save_tiny_qwen2_vl

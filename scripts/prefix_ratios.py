@@ -54,10 +54,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    from omegaconf import OmegaConf
-    from lsg.embedded import REPO_ROOT
+    from lsg.configs import load_config
 
-    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / f"conf/model/{args.model}.yaml"), resolve=True)
+    model_cfg = load_config("model", args.model)
     backbone = lsg.backbone_from_config(model_cfg)
     dev, L = backbone.device, backbone.num_layers
     gate_cfg = {"name": "lsg", "grouping": model_cfg.get("lsg_grouping", "vsink-rest"), "gain": 1.0, "width": 64,

@@ -26,7 +26,7 @@ def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None, 
         edit_values: `v (B, H_kv, T, d) -> v`, applied before attention.
         edit_heads: `(o (B, T, H, d), v (B, H_kv, T, d)) -> o`, applied before o_proj.
     """
-    layer_mod = bb.model.model.language_model.layers[layer]
+    layer_mod = bb.decoder_layers[layer]
     attn = layer_mod.self_attn
     B, T, _ = x.shape
     h = layer_mod.input_layernorm(x)
@@ -34,7 +34,7 @@ def attention_by_hand(bb, x, layer, allowed, edit_values=None, edit_heads=None, 
     q = attn.q_proj(h).view(B, T, -1, d).transpose(1, 2)
     k = attn.k_proj(h).view(B, T, -1, d).transpose(1, 2)
     v = attn.v_proj(h).view(B, T, -1, d).transpose(1, 2)
-    cos, sin = bb.model.model.language_model.rotary_emb(h, torch.arange(T)[None].expand(B, -1))
+    cos, sin = bb.family.language_model(bb.model).rotary_emb(h, torch.arange(T)[None].expand(B, -1))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     if key_scale is not None:
         k = k * key_scale[:, None, :, None]
@@ -75,7 +75,7 @@ def assert_eager_matches_sdpa(sdpa, eager, make_batch, backbone_cfg: dict,
     VAF, knockout), the same backbone loaded with SDPA and with eager attention gives the same
     answer loss, and eager generation through the KV cache equals full recompute.
     `make_batch(bb)` builds the teacher-forced batch for a backbone."""
-    from lsg.comparison import parse_stack
+    from lsg.specs import parse_stack
     from lsg.scoring import answer_loss
 
     losses = []
@@ -91,7 +91,7 @@ def assert_spec_generates_as_recompute(bb, spec: str, backbone_cfg: dict, new_to
     """`assert_cache_matches_recompute` for a gate spec (`lsg@L` = a random LSG gate at layer L),
     with a key scale at layer 0 added so that the stack surely moves the logits (the helper
     asserts it; some gates leave a tiny random model unchanged)."""
-    from lsg.comparison import parse_stack
+    from lsg.specs import parse_stack
     from lsg.gates import KeyScaleGate, LSGGate
 
     if spec.startswith("lsg@"):

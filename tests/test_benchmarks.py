@@ -15,9 +15,11 @@ from omegaconf import OmegaConf
 import lsg
 from lsg.benchmarks import REGISTRY, get_benchmark
 from lsg.benchmarks.parsing import extract_letter, mathvista_normalize
-from lsg.benchmarks.run import answer, answers_key, evaluate_benchmark
-from lsg.comparison import GateStack, parse_stack
+from lsg.answers import answer_key
+from lsg.benchmarks.run import answer, benchmark_context, evaluate_benchmark
+from lsg.specs import baseline_stack, parse_stack
 from tests import benchmark_fixtures as fixtures
+from lsg.configs import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,7 @@ def hub(tmp_path_factory):
 
 
 def load(name: str, folder: Path, **cfg):
-    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "benchmark" / f"{name}.yaml"))
+    conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "benchmark" / f"{name}.yaml"))
     conf.pop("name")
     return get_benchmark(name, **{**conf, "hf_id": str(folder), **cfg})
 
@@ -40,10 +42,10 @@ def approx(d: dict) -> dict:
 
 
 def test_every_shipped_benchmark_config_builds_and_pins_a_revision():
-    names = sorted(p.stem for p in (ROOT / "conf" / "benchmark").glob("*.yaml"))
+    names = sorted(p.stem for p in (CONF_DIR / "benchmark").glob("*.yaml"))
     assert names == sorted(REGISTRY)
     for name in names:
-        conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "benchmark" / f"{name}.yaml"))
+        conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "benchmark" / f"{name}.yaml"))
         assert conf.pop("name") == name
         bench = get_benchmark(name, **conf)
         if name != "shapes":
@@ -58,7 +60,7 @@ def test_mmstar_reads_inline_options_and_the_letter_at_the_start(hub):
     items = load("mmstar", hub["mmstar"]).load()
     assert [it.answer_letter for it in items] == ["A", "B", "C", "D", "A", "B"]
     assert items[0].options == ("The red one", "The blue one", "The green one", "The one on the left, with a hat.")
-    assert items[0].prompt.endswith("D: The one on the left, with a hat.\nAnswer with the option's letter from the "
+    assert items[0].question.endswith("D: The one on the left, with a hat.\nAnswer with the option's letter from the "
                                     "given choices directly.")
     assert items[0].load_image().size == (24, 24)
     responses = ["A", "(b) The blue one", "Option C", "The answer is D.", "I think it is A", ""]
@@ -127,7 +129,7 @@ def test_ocrbench_counts_substring_hits_and_compares_handwritten_maths_without_s
 def test_mathvista_extracts_by_rules_normalises_and_matches_strings(hub):
     bench = load("mathvista", hub["mathvista"])
     items = bench.load()
-    assert items[0].prompt.startswith("Hint: Please answer") and items[0].options == ("97", "102", "107", "122")
+    assert items[0].question.startswith("Hint: Please answer") and items[0].options == ("97", "102", "107", "122")
     responses = ["C", "The answer is No", "1,000", "The answer is 1.23", "about half", "[1, 2, 3]"]
     score = bench.score(items, responses)
     assert score.parsed == ["107", "No", "1000", "1.2", "", "[1, 2, 3]"]
@@ -145,16 +147,17 @@ def test_letter_reading_follows_the_official_start_of_answer_rule():
 def test_generation_answers_are_cached_by_weights_revision_and_gates(tiny, hub, tmp_path):
     bench = load("pope", hub["pope"], max_new_tokens=2)
     items = bench.load()
-    stacks = [GateStack("none", {}, {"spec": "none"}), parse_stack("var", tiny, {"name": "tiny-random"})]
+    stacks = [baseline_stack(), parse_stack("var", tiny, {"name": "tiny-random"})]
     first, hits = answer(tiny, bench, items, stacks, tmp_path, batch_size=4, progress=False)
     assert hits == set() and len(first["none"]) == len(items) == len(first["var"])
     # The baseline answers are the backbone's own greedy answers.
-    batch = tiny.build_batch([it.load_image() for it in items], [it.prompt for it in items], padding_side="left")
+    batch = tiny.build_batch([it.load_image() for it in items], [it.question for it in items], padding_side="left")
     assert first["none"] == [t.strip() for t in tiny.generate(batch, 2)]
     again, hits = answer(tiny, bench, items, stacks, tmp_path, batch_size=4, progress=False)
     assert hits == {"none", "var"} and again == first
     other_revision = load("pope", hub["pope"], max_new_tokens=2, revision="0" * 40)
     other_weights = lsg.load_backbone("tiny-random", seed=1)
+    answers_key = lambda ident, bb, bench, its: answer_key(ident, benchmark_context(bb, bench, its))  # noqa: E731
     keys = {answers_key(stacks[1].identity, tiny, bench, items), answers_key(stacks[0].identity, tiny, bench, items),
             answers_key(stacks[1].identity, tiny, other_revision, items),
             answers_key(stacks[1].identity, other_weights, bench, items),
@@ -212,7 +215,7 @@ def test_an_exported_shapes_split_reads_back_as_the_same_items(tmp_path):
     folder = export_split(tmp_path / "hf", "val", 14, str(tmp_path / "shapes"))
     exported = get_benchmark("shapes", hf_id=str(folder), split="val").load()
     generated = get_benchmark("shapes", root=str(tmp_path / "shapes"), n=14, split="val").load()
-    fields = lambda it: (it.id, it.prompt, it.options, it.answer_letter, it.subtask)  # noqa: E731
+    fields = lambda it: (it.id, it.question, it.options, it.answer_letter, it.subtask)  # noqa: E731
     assert [fields(it) for it in exported] == [fields(it) for it in generated]
     assert all(np.array_equal(np.asarray(a.load_image()), np.asarray(b.load_image()))
                for a, b in zip(exported, generated))

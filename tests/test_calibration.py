@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 import lsg
 from lsg.calibration import calibrate, plot_report
-from lsg.embedded import REPO_ROOT
 from tests.conftest import samples
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose entry scripts run
 
 LLM_DIM, VIT_DIM = 37, 11
 

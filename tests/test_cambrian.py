@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lsg.backbones import IGNORE_INDEX
+from lsg.segments import IGNORE_INDEX
 from lsg.data import load_llava_json
 from lsg.data.cambrian import category_of
 from tests.conftest import samples

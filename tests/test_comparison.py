@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lsg.backbones import backbone_config
-from lsg.comparison import compare, parse_layers, parse_stack, plot_deltas, write_table
+from lsg.comparison import compare, plot_deltas, split_context, write_table
+from lsg.specs import parse_layers, parse_stack
 from lsg.datamodule import load_records
 from lsg.gates import LSGGate, VAFGate
 
@@ -73,7 +74,8 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
     # Recompute overall accuracy from the cached predictions, independently of the table.
     for path in cached:
         d = json.loads(path.read_text())
-        hits = sum(p == r.answer_letter for p, r in zip(d["predictions"], records))
+        predictions = [d["answers"][r.id]["prediction"] for r in records]  # the answer store's format
+        hits = sum(p == r.answer_letter for p, r in zip(predictions, records))
         row = next(r for r in rows if r["method"] == ("baseline" if d["spec"] == "none" else d["spec"]))
         assert row["overall"] == pytest.approx(100 * hits / len(records))
 
@@ -109,9 +111,11 @@ def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tm
     assert rows[0]["overall"] == pytest.approx(100 * evaluate(other, records, batch_size=7).overall)
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 2
     # Another split of the same size is another key too.
+    from lsg.answers import answer_key
+
     stack = parse_stack("none", tiny, cfg)
-    assert comparison.cache_key(stack, tiny, records, data, "val") != comparison.cache_key(
-        stack, tiny, records[::-1], data, "val")
+    assert answer_key(stack.identity, split_context(tiny, records, data, "val")) != answer_key(
+        stack.identity, split_context(tiny, records[::-1], data, "val"))
 
 
 def test_compare_with_only_the_baseline_writes_the_table_without_a_chart(tmp_path, tiny):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lsg.backbones import IGNORE_INDEX
+from lsg.segments import IGNORE_INDEX
 from lsg.data import generate_split
 from lsg.datamodule import VQADataModule, load_records
 

@@ -43,13 +43,11 @@ def test_llava_15_template_is_the_conversation_format_with_its_system_prompt(tin
 def test_prefix_reuse_puts_back_a_layer_forward_it_found(tiny):
     """accelerate's device_map installs its own `forward` on each layer; skipping layers for a
     prefix must restore it, not drop it."""
-    from lsg.attach import decoder_layers, skip_decoder_layers
-
-    layer = decoder_layers(tiny)[3]
+    layer = tiny.decoder_layers[3]
     mine = layer.forward
     layer.forward = mine  # an instance-level forward, as accelerate's hooks install
     try:
-        with skip_decoder_layers(tiny, [3]):
+        with tiny.skip_decoder_layers([3]):
             assert layer.forward is not mine
         assert vars(layer)["forward"] is mine
     finally:

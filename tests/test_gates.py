@@ -162,7 +162,7 @@ def test_gated_decode_step_through_either_cache_keyword_matches_full_recompute(t
     gates = {LAYER: trained_like_gate(tiny.hidden_size), 0: KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions = (mask.cumsum(1) - 1).clamp_min(0)
-    with torch.no_grad(), lsg.attach(tiny, gates):
+    with torch.no_grad(), lsg.attach(tiny, gates) as run:
         cache = DynamicCache(config=tiny.model.config.text_config)
         hidden = tiny.model.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
                                   position_ids=positions, use_cache=True, **{cache_keyword: cache}).last_hidden_state
@@ -172,8 +172,9 @@ def test_gated_decode_step_through_either_cache_keyword_matches_full_recompute(t
                                 use_cache=True, **{cache_keyword: cache}).last_hidden_state[:, -1]
         labels = torch.full_like(ids, -100)
         labels[:, -1] = ids[:, -1]  # the decoded token is `out`, as in the cached step
+        run.labels = labels  # the run state's labels reach the context of the next forward
         full = tiny.model.model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                                position_ids=(mask.cumsum(1) - 1).clamp_min(0), labels=labels,
+                                position_ids=(mask.cumsum(1) - 1).clamp_min(0),
                                 use_cache=False).last_hidden_state[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
 

@@ -13,17 +13,18 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from lsg.loggers import multirun_group
+from lsg.configs import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wandb_sweep_file_parameters_parse_into_the_train_config():
-    sweep = yaml.safe_load((ROOT / "conf" / "wandb-sweep.yaml").read_text())
+    sweep = yaml.safe_load((CONF_DIR / "wandb-sweep.yaml").read_text())
     assert sweep["program"] == "train.py" and "${args_no_hyphens}" in sweep["command"]
     params = sweep["parameters"]
     names = list(params)
     grids = [p["values"] if "values" in p else [p["value"]] for p in params.values()]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         for combo in itertools.product(*grids):
             args = [f"{k}={v}" for k, v in zip(names, combo)]  # what ${args_no_hyphens} passes
             cfg = compose("train", overrides=args)
@@ -35,7 +36,7 @@ def test_wandb_sweep_file_parameters_parse_into_the_train_config():
 
 
 def test_multirun_jobs_share_one_wandb_group_named_after_the_sweep():
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["layer=3"], return_hydra_config=True)
     from omegaconf import read_write
 

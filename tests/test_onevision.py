@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.comparison import parse_stack
+from lsg.specs import parse_stack
 from lsg.gates import LSGGate
 from lsg.prefix import compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden

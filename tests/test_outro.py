@@ -10,7 +10,7 @@ import torch
 
 import lsg
 from lsg.backbones import backbone_config
-from lsg.comparison import gate_config, parse_stack
+from lsg.specs import gate_config, parse_stack
 from lsg.context import ForwardContext, LayerView
 from lsg.gates.outro import OutRoGate, OutRoState, massive_activation_sinks
 from lsg.segments import Segments

@@ -9,14 +9,14 @@ import torch
 from omegaconf import OmegaConf
 
 import lsg
-from lsg.comparison import parse_stack
-from lsg.embedded import REPO_ROOT
+from lsg.specs import parse_stack
 from lsg.gates import LSGGate
 from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden
 from tests.conftest import samples
+from lsg.configs import CONF_DIR
 
-TINY_CFG = OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf/model/tiny-random.yaml"), resolve=True)
+TINY_CFG = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model/tiny-random.yaml"), resolve=True)
 SPECS = ["var", "vaf@1-2", "spear@2", "outro", "oracle@2:0.3", "oracle@0:0.8", "knockout@1", "mean-v@3",
          "zero-v@2", "var@2-3+oracle@1:0.2"]
 
@@ -80,7 +80,7 @@ def test_a_gate_below_the_prefix_is_refused(tiny, batch):
         run_suffix(tiny, prefix, {1: random_lsg(tiny.hidden_size)})
     other = dataclasses.replace(tiny.sinks, tau_llm=9.0)
     with pytest.raises(ValueError, match="other sinks"):
-        with lsg.attach(tiny, {}, other, prefix=prefix):
+        with lsg.attach(tiny, {}, other, start_layer=prefix.layer, context=prefix.context()):
             pass
 
 

@@ -16,14 +16,15 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.comparison import parse_stack
-from lsg.embedded import REPO_ROOT
+from lsg.specs import parse_stack
 from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
 from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
 from tests.tiny_families import save_tiny_qwen2_vl
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose entry scripts run
 
 SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
          "lsink_scope": "layer"}

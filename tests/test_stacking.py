@@ -13,7 +13,8 @@ import torch
 import lsg
 from lsg.evaluation import EvalResult, evaluate
 from lsg.gates import LSGGate
-from lsg.stacking import Candidate, greedy, manifest, manifest_specs, write_manifest
+from lsg.specs import manifest, manifest_specs, write_manifest
+from lsg.stacking import Candidate, greedy
 from tests.test_prefix import TINY_CFG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_stack_py_end_to_end_manifest_loads_everywhere_and_is_refused_when_stale
     plain, base = evaluate(tiny, test, layers), evaluate(tiny, test)
     assert final["heldout"]["overall"]["delta"] == pytest.approx(100 * (plain.overall - base.overall))
     # compare.py reads the manifest as a gate spec.
-    from lsg.comparison import parse_stack
+    from lsg.specs import parse_stack
 
     assert parse_stack(f"stack:{out / 'stack-keep-all.json'}", tiny, TINY_CFG).layers.keys() == layers.keys()
     # Another backbone's manifest, or a changed checkpoint, is refused.

@@ -12,7 +12,8 @@ from lsg.summary import markdown, plot_heatmap, plot_ratios, ratio_curves, read_
 def write_layer(root, layer, epoch, rows, steps):
     folder = root / f"lsg-L{layer}"
     folder.mkdir(parents=True, exist_ok=True)
-    answers = {f"q{i}": {"subtask": t, "answer": "A", "prediction": p, "baseline": b, "ratios": [r, 1 - r]}
+    answers = {f"q{i}": {"subtask": t, "question": f"question {i}", "gold": "A", "prediction": p, "correct": p == "A",
+                         "baseline": b, "ratios": [r, 1 - r]}
                for i, (t, p, b, r) in enumerate(rows)}
     (folder / f"val-epoch{epoch}.json").write_text(json.dumps({"epoch": epoch, "steps": steps, "layer": layer,
                                                                "groups": ["lsink", "rest"], "answers": answers}))

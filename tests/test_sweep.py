@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lsg.gates import Gate
-from lsg.sweep import parse_sweep_layers
+from lsg.specs import parse_sweep_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["model=tiny-random", "logger=none", "data.n_train=24", "data.n_val=14", "batch_size=4",

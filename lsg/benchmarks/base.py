@@ -1,8 +1,8 @@
-"""What every benchmark shares: a question (`Item`), a loader, a scorer (`Score`), a registry.
+"""What every benchmark shares: a loader of questions (`lsg.data.VQARecord`), a scorer (`Score`), a registry.
 
 A benchmark is one module in `lsg/benchmarks/` plus one config file in `conf/benchmark/`:
 its class says where the data lives (a pinned hub dataset id and revision, or a local
-folder in the same format), how a dataset row becomes an `Item` (image, prompt, reference
+folder in the same format), how a dataset row becomes a `VQARecord` (image, prompt, reference
 answer, sub-task) and how model answers are scored by the benchmark's official protocol.
 `lsg.benchmarks.run` evaluates gate stacks on any of them (SPEC section 6).
 """
@@ -11,50 +11,15 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from PIL import Image
 
+from lsg.data.record import VQARecord
+
 MODES = ("generate", "choice")  # free-form generation then parsing | argmax of the option letters' logits
-
-
-@dataclass(frozen=True)
-class Item:
-    """One question of a benchmark.
-
-    Attributes:
-        id: the benchmark's own question id (unique within the split).
-        prompt: the text sent after the image (the benchmark's question with its official
-            pre/post prompt); the backbone's chat template wraps it.
-        answer: the reference answer as the benchmark stores it (a letter, "yes", a list...).
-        subtask: the benchmark's own sub-task (category) of the question.
-        options: option texts of a multiple-choice question (A, B, ... in order), else ().
-        answer_letter: the correct option's letter for multiple choice, else None.
-        meta: benchmark-specific fields the scorer needs (e.g. MME's image id).
-        image_loader: zero-argument callable returning the RGB PIL image (read lazily, so a
-            9,000-question benchmark never holds every decoded image).
-    """
-
-    id: str
-    prompt: str
-    answer: Any
-    subtask: str
-    options: tuple[str, ...] = ()
-    answer_letter: str | None = None
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-    image_loader: Callable[[], Image.Image] | None = field(default=None, compare=False, hash=False, repr=False)
-
-    @property
-    def question(self) -> str:  # the name `lsg.evaluation` reads
-        return self.prompt
-
-    def load_image(self) -> Image.Image:
-        """The question's image as RGB."""
-        if self.image_loader is None:
-            raise ValueError(f"Item {self.id!r} has no image.")
-        return self.image_loader().convert("RGB")
 
 
 @dataclass
@@ -111,7 +76,7 @@ def decode_image(value: Any) -> Image.Image:
 
 
 class Benchmark:
-    """A benchmark: where its data lives, how rows become `Item`s, how answers are scored.
+    """A benchmark: where its data lives, how rows become `VQARecord`s, how answers are scored.
 
     Subclasses set the class attributes and implement `item` and `score`. The constructor
     takes the `conf/benchmark/<name>.yaml` values.
@@ -189,7 +154,7 @@ class Benchmark:
             ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         return ds
 
-    def load(self) -> list[Item]:
+    def load(self) -> list[VQARecord]:
         """Every item of the split (the first `limit` if set), in dataset order."""
         ds = self.dataset()
         n = len(ds) if self.limit is None else min(int(self.limit), len(ds))
@@ -205,10 +170,10 @@ class Benchmark:
         """The question with the configured pre/post prompt."""
         return f"{self.pre_prompt}{question}{self.post_prompt}"
 
-    def item(self, row: dict, index: int) -> Item:  # pragma: no cover - abstract
+    def item(self, row: dict, index: int) -> VQARecord:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:  # pragma: no cover - abstract
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -232,7 +197,7 @@ def get_benchmark(name: str, **cfg) -> Benchmark:
     return REGISTRY[name](**cfg)
 
 
-def check_lengths(items: Sequence[Item], responses: Sequence[str]) -> None:
+def check_lengths(items: Sequence[VQARecord], responses: Sequence[str]) -> None:
     """Raise ValueError unless there is exactly one response per item."""
     if len(items) != len(responses):
         raise ValueError(f"{len(responses)} responses for {len(items)} items: score one response per item.")

@@ -20,8 +20,9 @@ from __future__ import annotations
 from statistics import mean
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import CVBENCH_PARSERS, cvbench_lenient_letter, cvbench_official
+from lsg.data.record import VQARecord
 
 
 @register
@@ -43,20 +44,20 @@ class CVBench(Benchmark):
             raise ValueError(f"benchmark.parser={parser!r}: use one of {', '.join(CVBENCH_PARSERS)}.")
         self.parser = parser
 
-    def item(self, row: dict, index: int) -> Item:
+    def item(self, row: dict, index: int) -> VQARecord:
         letter = row["answer"].strip().strip("()").upper()
-        return Item(id=str(row["idx"]), prompt=self.wrap(row["prompt"]), answer=row["answer"], subtask=row["task"],
+        return VQARecord(id=str(row["idx"]), question=self.wrap(row["prompt"]), answer=row["answer"], subtask=row["task"],
                     options=tuple(row["choices"]), answer_letter=letter,
                     meta={"source": row["source"], "type": row["type"]}, image_loader=self.image_loader(row))
 
-    def verdict(self, response: str, item: Item) -> tuple[str, bool]:
+    def verdict(self, response: str, item: VQARecord) -> tuple[str, bool]:
         """(what the configured parser read, whether the answer is right) for one question."""
         if self.parser == "official":
             return cvbench_official(response, item.meta["source"], item.options, item.answer_letter)
         letter = cvbench_lenient_letter(response, item.options)
         return letter, letter != "" and letter == item.answer_letter
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Per-question correctness; metrics (%): accuracy per source, 2D, 3D, and the combined
         score (sources absent from `items`, e.g. with `limit`, are left out of the means)."""
         check_lengths(items, responses)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import mathvista_extract, mathvista_normalize
+from lsg.data.record import VQARecord
 
 
 @register
@@ -41,15 +42,15 @@ class MathVista(Benchmark):
         super().__init__(*args, **kwargs)
         self.quick_extract = bool(quick_extract)
 
-    def item(self, row: dict, index: int) -> Item:
+    def item(self, row: dict, index: int) -> VQARecord:
         choices = list(row["choices"]) if row.get("choices") else None
-        return Item(id=str(row["pid"]), prompt=self.wrap(row["query"]), answer=str(row["answer"]),
+        return VQARecord(id=str(row["pid"]), question=self.wrap(row["query"]), answer=str(row["answer"]),
                     subtask=row["metadata"]["task"], options=tuple(choices or ()),
                     meta={"question_type": row["question_type"], "answer_type": row["answer_type"],
                           "precision": row.get("precision"), "choices": choices},
                     image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Accuracy (%) overall and per question type; a question is right when the normalised
         extraction equals the answer string exactly (`calculate_score.py`, `safe_equal`); no
         prediction (None) is always wrong."""

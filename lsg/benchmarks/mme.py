@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import mme_yes_no
+from lsg.data.record import VQARecord
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -25,12 +26,12 @@ COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation
 class MME(Benchmark):
     name = "mme"
 
-    def item(self, row: dict, index: int) -> Item:
-        return Item(id=f"{row['question_id']}#{index}", prompt=self.wrap(row["question"]),
+    def item(self, row: dict, index: int) -> VQARecord:
+        return VQARecord(id=f"{row['question_id']}#{index}", question=self.wrap(row["question"]),
                     answer=row["answer"].strip().lower(), subtask=row["category"],
                     meta={"image_id": row["question_id"]}, image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Metrics: `<sub-task>` score (0-200) each, `perception` and `cognition` totals, and
         `accuracy` / `accuracy_plus` (%) over all questions / images.
 

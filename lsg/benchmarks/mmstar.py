@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import extract_letter
+from lsg.data.record import VQARecord
 
 OPTION = re.compile(r"(?:^|, )([A-Z]): ")
 
@@ -38,13 +39,13 @@ class MMStar(Benchmark):
     name = "mmstar"
     multiple_choice = True
 
-    def item(self, row: dict, index: int) -> Item:
-        return Item(id=str(row["index"]), prompt=self.wrap(row["question"]), answer=row["answer"],
+    def item(self, row: dict, index: int) -> VQARecord:
+        return VQARecord(id=str(row["index"]), question=self.wrap(row["question"]), answer=row["answer"],
                     subtask=row["category"], options=inline_options(row["question"]),
                     answer_letter=row["answer"].strip().upper(), meta={"l2_category": row["l2_category"]},
                     image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Accuracy (%) over all questions (the official final score) and per category."""
         check_lengths(items, responses)
         parsed = [extract_letter(r) for r in responses]

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import ocrbench_hit
+from lsg.data.record import VQARecord
 
 RECOGNITION = ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
                "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition")
@@ -28,12 +29,12 @@ GROUPS = {"Text Recognition": RECOGNITION, "Scene Text-centric VQA": ("Scene Tex
 class OCRBench(Benchmark):
     name = "ocrbench"
 
-    def item(self, row: dict, index: int) -> Item:
+    def item(self, row: dict, index: int) -> VQARecord:
         answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
-        return Item(id=str(index), prompt=self.wrap(row["question"]), answer=[str(a) for a in answers],
+        return VQARecord(id=str(index), question=self.wrap(row["question"]), answer=[str(a) for a in answers],
                     subtask=row["question_type"], meta={"dataset": row["dataset"]}, image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Metrics in points (hits): each group of `GROUPS` and `final_score` (their sum; out of
         1,000 on the full set, out of `len(items)` otherwise)."""
         check_lengths(items, responses)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import pope_yes_no
+from lsg.data.record import VQARecord
 
 
 def binary_metrics(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
@@ -36,11 +37,11 @@ def binary_metrics(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, 
 class POPE(Benchmark):
     name = "pope"
 
-    def item(self, row: dict, index: int) -> Item:
-        return Item(id=str(row["id"]), prompt=self.wrap(row["question"]), answer=row["answer"].strip().lower(),
+    def item(self, row: dict, index: int) -> VQARecord:
+        return VQARecord(id=str(row["id"]), question=self.wrap(row["question"]), answer=row["answer"].strip().lower(),
                     subtask=row["category"], image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Per setting and over all: `<setting>/<metric>` and `<metric>` (%)."""
         check_lengths(items, responses)
         parsed = [pope_yes_no(r) for r in responses]

@@ -7,14 +7,14 @@
 batches; the gate state set at prefill stays in the cache, SPEC section 3). `choice` mode
 reads the option letters' logits at the last prompt token for every stack in one pass with
 prefix reuse (`lsg.evaluation.evaluate_many`). Answers are cached per stack under
-`out_dir/cache`, keyed by the weights fingerprint, dtype and sinks of the backbone, the
-benchmark's identity (id, revision, split, prompts, mode) and the stack's gates, so a cache
-never serves another model's or another gate's answers.
+`out_dir/cache` through the answer store (`lsg.answers`), keyed by the backbone (weights
+fingerprint, dtype, sinks, processor), the benchmark's identity (id, revision, split,
+prompts, mode) and the stack's gates, so a cache never serves another model's, another
+prompt format's or another gate's answers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -24,15 +24,20 @@ from typing import Mapping, Sequence
 import torch
 from rich.progress import track
 
+from lsg.answers import AnswerCache, answer_context, answers_of
 from lsg.attach import attach
 from lsg.backbones import Backbone
-from lsg.benchmarks.base import Benchmark, Item, Score
+from lsg.benchmarks.base import Benchmark, Score
+from lsg.data import VQARecord
+from lsg.evaluation import evaluate_many
+from lsg.files import write_json
 from lsg.gates.base import Gate
-from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
+from lsg.specs import BASELINE, GateStack, parse_stacks
+from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, cell, paired_by_subtask
 
 
 @torch.no_grad()
-def generate_answers(backbone: Backbone, items: Sequence[Item], stack: Mapping[int, Gate | Sequence[Gate]] | None,
+def generate_answers(backbone: Backbone, items: Sequence[VQARecord], stack: Mapping[int, Gate | Sequence[Gate]] | None,
                      max_new_tokens: int, batch_size: int = 8, progress: str | None = None) -> list[str]:
     """Greedy answers (decoded text, special tokens dropped) of every item with `stack` attached.
 
@@ -44,81 +49,43 @@ def generate_answers(backbone: Backbone, items: Sequence[Item], stack: Mapping[i
     with attach(backbone, stack) if stack else nullcontext():
         for i in track(batches, description=progress, transient=True) if progress else batches:
             chunk = items[i:i + batch_size]
-            batch = backbone.build_batch([it.load_image() for it in chunk], [it.prompt for it in chunk],
+            batch = backbone.build_batch([it.load_image() for it in chunk], [it.question for it in chunk],
                                          padding_side="left")
             out += [text.strip() for text in backbone.generate(batch, max_new_tokens)]
     return out
 
 
-def choice_answers(backbone: Backbone, items: Sequence[Item], stacks: Mapping[str, Mapping | None],
+def choice_answers(backbone: Backbone, items: Sequence[VQARecord], stacks: Mapping[str, Mapping | None],
                    batch_size: int = 8, progress: str | None = None) -> dict[str, list[str]]:
     """Predicted option letter per item for every stack, in one pass with prefix reuse."""
-    from lsg.evaluation import evaluate_many
-
     results = evaluate_many(backbone, list(items), stacks, batch_size, progress=progress)
     return {name: res.predictions for name, res in results.items()}
 
 
-def processor_digest(backbone: Backbone) -> str:
-    """sha256 of what turns a question into tokens and pixels: the chat template, the system
-    prompt, the tokenizer's vocabulary size and the image processor's settings."""
-    image_processor = getattr(backbone.processor, "image_processor", None)
-    settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
-    blob = json.dumps({"template": getattr(backbone.processor, "chat_template", None),
-                       "system_prompt": backbone.system_prompt, "vocab": len(backbone.tokenizer),
-                       "image_processor": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def benchmark_context(backbone: Backbone, benchmark: Benchmark, items: Sequence[VQARecord]) -> dict:
+    """The answer-store context (`lsg.answers.answer_context`) of a benchmark's questions: the
+    backbone and its processor, the questions, the benchmark's identity (id, revision, split,
+    prompts, mode, budget) and a local copy's files. Computed once per evaluation."""
+    return answer_context(backbone, items, benchmark=benchmark.identity(), data=benchmark.data_digest())
 
 
-def answers_context(backbone: Backbone, benchmark: Benchmark, items: Sequence[Item]) -> dict:
-    """Everything but the stack that identifies cached answers: the backbone (name, weights
-    fingerprint, dtype, sinks, processor: chat template and image settings), the benchmark's
-    identity, a local copy's files, and the items' ids and prompts (so a changed `limit` or
-    prompt never hits). Computed once per evaluation: it reads the processor and the data files."""
-    questions = hashlib.sha256(json.dumps([(it.id, it.prompt) for it in items]).encode()).hexdigest()
-    return {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "dtype": str(backbone.model.dtype),
-            "sinks": backbone.sinks.to_dict(), "processor": processor_digest(backbone),
-            "benchmark": benchmark.identity(), "data": benchmark.data_digest(), "questions": questions}
-
-
-def answers_key(stack_identity: dict, backbone: Backbone, benchmark: Benchmark, items: Sequence[Item],
-                context: dict | None = None) -> str:
-    """Cache key of one stack's answers on one benchmark: the stack's identity (gate configs,
-    checkpoint digests, layers) and `answers_context` (given, or computed here)."""
-    context = answers_context(backbone, benchmark, items) if context is None else context
-    blob = json.dumps({"stack": stack_identity, **context}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def _read(path: Path, n: int) -> list[str] | None:
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return data["responses"] if len(data.get("responses", [])) == n else None
-
-
-def _write(path: Path, spec: str, responses: list[str], elapsed_s: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"spec": spec, "elapsed_s": elapsed_s, "responses": responses}))
-    tmp.replace(path)
-
-
-def answer(backbone: Backbone, benchmark: Benchmark, items: Sequence[Item], stacks: Sequence, cache_dir: Path | None,
-           batch_size: int = 8, progress: bool = True) -> tuple[dict[str, list[str]], set[str]]:
-    """Answers of every stack (`lsg.comparison.GateStack`s) on `items`, read from the cache
-    when there, else computed and cached.
+def answer(backbone: Backbone, benchmark: Benchmark, items: Sequence[VQARecord], stacks: Sequence[GateStack],
+           cache_dir: Path | None, batch_size: int = 8, progress: bool = True) -> tuple[dict[str, list[str]], set[str]]:
+    """Answers of every stack on `items`, read from the answer store when there, else computed
+    and stored (`lsg.answers.AnswerCache` under `cache_dir`; None = no cache).
 
     Returns:
         (spec -> one answer string per item, the specs read from the cache).
+
+    Raises:
+        ValueError: `mode=choice` on questions without options.
     """
-    context = answers_context(backbone, benchmark, items)
-    keys = {st.spec: answers_key(st.identity, backbone, benchmark, items, context) for st in stacks}
+    cache = AnswerCache(cache_dir, benchmark_context(backbone, benchmark, items))
     responses, hits = {}, set()
     for st in stacks:
-        cached = _read(Path(cache_dir) / f"{keys[st.spec]}.json", len(items)) if cache_dir else None
-        if cached is not None:
-            responses[st.spec] = cached
+        found = cache.get(st.identity, items)
+        if found is not None:
+            responses[st.spec] = [a.prediction for a in found[0]]
             hits.add(st.spec)
     todo = [st for st in stacks if st.spec not in responses]
     if benchmark.mode == "choice" and todo:
@@ -132,19 +99,17 @@ def answer(backbone: Backbone, benchmark: Benchmark, items: Sequence[Item], stac
         elapsed = (time.perf_counter() - start) / len(todo)
         for st in todo:
             responses[st.spec] = fresh[st.spec]
-            if cache_dir:
-                _write(Path(cache_dir) / f"{keys[st.spec]}.json", st.spec, fresh[st.spec], elapsed)
+            cache.put(st.identity, answers_of(items, fresh[st.spec]), spec=st.spec, elapsed_s=elapsed)
     for st in todo if benchmark.mode == "generate" else []:
         start = time.perf_counter()
         responses[st.spec] = generate_answers(backbone, items, st.layers, benchmark.max_new_tokens, batch_size,
                                               progress=f"{benchmark.name}: {st.spec}" if progress else None)
-        if cache_dir:
-            _write(Path(cache_dir) / f"{keys[st.spec]}.json", st.spec, responses[st.spec],
-                   time.perf_counter() - start)
+        cache.put(st.identity, answers_of(items, responses[st.spec], correct=[None] * len(items)), spec=st.spec,
+                  elapsed_s=time.perf_counter() - start)
     return responses, hits
 
 
-def score_table(scores: Mapping[str, Score], baseline: str = "none", samples: int = BOOTSTRAP_SAMPLES,
+def score_table(scores: Mapping[str, Score], baseline: str = BASELINE, samples: int = BOOTSTRAP_SAMPLES,
                 level: float = CI_LEVEL) -> list[dict]:
     """One row per method: its official metrics, accuracy (%) per sub-task, and for the others
     the paired delta vs `baseline` per sub-task with its bootstrap CI and McNemar p
@@ -163,8 +128,6 @@ def score_table(scores: Mapping[str, Score], baseline: str = "none", samples: in
 def markdown(rows: Sequence[dict], title: str = "") -> str:
     """The rows of `score_table` as two markdown tables: official metrics, then accuracy per
     sub-task with `+delta [low, high]` (`*` where the CI excludes zero)."""
-    from lsg.stats import cell
-
     lines = [f"### {title}", ""] if title else []
     metric_names = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
     if metric_names:
@@ -192,16 +155,11 @@ def evaluate_benchmark(backbone: Backbone, backbone_cfg: dict, benchmark: Benchm
     Returns:
         {"benchmark": identity, "rows": score_table rows, "items": per-item records}.
     """
-    from lsg.comparison import GateStack, parse_stack
-
-    stacks = [parse_stack(s, backbone, backbone_cfg, allow_layer_move) for s in specs]
-    if not any(st.spec == "none" for st in stacks):
-        stacks.insert(0, GateStack("none", {}, {"spec": "none"}))
-    stacks.sort(key=lambda st: st.spec != "none")
+    stacks = parse_stacks(specs, backbone, backbone_cfg, allow_layer_move)
     items = benchmark.load()
     responses, hits = answer(backbone, benchmark, items, stacks, Path(out_dir) / "cache", batch_size)
     scores = {st.spec: benchmark.score(items, responses[st.spec]) for st in stacks}
-    rows = score_table(scores, "none", samples, level)
+    rows = score_table(scores, BASELINE, samples, level)
     per_item = [{"id": it.id, "subtask": it.subtask, "answer": it.answer if isinstance(it.answer, (str, int, float))
                  else json.dumps(it.answer),
                  **{f"{st.spec}|response": responses[st.spec][i] for st in stacks},
@@ -210,8 +168,7 @@ def evaluate_benchmark(backbone: Backbone, backbone_cfg: dict, benchmark: Benchm
     report = {"benchmark": benchmark.identity(), "backbone": backbone.name, "fingerprint": backbone.fingerprint,
               "rows": rows, "cached": sorted(hits), "items": per_item}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(out_dir / "results.json", report, indent=1)
     (out_dir / "results.md").write_text(markdown(rows, f"{benchmark.name} ({benchmark.split}, {len(items)} "
                                                        f"questions, mode={benchmark.mode}) on {backbone.name}"))
     return report

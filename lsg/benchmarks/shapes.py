@@ -8,11 +8,13 @@ CV-Bench / MMStar / POPE kinds, multiple choice with letter answers.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Item, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
 from lsg.benchmarks.parsing import extract_letter
+from lsg.data.record import VQARecord
 
 SIZES = {"train": "n_train", "val": "n_val", "test": "n_test"}
 
@@ -35,21 +37,20 @@ class Shapes(Benchmark):
         return {**super().identity(), "n": self.n if not self.hf_id else None,
                 "root": str(Path(self.root).resolve()) if not self.hf_id else None}
 
-    def load(self) -> list[Item]:
+    def load(self) -> list[VQARecord]:
         if self.hf_id:
             return super().load()
         from lsg.datamodule import load_records
 
         records = load_records({"name": "shapes", "root": self.root, f"n_{self.split}": self.n}, self.split)
         records = records if self.limit is None else records[:int(self.limit)]
-        return [Item(id=r.id, prompt=self.wrap(r.question), answer=r.answer, subtask=r.subtask, options=r.options,
-                     answer_letter=r.answer_letter, image_loader=r.load_image) for r in records]
+        return [replace(r, question=self.wrap(r.question)) for r in records]
 
-    def item(self, row: dict, index: int) -> Item:
-        return Item(id=row["id"], prompt=self.wrap(row["question"]), answer=row["answer"], subtask=row["subtask"],
+    def item(self, row: dict, index: int) -> VQARecord:
+        return VQARecord(id=row["id"], question=self.wrap(row["question"]), answer=row["answer"], subtask=row["subtask"],
                     options=tuple(row["options"]), answer_letter=row["answer"], image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[Item], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
         """Accuracy per sub-task; a response is right when its parsed letter is the answer's."""
         check_lengths(items, responses)
         parsed = [extract_letter(r, len(it.options)) for it, r in zip(items, responses)]

@@ -1,5 +1,6 @@
 """Datasets: the synthetic shapes VQA benchmark and the generic LLaVA-JSON reader."""
-from lsg.data.llava_json import VQARecord, load_llava_json
+from lsg.data.llava_json import load_llava_json
+from lsg.data.record import VQARecord
 from lsg.data.shapes import (
     COLOUR_NAMES,
     COLOURS,

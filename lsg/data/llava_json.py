@@ -15,31 +15,15 @@ import json
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from lsg.data.record import VQARecord
+
 IMAGE_TAG = "<image>"
 SKIP_REASONS = ("malformed", "no_image_field", "no_image_tag", "empty_answer", "missing_image", "corrupt_image")
 _LETTER = re.compile(r"[A-Z]")
-
-
-@dataclass(frozen=True)
-class VQARecord:
-    id: str
-    image_path: Path
-    question: str  # first human turn without the "<image>" tag and its newline
-    answer: str  # following gpt turn, stripped
-    subtask: str  # record's "subtask" or "category", else "all"
-    options: tuple[str, ...] = ()
-    answer_letter: str | None = None  # set when answer is a single letter indexing options
-    turns: tuple[tuple[str, str], ...] = ()  # later (question, answer) pairs of a multi-turn conversation
-
-    def load_image(self) -> Image.Image:
-        """The record's image as RGB (read from `image_path`)."""
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
 
 
 def _read_records(path: Path) -> list:

@@ -15,7 +15,6 @@ from lsg.embedded.backbone import (
     EMBEDDED_DIR,
     GGUF_TENSOR_NAMES,
     IMAGE_TOKEN,
-    REPO_ROOT,
     SMOLLM2_GGUF,
     SMOLLM2_GGUF_SHA256,
     SMOLLM2_PACKAGE,
@@ -44,7 +43,7 @@ from lsg.embedded.backbone import (
 )
 
 __all__ = [
-    "CHATML_TEMPLATE", "CONVERTED_DIRNAME", "EMBEDDED_DIR", "GGUF_TENSOR_NAMES", "IMAGE_TOKEN", "REPO_ROOT",
+    "CHATML_TEMPLATE", "CONVERTED_DIRNAME", "EMBEDDED_DIR", "GGUF_TENSOR_NAMES", "IMAGE_TOKEN",
     "SMOLLM2_GGUF", "SMOLLM2_GGUF_SHA256", "SMOLLM2_PACKAGE", "SMOLLM2_TOKENIZER_DIGEST", "SMOLLM2_WEIGHTS_DIGEST",
     "TOKENIZER_PROBE", "WEIGHTS_DIR", "VisionTowerConfig", "assemble_llava", "build_processor", "cache_dir",
     "fetch_smollm2_gguf", "fingerprint", "gguf_to_hf", "load_embedded", "load_smollm2", "lora_config", "merge_lora",

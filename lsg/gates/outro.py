@@ -165,6 +165,13 @@ class OutRoGate(Gate):
                 "med_mul": self.med_mul, "gamma": self.gamma, "temp": self.temp, "rescale": self.rescale,
                 "enhance_interval": self.enhance_interval}
 
+    @classmethod
+    def build(cls, backbone, **config) -> "OutRoGate":
+        """The gate for a loaded backbone: `num_layers` (null in its config) is the backbone's depth."""
+        if config.get("num_layers") is None:
+            config = {**config, "num_layers": backbone.num_layers}
+        return cls(**config)
+
     def default_layers(self, num_layers: int) -> list[int]:
         """The window `start .. end - 1` (default `0 .. L - 3`): the gate sits at every window layer."""
         if num_layers != self.num_layers:
