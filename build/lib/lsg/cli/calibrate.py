@@ -1,0 +1,55 @@
+"""Measure a backbone's sinks and suggest a sink config (SPEC section 7).
+
+    python calibrate.py                      # embedded default, 32 validation prompts
+    python calibrate.py model=tiny-random n_samples=8
+
+Prints the massive-activation dims, per-layer statistics of the visual tokens' sink
+value, and a `sinks:` snippet to paste into conf/model/<name>.yaml.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from lsg.cli.common import load_backbone_of, plain
+from lsg.calibration import calibrate, plot_report
+from lsg.datamodule import load_records
+from lsg.evaluation import images_and_questions
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")
+def main(cfg: DictConfig) -> None:
+    # eager: attention weights for the share statistic
+    backbone, _ = load_backbone_of(cfg, attn_implementation="eager", device=cfg.device)
+    records = load_records(plain(cfg.data), cfg.split)[: cfg.n_samples]
+    batches = [backbone.build_batch(*images_and_questions(records[i : i + cfg.batch_size]))
+               for i in range(0, len(records), cfg.batch_size)]
+    report = calibrate(backbone, batches, cfg.tau, cfg.min_abs, cfg.ratio, cfg.top_fraction)
+    console = Console()
+    console.print(f"LLM massive dims (dim, layers flagged): {report.massive_dims}")
+    console.print(f"Positions of the top dim's largest |x| at the middle layer: {report.massive_positions}")
+    console.print(f"ViT feature layer: max token norm / median = {report.vit_norm_ratio_max:.2f}; "
+                  f"massive dims: {report.vit_massive_dims or 'none'}")
+    table = Table(title=f"Visual-token sink value per layer ({backbone.name}, dims {backbone.sinks.llm_dims}, "
+                        f"{backbone.sinks.normalisation}, tau {cfg.tau or backbone.sinks.tau_llm})")
+    for col in ("layer", "phi median", "phi p99", "phi max", "flagged/img", "flagged<=l/img", "text sinks",
+                "attn share", "suggested tau"):
+        table.add_column(col, justify="right")
+    for s in report.layers:
+        table.add_row(str(s.layer), f"{s.vis_phi_median:.2f}", f"{s.vis_phi_p99:.2f}", f"{s.vis_phi_max:.1f}",
+                      f"{s.flagged_per_image:.2f}", f"{s.flagged_any_upto_per_image:.2f}",
+                      f"{s.text_sinks_per_sample:.2f}", f"{s.flagged_attention_share:.3f}",
+                      "-" if s.suggested_tau is None else f"{s.suggested_tau:.1f}")
+    console.print(table)
+    taus = [s.suggested_tau for s in report.layers]
+    console.print("Suggested per-layer sinks snippet:\n" + OmegaConf.to_yaml({"sinks": {
+        **backbone.sinks.to_dict(), "tau_llm": [round(t, 1) if t else None for t in taus]}}))
+    paths = plot_report(report, cfg.out_dir, backbone.name)
+    console.print(f"Wrote {paths[0]} and {paths[1]} (Figure S2)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Wiring every entry point shares: plain configs, the backbone of a `model=` group, W&B logging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from lsg.backbones import Backbone, backbone_from_config
+from lsg.loggers import start_run
+
+
+def plain(node) -> Any:
+    """A config node as plain Python containers, interpolations resolved."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def load_backbone_of(cfg: DictConfig, **overrides) -> tuple[Backbone, dict]:
+    """`(backbone, model config)` of an app's `model=` group (`lsg.backbone_from_config`);
+    `overrides` (e.g. `device=cfg.device`) win over the group's values."""
+    model_cfg = plain(cfg.model)
+    return backbone_from_config(model_cfg, **overrides), model_cfg
+
+
+def log_results(cfg: DictConfig, run_name: str, tables: dict[str, tuple[Sequence[str], Sequence[Sequence]]] = (),
+                images: dict[str, Path | None] = (), metrics: dict[str, float] = ()) -> bool:
+    """Log one result run to W&B per the app's `logger=` group: `tables` (name -> columns, rows),
+    `images` (name -> PNG path; None skipped) and scalar `metrics`. Returns False when logging
+    is off (`logger=none`) or W&B could not start (the run's files are written either way)."""
+    run = start_run(plain(cfg.logger), run_name, plain(cfg))
+    if run is None:
+        return False
+    import wandb
+
+    with run:
+        payload = {name: wandb.Table(columns=list(cols), data=[list(r) for r in rows])
+                   for name, (cols, rows) in dict(tables).items()}
+        payload.update({name: wandb.Image(str(path)) for name, path in dict(images).items() if path})
+        payload.update(dict(metrics))
+        run.log(payload)
+    return True
+
+
+def gate_run_identity(backbone: Backbone, gate, data_cfg: dict, **extra) -> dict:
+    """What a gate-training run's checkpoints carry to refuse a resume or a load under another
+    setup: backbone name and weights fingerprint, gate config, sinks, data (and `extra`, e.g. the
+    layer); train.py and sweep.py write the same keys."""
+    return {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, **extra,
+            "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(), "data": data_cfg}

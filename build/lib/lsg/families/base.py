@@ -1,0 +1,152 @@
+"""What differs between LVLM families, behind one small interface (peft's per-model mappings and
+TransformerLens's per-architecture configs are the pattern).
+
+A `Family` knows, for its transformers classes:
+- how to load a hub-format checkpoint, after checking its `config.json` names this family
+  (so a mismatched checkpoint is refused before any weight is read);
+- where the decoder layers and the vision tower live;
+- which ViT hidden state feeds the projector, and how its patches map to visual tokens;
+- which processor outputs the model needs, and the image token id(s).
+
+`attach`, segments, sinks, gates, training and scoring call these methods and never test for
+a model class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+
+class Family:
+    """One LVLM family. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()  # `model_type` values of config.json this family reads
+    model_class: ClassVar[str] = ""  # the transformers class its checkpoints load into
+    templates: ClassVar[dict[str, str]] = {}  # chat templates selectable by `chat_template: <name>`
+
+    # ---- loading -------------------------------------------------------------------------
+    def check_checkpoint(self, hf_id: str) -> dict:
+        """The checkpoint's `config.json` as a dict, after checking its `model_type` is one of
+        this family's. Reads only that file (no weight).
+
+        Raises:
+            ValueError: another family's checkpoint; the message names the family to use.
+        """
+        config = read_config(hf_id)
+        model_type = config.get("model_type")
+        if model_type not in self.model_types:
+            from lsg.families import family_for_model_type
+
+            other = family_for_model_type(model_type)
+            hint = (f"use a model config of family '{other.name}'" if other else
+                    "this architecture is not supported")
+            raise ValueError(f"{hf_id}: config.json has model_type={model_type!r}, but this backbone's family "
+                             f"'{self.name}' reads {list(self.model_types)}: {hint}. Supported families: "
+                             f"{', '.join(supported_families())}.")
+        return config
+
+    def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs) -> tuple[Any, Any]:
+        """`(model, processor)` from a hub id or a `save_pretrained` folder, after
+        `check_checkpoint`; `load_kwargs` go to `from_pretrained` (e.g. `device_map="auto"` to
+        spread a 13B model over the GPUs).
+
+        Raises:
+            ValueError: the checkpoint belongs to another family (before any weight is read).
+        """
+        import transformers
+
+        self.check_checkpoint(hf_id)
+        model = getattr(transformers, self.model_class).from_pretrained(
+            hf_id, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **load_kwargs)
+        return model, self.load_processor(hf_id, model)
+
+    def load_processor(self, hf_id: str, model) -> Any:
+        """The checkpoint's processor (`AutoProcessor` by default)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(hf_id)
+
+    # ---- where things live ---------------------------------------------------------------
+    def multimodal_model(self, model) -> torch.nn.Module:
+        """The module whose forward receives `input_ids`, `attention_mask` and the KV cache
+        (the gate context is built in a pre-hook on it)."""
+        return model.model
+
+    def language_model(self, model) -> torch.nn.Module:
+        """The decoder stack (its `layers`, its attention implementation)."""
+        return model.model.language_model
+
+    def decoder_layers(self, model) -> Sequence[torch.nn.Module]:
+        return self.language_model(model).layers
+
+    def text_config(self, model):
+        return model.config.text_config
+
+    def image_token_id(self, model) -> int:
+        return model.config.image_token_id
+
+    # ---- vision: V-sinks -----------------------------------------------------------------
+    def vit_module(self, model) -> torch.nn.Module:
+        """The module whose forward output holds the ViT features the projector reads."""
+        raise NotImplementedError
+
+    def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
+        """`(N_patches, D_vit)` features of every image patch the projector reads, over the
+        batch, in visual-token order (`patches_to_tokens` groups consecutive patches), from a
+        forward hook on `vit_module` (its positional and keyword inputs and its output)."""
+        raise NotImplementedError
+
+    def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:
+        """`(module, method name)` whose call arguments `patches_to_tokens` needs and that may run
+        before the forward that builds the context (`generate` encodes images first). `attach`
+        records their arguments; none by default."""
+        return []
+
+    def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        """`(N_visual_tokens,)` V-sink flags of the visual tokens from `(N_patches,)` patch
+        flags (identity when one patch is one token). `inputs`: the multimodal model's call
+        arguments (e.g. `image_sizes`), for families whose layout depends on them."""
+        return patch_flags
+
+    # ---- batches -------------------------------------------------------------------------
+    def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The processor outputs the model needs besides `input_ids`, as batched tensors."""
+        raise NotImplementedError
+
+    def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Position ids of a whole (prompt + generated) sequence as `generate` gives them, for a
+        forward that recomputes it; None when the model builds them from the batch itself.
+        Default (1-D RoPE): counted over real tokens, so left padding does not shift them."""
+        return (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
+
+    def finish_batch(self, batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+        """Inputs derived from the padded `input_ids` (e.g. Qwen2-VL's `mm_token_type_ids`)."""
+        return batch
+
+
+def read_config(hf_id: str) -> dict:
+    """`config.json` of a local folder or of a hub snapshot in the local cache.
+
+    Raises:
+        FileNotFoundError: neither is there.
+    """
+    folder = Path(hf_id)
+    if folder.is_dir():
+        path = folder / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{hf_id} has no config.json: give a save_pretrained / hub snapshot folder.")
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(hf_id, "config.json")).read_text())
+
+
+def supported_families() -> list[str]:
+    from lsg.families import FAMILIES
+
+    return sorted(FAMILIES)

@@ -1,0 +1,101 @@
+"""LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP + Qwen2 with AnyRes tiling.
+
+An image is a base crop (the whole image resized) plus a grid of sub-crops, each encoded by
+the ViT; the sub-crop grid is stitched, unpadded to the image's aspect ratio, shrunk when it
+exceeds `anyres_max_9`, and given an `image_newline` token at the end of every row. Every
+one of these tokens (newlines included) carries the image token id.
+
+V-sinks are read on every crop at the feature layer (SigLIP dim 1076, paper Appendix E) and
+mapped to token positions by running the model's own packing (`pack_image_features`) on the
+patch flags instead of the features, with -1 as the newline "feature": so the mapping follows
+exactly the model's crop order, unpadding and newlines, and a newline is never a V-sink. Where
+the grid is shrunk (bilinear), a token is a V-sink if its interpolated flag is at least 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lsg.families.base import Family
+
+NEWLINE_FLAG = -1.0  # what a newline token's "feature" is while mapping flags
+
+
+def pil_processor_class():
+    """`LlavaOnevisionProcessor` without its video processor (which needs torchvision): the
+    library's own image-token counting and prompt expansion, with the PIL image processor."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class PilOnevisionProcessor(LlavaOnevisionProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, num_image_tokens=None,
+                     vision_feature_select_strategy=None, vision_aspect_ratio="anyres_max_9", **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.num_image_tokens = num_image_tokens
+            self.vision_feature_select_strategy = vision_feature_select_strategy
+            self.vision_aspect_ratio = vision_aspect_ratio
+            self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<video>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+
+    return PilOnevisionProcessor
+
+
+class LlavaOnevisionFamily(Family):
+    name = "llava-onevision"
+    model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
+
+    def load_processor(self, hf_id: str, model):
+        from transformers.utils import is_torchvision_available
+
+        if is_torchvision_available():
+            return super().load_processor(hf_id, model)
+        from transformers import AutoTokenizer
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
+
+        tokenizer, config = AutoTokenizer.from_pretrained(hf_id), model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size  # patches per crop side
+        return pil_processor_class()(
+            LlavaOnevisionImageProcessorPil.from_pretrained(hf_id), tokenizer, chat_template=tokenizer.chat_template,
+            num_image_tokens=side * side, vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio)
+
+    def vit_module(self, model) -> torch.nn.Module:
+        return model.model.vision_tower
+
+    def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
+        feats = output.hidden_states[model.config.vision_feature_layer]  # (crops, L, D)
+        if model.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return feats.reshape(-1, feats.shape[-1])
+
+    def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:
+        return [(model.model, "get_image_features")]  # generate() calls it with image_sizes before any forward
+
+    def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        if inputs is None or inputs.get("image_sizes") is None:
+            raise ValueError("LLaVA-OneVision maps ViT patches to tokens with the batch's image_sizes.")
+        config, mm = model.config, model.model
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        per_image = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                     for size in inputs["image_sizes"]]
+        flags = patch_flags.float().reshape(-1, side * side, 1)
+        packed, _ = mm.pack_image_features(list(torch.split(flags, per_image)), inputs["image_sizes"],
+                                           image_newline=flags.new_full((1,), NEWLINE_FLAG),
+                                           vision_aspect_ratio=config.vision_aspect_ratio)
+        return torch.cat([p[:, 0] >= 0.5 for p in packed])
+
+    def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        crops = [np.asarray(p) for p in encoding["pixel_values"]]  # per image: (n_crops, 3, H, W)
+        most = max(c.shape[0] for c in crops)
+        stacked = np.zeros((len(crops), most, *crops[0].shape[1:]), dtype=crops[0].dtype)
+        for i, c in enumerate(crops):
+            stacked[i, :c.shape[0]] = c  # the model keeps each image's own crops (from image_sizes)
+        return {"pixel_values": torch.as_tensor(stacked).to(dtype),
+                "image_sizes": torch.as_tensor(np.asarray(encoding["image_sizes"]))}

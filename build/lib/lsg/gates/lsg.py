@@ -1,0 +1,69 @@
+"""LSG: Layer-wise Sink Gating, the trainable gate (SPEC section 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lsg.context import GROUPINGS, LayerView, scale_by_group
+from lsg.gates.base import Gate, HookPoint, register
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+@register
+class LSGGate(Gate):
+    """`r = softmax(W2 act(W1 LayerNorm(x_last) + b1) + b2)`; visual key j of group g is
+    scaled by `c_g = gain * r_g` in this layer (SPEC section 3, LSG paper Eq. 3-4).
+
+    Args:
+        hidden_size: D of the LLM (576 for SmolLM2-135M, 4096 for LLaMA-2-7B).
+        grouping: "vsink-rest" (paper default), "vsink-lsink-ordinary" or "lsink-rest".
+        gain: 1.0 (paper: every visual key halved at init) or the number of groups
+            (exact identity at init); the string "G" means the number of groups.
+        width: hidden width of the MLP (64 in the paper).
+        activation: "gelu" (default; the paper does not say), "relu", "silu", "tanh".
+
+    The last linear is zero at init, so `r` is uniform.
+    """
+
+    name = "lsg"
+    hook_points = frozenset({HookPoint.HIDDEN, HookPoint.KEYS})
+    trainable = True
+
+    def __init__(self, hidden_size: int, grouping: str = "vsink-rest", gain: float | str = 1.0,
+                 width: int = 64, activation: str = "gelu"):
+        super().__init__()
+        if grouping not in GROUPINGS:
+            raise ValueError(f"Unknown grouping {grouping!r}; known: {', '.join(GROUPINGS)}.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}.")
+        self.grouping, self.width, self.activation = grouping, width, activation
+        self.num_groups = len(GROUPINGS[grouping])
+        self.gain = float(self.num_groups if gain == "G" else gain)
+        self.norm = nn.LayerNorm(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, width)
+        self.act = ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(width, self.num_groups)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden_size": self.norm.normalized_shape[0], "grouping": self.grouping, "gain": self.gain,
+                "width": self.width, "activation": self.activation}
+
+    def ratios(self, x_last: torch.Tensor) -> torch.Tensor:
+        """Gate ratios `(B, G)` (rows sum to 1) from last-prompt hidden states `(B, D)`."""
+        x = x_last.to(self.fc1.weight.dtype)
+        return torch.softmax(self.fc2(self.act(self.fc1(self.norm(x)))), dim=-1)
+
+    def prepare(self, view: LayerView, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        x_last = hidden[rows, view.segments.last_prompt.to(hidden.device)]  # (B, D)
+        return self.ratios(x_last), view.ctx.visual_groups(self.grouping, view.layer)
+
+    def key_scale(self, view: LayerView, state) -> torch.Tensor:
+        ratios, groups = state
+        return scale_by_group(groups, self.gain * ratios, view.q_start + view.n_queries)

@@ -1,0 +1,266 @@
+"""Prefix reuse: compute the frozen layers below a gate once, run only the layers above it.
+
+The backbone is frozen and a gate at decoder layer l changes nothing below l, so the
+hidden state entering l is the same for every gate, every epoch and every alpha placed at
+l or above. So are the token segments, the V-sinks (read from the ViT) and the sink
+values of the hidden states entering layers < l (L-sinks with scope `upto`). A `Prefix`
+holds all of them for one batch; `run_suffix` runs layers l..L-1 from it with gates
+attached and returns the final hidden states, equal to a plain `attach` forward up to
+float rounding (tests/test_prefix.py compares answers and gate weights after training).
+
+Three consumers:
+- `compute_prefixes` gives, from one ungated forward, the prefixes of many layers (the
+  shared-prefix sweep, `lsg.sweep`) and the baseline's final hidden state (evaluations of
+  many gates and stacks in one pass, `lsg.evaluation.evaluate_many`);
+- `PrefixCache` keeps per-sample prefixes of one layer in host memory, within a budget, so
+  epoch 2 of a one-layer run and its repeated validations run layers l..L-1 only
+  (`lsg.training.GateTrainingModule`).
+
+transformers' own decoder forward does the work: the layers below l are skipped (their
+input passes through, `Backbone.skip_decoder_layers`) and the cached state is given to
+the language model as its input embeddings, so positions, masks and rotary embeddings are
+built by transformers exactly as in the plain forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from lsg.attach import attach
+from lsg.backbones import Backbone
+from lsg.context import ForwardContext
+from lsg.gates.base import Gate
+from lsg.scoring import decoder_hidden
+from lsg.segments import Segments
+from lsg.sinks import SinkConfig
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "image_sizes", "image_grid_thw",
+                "mm_token_type_ids")
+PREFIX_CACHE_MB = 4096  # default host-memory budget of a PrefixCache (config: prefix_cache_mb)
+
+
+@dataclass
+class Prefix:
+    """What the frozen layers below `layer` produce for one batch. Tensors are `(B, T)` unless noted.
+
+    Attributes:
+        layer: the first decoder layer the suffix runs (0-based).
+        hidden: `(B, T, D)` hidden state entering `layer` (the token embeddings at layer 0).
+        attention_mask: 1 on real tokens.
+        segments: token segments of the batch (labels included, so answers are `out`).
+        sinks: the sink configuration the sink values and V-sinks were read with.
+        vsink: V-sink mask, or None when the backbone has no ViT sink configured.
+        sink_phi: layer -> sink value of the hidden state entering it, for layers < `layer`.
+        position_ids: the position ids the language model was given (`(3, B, T)` M-RoPE ids for
+            Qwen2-VL), or None when it builds them itself from the mask (LLaVA).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    segments: Segments
+    sinks: SinkConfig
+    vsink: torch.Tensor | None = None
+    sink_phi: dict[int, torch.Tensor] = field(default_factory=dict)
+    position_ids: torch.Tensor | None = None
+
+    def context(self) -> ForwardContext:
+        """A fresh `ForwardContext` for a suffix forward (gates add their state to it)."""
+        return ForwardContext(self.segments, self.sinks, self.vsink, dict(self.sink_phi),
+                              n_prefill=self.hidden.shape[1])
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The entries of a batch the model reads (drops `records` and other metadata)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+
+
+@torch.no_grad()
+def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Sequence[int],
+                     sinks: SinkConfig | None = None, to_end: bool = False
+                     ) -> tuple[dict[int, Prefix], torch.Tensor | None]:
+    """One ungated forward that returns the prefix of every layer in `layers`.
+
+    Args:
+        backbone: the loaded backbone.
+        batch: from `Backbone.build_batch` (labels, if any, make answers `out` tokens).
+        layers: decoder layers whose prefixes are wanted (0-based).
+        sinks: sink configuration (default `backbone.sinks`).
+        to_end: also run the layers above the highest requested one and return the
+            baseline's final hidden state `(B, T, D)` (after the final norm); otherwise those
+            layers are skipped and None is returned.
+
+    Returns:
+        (`{layer: Prefix}`, final hidden state or None).
+
+    Raises:
+        ValueError: a layer out of range.
+    """
+    layers = sorted({backbone.check_layer(l) for l in layers})
+    sinks = sinks if sinks is not None else backbone.sinks
+    inputs = backbone.on_device(model_inputs(batch))
+    stop = max(layers, default=-1)
+    entering: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(module, args, kwargs):
+            entering[layer] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    positions: dict[str, torch.Tensor | None] = {}
+
+    def keep_positions(module, args, kwargs):
+        positions["ids"] = kwargs.get("position_ids")
+
+    handles = [backbone.decoder_layers[l].register_forward_pre_hook(keep(l), with_kwargs=True)
+               for l in layers]
+    handles.append(backbone.family.language_model(backbone.model).register_forward_pre_hook(keep_positions,
+                                                                                             with_kwargs=True))
+    above = [] if to_end else range(stop + 1, backbone.num_layers)
+    try:
+        with attach(backbone, {}, sinks, record_sinks_upto=stop) as run, backbone.skip_decoder_layers(above):
+            final = decoder_hidden(backbone, inputs)
+            ctx = run.ctx
+    finally:
+        for h in handles:
+            h.remove()
+    prefixes = {
+        l: Prefix(l, entering[l], inputs["attention_mask"], ctx.segments, sinks, ctx.vsink,
+                  {k: v for k, v in ctx.sink_phi.items() if k < l}, positions.get("ids"))
+        for l in layers
+    }
+    return prefixes, (final if to_end else None)
+
+
+def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Sequence[Gate]] | None = None,
+               gate_state: dict | None = None) -> torch.Tensor:
+    """Final hidden states `(B, T, D)` (after the final norm, no LM head) of the decoder run from
+    `prefix.layer` with `gates` attached, as `lsg.scoring.decoder_hidden` gives for the full
+    forward. Differentiable in the gates' parameters (the prefix itself carries no graph).
+
+    Args:
+        prefix: from `compute_prefixes` or `PrefixCache`.
+        gates: `{layer: gate(s)}`, every layer >= `prefix.layer`; None or {} = the baseline.
+        gate_state: if given, filled with the forward's `(layer, gate index) -> state` (e.g.
+            LSG's gate ratios, for logging).
+
+    Raises:
+        ValueError: a gate below `prefix.layer` (see `lsg.attach.attach`).
+    """
+    with attach(backbone, gates or {}, prefix.sinks, start_layer=prefix.layer, context=prefix.context()) as run:
+        out = backbone.family.language_model(backbone.model)(
+            inputs_embeds=prefix.hidden, attention_mask=prefix.attention_mask, position_ids=prefix.position_ids,
+            use_cache=False)
+        if gate_state is not None:
+            gate_state.update(run.ctx.gate_state)
+    return out.last_hidden_state
+
+
+@dataclass
+class _Entry:
+    input_ids: torch.Tensor  # (n,) real tokens, checked on every hit
+    hidden: torch.Tensor  # (n, D)
+    vsink: torch.Tensor | None  # (n,)
+    sink_phi: dict[int, torch.Tensor]  # layer -> (n,)
+    position_ids: torch.Tensor | None = None  # (P, n) when the model was given position ids (M-RoPE)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.input_ids, self.hidden, *self.sink_phi.values()] + [
+            t for t in (self.vsink, self.position_ids) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PrefixCache:
+    """Per-sample prefixes of one decoder layer, in host memory, within `budget_mb`.
+
+    `prefix(batch, keys)` returns the batch's `Prefix`: assembled from stored samples when
+    every row is stored (no backbone layer below `layer` runs), otherwise computed by
+    `compute_prefixes` and stored row by row while the budget lasts. Past the budget the
+    remaining samples are recomputed every time they come back (the documented fallback):
+    results are the same, only slower. Each row is stored with its real tokens only, so a
+    sample reassembles into any batch, with any padding width or side.
+
+    Args:
+        backbone: the loaded backbone.
+        layer: the decoder layer the prefixes end at (the gate's layer).
+        budget_mb: host memory for stored prefixes, MiB (config `prefix_cache_mb`; 0 = off).
+        sinks: sink configuration (default `backbone.sinks`).
+    """
+
+    def __init__(self, backbone: Backbone, layer: int, budget_mb: float = PREFIX_CACHE_MB,
+                 sinks: SinkConfig | None = None):
+        self.backbone, self.layer = backbone, backbone.check_layer(layer)
+        self.budget_bytes = int(budget_mb * 2**20)
+        self.sinks = sinks if sinks is not None else backbone.sinks
+        self.store: dict[str, _Entry] = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self.full = False
+
+    def _stored(self, key: str, ids: torch.Tensor) -> _Entry | None:
+        entry = self.store.get(key)
+        return entry if entry is not None and torch.equal(entry.input_ids, ids.cpu()) else None
+
+    def prefix(self, batch: Mapping[str, Any], keys: Sequence[str]) -> Prefix:
+        """The `Prefix` at `layer` of `batch`, whose rows are the samples named by `keys`
+        (e.g. record ids; a key whose stored tokens differ from the row's is recomputed).
+
+        Raises:
+            ValueError: `keys` and the batch have different lengths.
+        """
+        inputs = self.backbone.on_device(model_inputs(batch))
+        mask = inputs["attention_mask"].bool()
+        if len(keys) != mask.shape[0]:
+            raise ValueError(f"PrefixCache.prefix got {len(keys)} keys for a batch of {mask.shape[0]} rows.")
+        rows = [inputs["input_ids"][b][mask[b]] for b in range(mask.shape[0])]
+        entries = [self._stored(k, ids) for k, ids in zip(keys, rows)]
+        if all(e is not None for e in entries):
+            self.hits += len(keys)
+            return self._assemble(inputs, entries)
+        self.misses += len(keys)
+        prefix = compute_prefixes(self.backbone, inputs, [self.layer], self.sinks)[0][self.layer]
+        for b, (key, ids) in enumerate(zip(keys, rows)):
+            entry = _Entry(ids.cpu(), prefix.hidden[b][mask[b]].cpu(),
+                           None if prefix.vsink is None else prefix.vsink[b][mask[b]].cpu(),
+                           {l: phi[b][mask[b]].cpu() for l, phi in prefix.sink_phi.items()},
+                           None if prefix.position_ids is None else prefix.position_ids[:, b][:, mask[b]].cpu())
+            old = self.store.get(key)
+            grow = entry.nbytes - (old.nbytes if old is not None else 0)
+            if self.nbytes + grow > self.budget_bytes:
+                self.full = True
+                continue
+            self.store[key] = entry
+            self.nbytes += grow
+        return prefix
+
+    def _assemble(self, inputs: dict[str, torch.Tensor], entries: list[_Entry]) -> Prefix:
+        mask = inputs["attention_mask"].bool()
+        device = mask.device
+        B, T = mask.shape
+        first = entries[0]
+        hidden = first.hidden.new_zeros(B, T, first.hidden.shape[-1], device=device)
+        vsink = None if first.vsink is None else torch.zeros(B, T, dtype=torch.bool, device=device)
+        phi = {l: v.new_zeros(B, T, device=device) for l, v in first.sink_phi.items()}
+        positions = None if first.position_ids is None else \
+            first.position_ids.new_zeros(first.position_ids.shape[0], B, T, device=device)
+        for b, e in enumerate(entries):
+            if positions is not None:
+                positions[:, b, mask[b]] = e.position_ids.to(device)
+            hidden[b, mask[b]] = e.hidden.to(device)
+            if vsink is not None:
+                vsink[b, mask[b]] = e.vsink.to(device)
+            for l in phi:
+                phi[l][b, mask[b]] = e.sink_phi[l].to(device)
+        segments = Segments.from_batch(inputs["input_ids"], inputs["attention_mask"], self.backbone.image_token_id,
+                                       inputs.get("labels"))
+        return Prefix(self.layer, hidden, inputs["attention_mask"], segments, self.sinks, vsink, phi, positions)
+
+    def stats(self) -> dict[str, float]:
+        """Samples served from the store (`hits`) and computed (`misses`), stored MiB, and
+        whether the budget was reached."""
+        return {"hits": self.hits, "misses": self.misses, "stored_mb": self.nbytes / 2**20,
+                "samples": len(self.store), "budget_reached": self.full}
