@@ -52,3 +52,25 @@ def test_table1_picks_the_best_layer_per_block_and_counts_subtasks(tmp_path):
     assert plot_ratios(sweep, [1, 2], tmp_path / "r.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="lsg-L<layer>"):
         read_sweep(tmp_path / "not-a-layer")
+
+
+def test_summarize_py_is_a_hydra_app_writing_table1_and_figures(tmp_path):
+    """`python summarize.py sweep_dir=...` (a Hydra app like the other commands) writes Table 1,
+    the heatmap and summary.json whose per-layer deltas equal `summarize` called directly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    write_layer(tmp_path, 1, 1, [("count", "A", "B", .2), ("color", "A", "A", .6)], 3)
+    write_layer(tmp_path, 2, 1, [("count", "B", "A", .5), ("color", "A", "A", .5)], 3)
+    result = subprocess.run([sys.executable, str(root / "summarize.py"), f"sweep_dir={tmp_path}", "logger=none",
+                             "bootstrap_samples=200", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "summary"
+    assert (out / "table1.md").exists() and (out / "heatmap.png").stat().st_size > 1000
+    written = json.loads((out / "summary.json").read_text())
+    direct = summarize(read_sweep(tmp_path), 1, 4, samples=200)
+    assert [written["layers"][str(l)]["overall"]["delta"] for l in (1, 2)] == \
+        [direct["layers"][l]["overall"]["delta"] for l in (1, 2)] == [50.0, -50.0]
