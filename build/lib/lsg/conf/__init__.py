@@ -1,1 +1,0 @@
-"""The shipped Hydra configs (package data: `lsg.cli` apps and `lsg.configs` read them)."""
