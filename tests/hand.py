@@ -152,3 +152,23 @@ def assert_cache_matches_recompute(bb, gates, new_tokens=6):
     base = bb.model(**batch).logits[:, -1]
     assert (gen.logits[0] - base).abs().max() > 1e-4, "the gates must change the first answer token's logits"
 
+
+def compare_twice(tmp_path, first, second, monkeypatch):
+    """compare.py's baseline on `first`, then on `second` with the same cache folder; returns
+    the second run's rows and how many times it evaluated (0 = served from the cache)."""
+    import lsg.comparison as comparison
+    from lsg.backbones import backbone_config
+    from lsg.comparison import compare
+    from lsg.datamodule import load_records
+    from lsg.evaluation import evaluate_many
+
+    cfg = backbone_config("tiny-random")
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
+    records = load_records(data, "val")
+    compare(first, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
+            timing_repeats=1)
+    calls = []
+    monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: calls.append(1) or evaluate_many(*a, **k))
+    rows, _ = compare(second, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
+                      timing_batches=1, timing_repeats=1)
+    return rows, len(calls), records

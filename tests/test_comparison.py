@@ -93,21 +93,15 @@ def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tm
     """Two checkpoints with one name (another seed = a fine-tune, a 13B...) get separate cache
     entries: the second's baseline is evaluated, and equals a direct evaluation."""
     import lsg
-    import lsg.comparison as comparison
-    from lsg.evaluation import evaluate, evaluate_many
+    from lsg.evaluation import evaluate
+    from tests.hand import compare_twice
 
-    cfg = backbone_config("tiny-random")
     other = lsg.load_backbone("tiny-random", seed=1)
     assert other.name == tiny.name and other.fingerprint != tiny.fingerprint
+    rows, evaluated, records = compare_twice(tmp_path, tiny, other, monkeypatch)
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
-    records = load_records(data, "val")
-    compare(tiny, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
-            timing_repeats=1)
-    calls = []
-    monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: calls.append(1) or evaluate_many(*a, **k))
-    rows, _ = compare(other, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
-                      timing_batches=1, timing_repeats=1)
-    assert calls == [1], "the other checkpoint's baseline must be evaluated, not read from the cache"
+    cfg = backbone_config("tiny-random")
+    assert evaluated == 1, "the other checkpoint's baseline must be evaluated, not read from the cache"
     assert rows[0]["overall"] == pytest.approx(100 * evaluate(other, records, batch_size=7).overall)
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 2
     # Another split of the same size is another key too.
