@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from lsg import embedded
 from lsg.configs import config_path, load_config
+from lsg.files import FINGERPRINT_HEX_DIGITS, write_json
 from lsg.families import Family, LlavaFamily, get_family
 from lsg.segments import IGNORE_INDEX
 from lsg.sinks import SinkConfig
@@ -272,10 +272,7 @@ def _file_sha256(path: Path) -> str:
     key = f"{blob}:{stat.st_size}:{stat.st_mtime_ns}"
     if key not in memo:
         memo[key] = embedded.sha256_of(blob)
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")  # DDP ranks may write at once
-        tmp.write_text(json.dumps(memo, indent=1))
-        tmp.replace(memo_path)
+        write_json(memo_path, memo, indent=1)  # atomic, per-process temporary name: DDP ranks may write at once
     return memo[key]
 
 
@@ -294,7 +291,7 @@ def weights_fingerprint(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.name}:{_file_sha256(f)}\n".encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 def local_weights_dir(hf_id: str) -> Path:

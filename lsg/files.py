@@ -8,10 +8,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 READ_CHUNK_BYTES = 1 << 20  # bytes hashed per read by `sha256_file`
+FINGERPRINT_HEX_DIGITS = 16  # hex digits of a weights / tokenizer fingerprint (64 bits): names a model version
+
+
+@contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed over `path` when the block ends
+    without error (parents created). The temporary name carries the process id, so DDP ranks
+    writing one file at once never share a temporary file.
+
+    Yields:
+        the temporary path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -20,12 +42,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     Returns:
         `path` as a `Path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = None) -> Path:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from lsg.answers import Answer, answers_of, write_answers
 from lsg.backbones import Backbone
 from lsg.context import GROUPINGS
+from lsg.files import atomic_target
 from lsg.gates.base import Gate
 from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, model_inputs, run_suffix
 from lsg.scoring import LETTERS, answer_loss, option_scores
@@ -88,11 +89,8 @@ class SafetensorsCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         header = _flatten(checkpoint, tensors)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"lightning": json.dumps(header)})
-        tmp.replace(path)  # atomic: a crash while saving never corrupts the previous checkpoint
+        with atomic_target(path) as tmp:  # a crash while saving never corrupts the previous checkpoint
+            save_file(tensors, tmp, metadata={"lightning": json.dumps(header)})
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         with safe_open(str(path), "pt", device="cpu") as f:

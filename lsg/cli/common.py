@@ -8,7 +8,9 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from lsg.backbones import Backbone, backbone_from_config
-from lsg.loggers import start_run
+from lsg.datamodule import VQADataModule
+from lsg.loggers import build_logger, start_run
+from lsg.training import accumulation_steps, check_resumable, gate_trainer
 
 
 def plain(node) -> Any:
@@ -48,3 +50,38 @@ def gate_run_identity(backbone: Backbone, gate, data_cfg: dict, **extra) -> dict
     layer); train.py and sweep.py write the same keys."""
     return {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, **extra,
             "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(), "data": data_cfg}
+
+
+def fit_gates(cfg: DictConfig, module, backbone: Backbone, run_dir: Path, export, run_name: str, logger_cfg: dict,
+              accumulate: bool = True):
+    """Train `module` (a `lsg.training.FrozenBackboneModule` with its `identity` set) as train.py
+    and sweep.py do: resume from `run_dir/last.safetensors` when it holds the same setup (refused
+    otherwise), a Lightning Trainer from `cfg.trainer` with safetensors checkpoints and `export`,
+    the app's data module, and (with `accumulate`, automatic optimization only) gradient
+    accumulation up to `cfg.effective_batch_size` for the trainer's device count.
+
+    Returns:
+        `(trainer, logger)` after `fit`; logger None without W&B.
+
+    Raises:
+        ValueError: a checkpoint of another setup in `run_dir`, or an effective batch that does
+            not divide (see `lsg.training.check_resumable`, `accumulation_steps`).
+    """
+    resume = check_resumable(run_dir / "last.safetensors", module.identity)
+    logger = build_logger(logger_cfg, run_name, plain(cfg))
+    trainer = gate_trainer(plain(cfg.trainer), logger, run_dir, cfg.checkpoint_every_n_steps, export)
+    if accumulate:  # the effective batch is the paper's for any device count (devices=-1 included)
+        trainer.accumulate_grad_batches = accumulation_steps(cfg.effective_batch_size, cfg.batch_size,
+                                                             trainer.world_size)
+    datamodule = VQADataModule(backbone, plain(cfg.data), cfg.batch_size, cfg.num_workers, cfg.seed)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    return trainer, logger
+
+
+def fast_dev_run_metrics(trainer) -> dict[str, float] | None:
+    """The logged metrics of a `trainer.fast_dev_run` smoke test (printed), else None."""
+    if not trainer.fast_dev_run:
+        return None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    print(f"fast_dev_run metrics: {metrics}")
+    return metrics

@@ -17,12 +17,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from lsg.cli.common import gate_run_identity, load_backbone_of, plain
-from lsg.datamodule import VQADataModule
-from lsg.loggers import build_logger
+from lsg.cli.common import fast_dev_run_metrics, fit_gates, gate_run_identity, load_backbone_of, plain
 from lsg.specs import parse_sweep_layers
 from lsg.sweep import SweepExport, SweepModule
-from lsg.training import accumulation_steps, build_gate, check_resumable, gate_trainer
+from lsg.training import accumulation_steps, build_gate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
@@ -36,20 +34,15 @@ def main(cfg: DictConfig) -> list[int]:
     trainer_cfg = plain(cfg.trainer)
     if trainer_cfg.get("devices") not in (1, "1", None) or trainer_cfg.get("strategy", "auto") != "auto":
         raise ValueError("sweep.py trains on one device (trainer.devices=1). For many GPUs, run one W&B agent per "
-                         "GPU over conf/wandb-sweep.yaml, or `python train.py -m layer=...` (README).")
+                         "GPU over lsg/conf/wandb-sweep.yaml, or `python train.py -m layer=...` (README).")
     accumulation = accumulation_steps(cfg.effective_batch_size, cfg.batch_size, 1)
     module = SweepModule(backbone, gates, cfg.lr, accumulation)
     out_dir = Path(cfg.out_dir)
     identity = gate_run_identity(backbone, gates[layers[0]], data_cfg)
     module.identity = {**identity, "layers": layers}
-    resume = check_resumable(out_dir / "last.safetensors", module.identity)
-    logger = build_logger(plain(cfg.logger), f"{backbone.name}-sweep-{len(layers)}-layers",
-                          plain(cfg))
-    trainer = gate_trainer(trainer_cfg, logger, out_dir, cfg.checkpoint_every_n_steps, SweepExport(out_dir, identity))
-    trainer.fit(module, datamodule=VQADataModule(backbone, data_cfg, cfg.batch_size, cfg.num_workers, cfg.seed),
-                ckpt_path=resume)
-    if trainer_cfg.get("fast_dev_run"):
-        print(f"fast_dev_run metrics: { {k: float(v) for k, v in trainer.callback_metrics.items()} }")
+    trainer, _ = fit_gates(cfg, module, backbone, out_dir, SweepExport(out_dir, identity),
+                           f"{backbone.name}-sweep-{len(layers)}-layers", plain(cfg.logger), accumulate=False)
+    if fast_dev_run_metrics(trainer) is not None:
         return layers
     print(f"Swept layers {layers}; gates and answers under {out_dir}. Next: python summarize.py {out_dir}")
     return layers

@@ -16,13 +16,12 @@ import lightning as L
 from omegaconf import DictConfig
 
 import lsg
-from lsg.cli.common import gate_run_identity, load_backbone_of, plain
+from lsg.cli.common import fast_dev_run_metrics, fit_gates, gate_run_identity, load_backbone_of, plain
 from lsg.answers import answers_for, read_answers
-from lsg.datamodule import VQADataModule, load_records
+from lsg.datamodule import load_records
 from lsg.evaluation import EvalResult, evaluate_many, print_comparison
-from lsg.loggers import build_logger, multirun_group
-from lsg.training import (EpochGateExport, GateTrainingModule, accumulation_steps, build_gate, check_resumable,
-                          gate_trainer)
+from lsg.loggers import multirun_group
+from lsg.training import EpochGateExport, GateTrainingModule, build_gate
 
 
 def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResult | None]:
@@ -44,25 +43,14 @@ def main(cfg: DictConfig) -> dict:
     layer = backbone.check_layer(cfg.layer)
     gate = build_gate(plain(cfg.gate), backbone, cfg.seed)
     data_cfg = plain(cfg.data)
-    datamodule = VQADataModule(backbone, data_cfg, cfg.batch_size, cfg.num_workers, cfg.seed)
     module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb)
-
     run_dir = Path(cfg.run_dir)
     identity = gate_run_identity(backbone, gate, data_cfg, layer=layer)
     module.identity = identity
     module.batch_log = Path(cfg.batch_log) if cfg.batch_log else None
-    resume = check_resumable(run_dir / "last.safetensors", identity)
-    trainer_cfg = plain(cfg.trainer)
-    logger = build_logger(multirun_group(plain(cfg.logger)),
-                          f"{backbone.name}-{gate.name}-L{layer}",
-                          plain(cfg))
-    trainer = gate_trainer(trainer_cfg, logger, run_dir, cfg.checkpoint_every_n_steps, EpochGateExport(run_dir, identity))
-    # The effective batch is the paper's for any device count (devices=-1 included).
-    trainer.accumulate_grad_batches = accumulation_steps(cfg.effective_batch_size, cfg.batch_size, trainer.world_size)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
-    if trainer_cfg.get("fast_dev_run"):
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        print(f"fast_dev_run metrics: {metrics}")
+    trainer, logger = fit_gates(cfg, module, backbone, run_dir, EpochGateExport(run_dir, identity),
+                                f"{backbone.name}-{gate.name}-L{layer}", multirun_group(plain(cfg.logger)))
+    if (metrics := fast_dev_run_metrics(trainer)) is not None:
         return metrics
     if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and writes the export
         return {}

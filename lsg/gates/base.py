@@ -19,6 +19,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lsg.context import LayerView
+from lsg.files import atomic_target, write_json
 
 
 class HookPoint(str, Enum):
@@ -213,13 +214,11 @@ class Gate(nn.Module):
         if bad:
             raise ValueError(f"Refusing to save gate {self.name!r} to {path}: {bad} hold NaN or inf values.")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"gate": self.name, "config": self.config(), "git_commit": git_commit(), **metadata}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, tmp, metadata={"lsg": json.dumps(meta)})
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        with atomic_target(path) as tmp:
+            save_file(tensors, tmp, metadata={"lsg": json.dumps(meta)})
+        write_json(path.with_suffix(".json"), meta, indent=2)
         return path
 
     @staticmethod
