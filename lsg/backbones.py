@@ -14,6 +14,7 @@ map to visual tokens, which processor outputs the model needs) is in `lsg.famili
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 from transformers import (
     CLIPVisionConfig,
@@ -45,6 +47,29 @@ from lsg.sinks import SinkConfig
 
 def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return hidden_states
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def _replaced_forwards(modules: Sequence[torch.nn.Module], make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Each module's `forward` replaced on the instance by `make(its current forward)` within the
+    block; an instance-level `forward` found there (accelerate's) is put back on exit."""
+    saved = [vars(module).get("forward") for module in modules]
+    try:
+        for module in modules:
+            module.forward = make(module.forward)
+        yield
+    finally:
+        for module, old in zip(modules, saved):
+            if old is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = old
 
 
 @dataclass
@@ -92,18 +117,21 @@ class Backbone:
         forward runs only the others: `lsg.prefix` skips the frozen layers below a cached hidden
         state, or the layers above the last one it needs. A `forward` found on the instance
         (accelerate's device-moving one under `device_map`) is put back on exit."""
-        modules = [self.decoder_layers[l] for l in layers]
-        saved = [vars(module).get("forward") for module in modules]
-        try:
-            for module in modules:
-                module.forward = _pass_through
+        with _replaced_forwards([self.decoder_layers[l] for l in layers], lambda forward: _pass_through):
             yield
-        finally:
-            for module, old in zip(modules, saved):
-                if old is None:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.forward = old
+
+    @contextmanager
+    def checkpoint_decoder_layers(self, layers: Sequence[int]) -> Iterator[None]:
+        """Activation checkpointing of decoder `layers` within the block: under autograd their
+        forward keeps only its inputs and is run again in backward (`torch.utils.checkpoint`,
+        non-reentrant), so training a gate at layer l holds the activations of one suffix layer
+        at a time instead of all of them (issue 19; docs/large-models.md). Hooks stay outside the
+        recomputed forward (they fire once). The recompute runs when `backward` is called, after
+        an `attach` block has exited: checkpoint only layers without gates (`lsg.prefix.run_suffix`
+        checkpoints the layers above the highest gated one). Without grad it is a plain forward."""
+        with _replaced_forwards([self.decoder_layers[l] for l in layers],
+                                lambda forward: functools.partial(_checkpointed, forward)):
+            yield
 
     @property
     def tokenizer(self):
@@ -450,6 +478,7 @@ def load_backbone(name: str, **overrides) -> Backbone:
     cfg = {**backbone_config(name), **overrides}
     cfg.pop("name", None)
     cfg.pop("lsg_grouping", None)
+    cfg.pop("activation_checkpointing", None)  # a training setting (train.yaml, sweep.yaml), not a loader one
     sinks = cfg.pop("sinks", None) or {}
     sinks = sinks if isinstance(sinks, SinkConfig) else SinkConfig(**sinks)
     system_prompt = cfg.pop("system_prompt", None)

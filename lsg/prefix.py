@@ -136,7 +136,7 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
 
 
 def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Sequence[Gate]] | None = None,
-               gate_state: dict | None = None) -> torch.Tensor:
+               gate_state: dict | None = None, checkpoint_above: bool = False) -> torch.Tensor:
     """Final hidden states `(B, T, D)` (after the final norm, no LM head) of the decoder run from
     `prefix.layer` with `gates` attached, as `lsg.scoring.decoder_hidden` gives for the full
     forward. Differentiable in the gates' parameters (the prefix itself carries no graph).
@@ -146,11 +146,17 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
         gates: `{layer: gate(s)}`, every layer >= `prefix.layer`; None or {} = the baseline.
         gate_state: if given, filled with the forward's `(layer, gate index) -> state` (e.g.
             LSG's gate ratios, for logging).
+        checkpoint_above: activation checkpointing of the frozen layers above the highest gated
+            one (`Backbone.checkpoint_decoder_layers`): backward recomputes them, so the graph
+            holds one such layer's activations at a time. Same result, less memory, one more
+            forward of those layers per backward.
 
     Raises:
         ValueError: a gate below `prefix.layer` (see `lsg.attach.attach`).
     """
-    with attach(backbone, gates or {}, prefix.sinks, start_layer=prefix.layer, context=prefix.context()) as run:
+    above = range(max(gates) + 1, backbone.num_layers) if checkpoint_above and gates else range(0)
+    with attach(backbone, gates or {}, prefix.sinks, start_layer=prefix.layer, context=prefix.context()) as run, \
+            backbone.checkpoint_decoder_layers(above):
         out = backbone.family.language_model(backbone.model)(
             inputs_embeds=prefix.hidden, attention_mask=prefix.attention_mask, position_ids=prefix.position_ids,
             use_cache=False)

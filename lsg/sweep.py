@@ -47,12 +47,15 @@ class SweepModule(FrozenBackboneModule):
         gates: layer -> trainable gate.
         lr: Adam learning rate, constant (SPEC section 3).
         accumulation: batches per optimizer step (effective batch / batch size).
+        activation_checkpointing: recompute each gate's frozen layers above it in backward
+            (`lsg.prefix.run_suffix(checkpoint_above=True)`).
 
     Raises:
         ValueError: no layer, or a gate without trainable parameters.
     """
 
-    def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], lr: float, accumulation: int):
+    def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], lr: float, accumulation: int,
+                 activation_checkpointing: bool = False):
         super().__init__(backbone)
         if not gates:
             raise ValueError("A sweep needs at least one layer.")
@@ -62,6 +65,7 @@ class SweepModule(FrozenBackboneModule):
         self.layers = sorted(backbone.check_layer(l) for l in gates)
         self.gates = torch.nn.ModuleDict({str(l): gates[l].float() for l in self.layers})
         self.lr, self.accumulation = lr, accumulation
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.automatic_optimization = False
         self._val: dict[int, dict[str, Answer]] = {l: {} for l in self.layers}
         self._baseline: dict[str, str] = {}
@@ -75,7 +79,8 @@ class SweepModule(FrozenBackboneModule):
         prefixes, _ = compute_prefixes(self.backbone, inputs, self.layers)
         n = len(batch["records"])
         for layer in self.layers:
-            hidden = run_suffix(self.backbone, prefixes[layer], {layer: self.gate(layer)})
+            hidden = run_suffix(self.backbone, prefixes[layer], {layer: self.gate(layer)},
+                                checkpoint_above=self.activation_checkpointing)
             loss = answer_loss(self.backbone, inputs, hidden)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Training loss of the layer-{layer} gate is {loss.item()} at batch "

@@ -258,17 +258,21 @@ class GateTrainingModule(FrozenBackboneModule):
         prefix_cache_mb: host memory for the frozen prefix (hidden state entering `layer`,
             per sample; `lsg.prefix.PrefixCache`): epoch 2 and every validation after the
             first run layers `layer..L-1` only. Past the budget samples are recomputed.
+        activation_checkpointing: recompute the frozen layers above `layer` in backward instead
+            of keeping their activations (`lsg.prefix.run_suffix(checkpoint_above=True)`); the
+            same gate, less memory (docs/large-models.md).
 
     Validation also records, per question, the gate's and (once per process) the baseline's
     answer and the gate ratios: `val_answers` after each validation (`write_val_answers`).
     """
 
     def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3,
-                 prefix_cache_mb: float = PREFIX_CACHE_MB):
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, activation_checkpointing: bool = False):
         super().__init__(backbone)
         if not gate.trainable:
             raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.gate.float()
         self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb)
         self._val: dict[str, Answer] = {}  # record id -> answer (val_answers)
@@ -287,7 +291,8 @@ class GateTrainingModule(FrozenBackboneModule):
     def forward(self, batch: dict) -> torch.Tensor:
         """Answer loss of a training batch: layers below the gate from the prefix cache."""
         inputs = model_inputs(batch)
-        hidden = run_suffix(self.backbone, self.prefix(batch, "train"), {self.layer: self.gate})
+        hidden = run_suffix(self.backbone, self.prefix(batch, "train"), {self.layer: self.gate},
+                            checkpoint_above=self.activation_checkpointing)
         return answer_loss(self.backbone, inputs, hidden)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

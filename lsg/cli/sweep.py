@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> list[int]:
         raise ValueError("sweep.py trains on one device (trainer.devices=1). For many GPUs, run one W&B agent per "
                          "GPU over lsg/conf/wandb-sweep.yaml, or `python train.py -m layer=...` (README).")
     accumulation = accumulation_steps(cfg.effective_batch_size, cfg.batch_size, 1)
-    module = SweepModule(backbone, gates, cfg.lr, accumulation)
+    module = SweepModule(backbone, gates, cfg.lr, accumulation, cfg.activation_checkpointing)
     out_dir = Path(cfg.out_dir)
     identity = gate_run_identity(backbone, gates[layers[0]], data_cfg)
     module.identity = {**identity, "layers": layers}

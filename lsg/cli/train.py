@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> dict:
     layer = backbone.check_layer(cfg.layer)
     gate = build_gate(plain(cfg.gate), backbone, cfg.seed)
     data_cfg = plain(cfg.data)
-    module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb)
+    module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb, cfg.activation_checkpointing)
     run_dir = Path(cfg.run_dir)
     identity = gate_run_identity(backbone, gate, data_cfg, layer=layer)
     module.identity = identity

@@ -1,0 +1,76 @@
+"""Activation checkpointing of the frozen suffix (issue 19, item 1): the layers above a gate are
+recomputed in backward, and the gate trains exactly as on the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsg.gates import LSGGate
+from lsg.prefix import compute_prefixes, run_suffix
+from lsg.scoring import answer_loss
+from tests.conftest import samples
+
+LAYER = 1
+
+
+def two_adam_steps(backbone, checkpoint_above: bool) -> tuple[LSGGate, int]:
+    """An LSG gate at `LAYER` after two Adam steps on two batches, and how many times the last
+    decoder layer ran (a recompute in backward runs it again)."""
+    torch.manual_seed(0)
+    gate = LSGGate(backbone.hidden_size, "vsink-lsink-ordinary")
+    optimizer = torch.optim.Adam(gate.parameters(), lr=1e-2)
+    calls = []  # calls of the last layer's class forward: the checkpointed function, recomputes included
+    last = backbone.decoder_layers[-1]
+    original = type(last).forward
+
+    def counting(self, *args, **kwargs):
+        if self is last:
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    type(last).forward = counting
+    try:
+        for offset in (0, 4):
+            images, questions, answers = samples(4, "train", offset)
+            batch = backbone.build_batch(images, questions, answers)
+            prefix = compute_prefixes(backbone, batch, [LAYER])[0][LAYER]
+            hidden = run_suffix(backbone, prefix, {LAYER: gate}, checkpoint_above=checkpoint_above)
+            loss = answer_loss(backbone, batch, hidden)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        type(last).forward = original
+    return gate, len(calls)
+
+
+def test_checkpointed_suffix_trains_the_same_gate_as_the_plain_path(tiny):
+    plain, plain_calls = two_adam_steps(tiny, checkpoint_above=False)
+    checkpointed, checkpointed_calls = two_adam_steps(tiny, checkpoint_above=True)
+    # Two batches: the plain path runs the last layer twice (one forward each); the checkpointed
+    # path twice more (the recompute in each backward), so checkpointing really happened.
+    assert (plain_calls, checkpointed_calls) == (2, 4)
+    assert not torch.equal(plain.fc2.weight, torch.zeros_like(plain.fc2.weight)), "the gate trained"
+    for (key, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=key)
+
+
+def test_checkpointing_restores_the_layers_and_is_a_plain_forward_without_grad(tiny):
+    images, questions, answers = samples(2)
+    batch = tiny.build_batch(images, questions, answers)
+    prefix = compute_prefixes(tiny, batch, [LAYER])[0][LAYER]
+    gate = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    with torch.no_grad():
+        plain = run_suffix(tiny, prefix, {LAYER: gate})
+        checkpointed = run_suffix(tiny, prefix, {LAYER: gate}, checkpoint_above=True)
+    torch.testing.assert_close(checkpointed, plain, atol=0, rtol=0)
+    assert all("forward" not in vars(layer) for layer in tiny.decoder_layers)
+
+
+@pytest.mark.parametrize("model", ["llava-1.5-7b", "qwen2-vl"])
+def test_hub_backbones_train_with_checkpointing_by_default(model):
+    from lsg.configs import load_config
+
+    assert load_config("model", model)["activation_checkpointing"] is True
+    assert "activation_checkpointing" not in load_config("model", "smol-llava")
