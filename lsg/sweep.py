@@ -30,8 +30,8 @@ from lsg.context import GROUPINGS
 from lsg.gates.base import Gate
 from lsg.prefix import compute_prefixes, model_inputs, run_suffix
 from lsg.scoring import answer_loss
-from lsg.training import (FrozenBackboneModule, answer_metrics, gather_answers, keep_baseline, val_answers,
-                          write_val_answers)
+from lsg.training import (FrozenBackboneModule, accumulation_steps, answer_metrics, gather_answers, keep_baseline,
+                          val_answers, write_val_answers)
 
 
 def layer_dir(out_dir: Path, layer: int) -> Path:
@@ -46,16 +46,24 @@ class SweepModule(FrozenBackboneModule):
         backbone: a loaded, frozen `Backbone` (kept out of the module's state).
         gates: layer -> trainable gate.
         lr: Adam learning rate, constant (SPEC section 3).
-        accumulation: batches per optimizer step (effective batch / batch size).
+        accumulation: batches per optimizer step; None = `effective_batch_size / (batch_size x
+            devices)`, computed when the trainer (and so the device count) is known.
         activation_checkpointing: recompute each gate's frozen layers above it in backward
             (`lsg.prefix.run_suffix(checkpoint_above=True)`).
+        effective_batch_size, batch_size: the global and per-device batch, for `accumulation=None`.
+
+    Under DDP (`trainer.strategy=ddp`) every rank holds every gate and reads its share of each
+    global batch; DDP's own reducer is off (one forward serves many backward passes, one per
+    gate) and the gates' gradients are averaged over the ranks before each optimizer step, so
+    2 processes at batch b train the gates of 1 process at batch 2b (tests/test_sweep.py).
 
     Raises:
         ValueError: no layer, or a gate without trainable parameters.
     """
 
-    def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], lr: float, accumulation: int,
-                 activation_checkpointing: bool = False):
+    def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], lr: float, accumulation: int | None = None,
+                 activation_checkpointing: bool = False, effective_batch_size: int | None = None,
+                 batch_size: int | None = None):
         super().__init__(backbone)
         if not gates:
             raise ValueError("A sweep needs at least one layer.")
@@ -65,6 +73,9 @@ class SweepModule(FrozenBackboneModule):
         self.layers = sorted(backbone.check_layer(l) for l in gates)
         self.gates = torch.nn.ModuleDict({str(l): gates[l].float() for l in self.layers})
         self.lr, self.accumulation = lr, accumulation
+        self.effective_batch_size, self.batch_size = effective_batch_size, batch_size
+        if accumulation is None and (effective_batch_size is None or batch_size is None):
+            raise ValueError("SweepModule needs accumulation, or effective_batch_size and batch_size.")
         self.activation_checkpointing = bool(activation_checkpointing)
         self.automatic_optimization = False
         self._val: dict[int, dict[str, Answer]] = {l: {} for l in self.layers}
@@ -74,7 +85,31 @@ class SweepModule(FrozenBackboneModule):
     def gate(self, layer: int) -> Gate:
         return self.gates[str(layer)]
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.effective_batch_size is not None:
+            self.accumulation = accumulation_steps(self.effective_batch_size, self.batch_size, self.trainer.world_size)
+
+    def _without_ddp_reducer(self) -> None:
+        """Keep DDP's reducer out of this step's backward passes (one per gate, after one forward:
+        the reducer expects one); `average_gradients` does its averaging. Lightning sets the flag
+        back after each training step."""
+        model = self.trainer.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = False
+
+    def average_gradients(self) -> None:
+        """Every gate's gradient averaged over the ranks (DDP's mean), a no-op on one process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.gates.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self._without_ddp_reducer()
         inputs = model_inputs(batch)
         prefixes, _ = compute_prefixes(self.backbone, inputs, self.layers)
         n = len(batch["records"])
@@ -89,6 +124,7 @@ class SweepModule(FrozenBackboneModule):
             self.log(f"L{layer}/train_loss", loss.detach(), batch_size=n)
         if (batch_idx + 1) % self.accumulation == 0 or batch_idx + 1 >= self.trainer.num_training_batches:
             optimizer = self.optimizers()
+            self.average_gradients()
             optimizer.step()
             optimizer.zero_grad()
 

@@ -57,3 +57,21 @@ def test_sweep_refuses_many_devices_and_bad_layers(tmp_path):
         parse_sweep_layers("2,9", 4)
     with pytest.raises(ValueError, match="every:K"):
         parse_sweep_layers("every:0", 4)
+
+
+def test_two_ddp_processes_with_batch_b_sweep_the_gates_of_one_process_with_batch_2b(tmp_path):
+    """`sweep.py trainer.strategy=ddp trainer.devices=2` (gloo on the CPU): every rank holds every
+    gate, the gradients are averaged, and each layer's gate equals the one-process sweep at twice
+    the per-device batch (the effective batch is the same)."""
+    common = ["layers=[1,3]", "epochs=1", "data.n_train=32", "effective_batch_size=16", "trainer.accelerator=cpu"]
+    run("sweep.py", tmp_path, *common, "batch_size=8", f"out_dir={tmp_path / 'one'}")
+    run("sweep.py", tmp_path, *common, "batch_size=4", "trainer.devices=2", "trainer.strategy=ddp",
+        f"out_dir={tmp_path / 'two'}")
+    for layer in (1, 3):
+        name = f"lsg-L{layer}/gate-epoch1.safetensors"
+        one, two = Gate.load(tmp_path / "one" / name), Gate.load(tmp_path / "two" / name)
+        assert one.metadata["steps"] == two.metadata["steps"] == 2, "the effective batch must not grow with ranks"
+        assert not torch.equal(one.fc2.weight, torch.zeros_like(one.fc2.weight)), "the gate trained"
+        for (key, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=f"L{layer} {key}")
+        assert one.metadata["val"]["val/n"] == two.metadata["val"]["val/n"] == 14  # gathered over both ranks

@@ -6,7 +6,8 @@
 
 Writes `<out_dir>/lsg-L<l>/gate-epoch<e>.safetensors` and `val-epoch<e>.json` per layer, as
 `train.py layer=<l> run_dir=<out_dir>/lsg-L<l>` would, and resumes from `<out_dir>/last.safetensors`
-when re-run. One device: for many GPUs run the W&B sweep (conf/wandb-sweep.yaml), one agent per GPU.
+when re-run. Many GPUs: `trainer=ddp` (every rank holds every gate, gradients averaged), or the W&B
+sweep (lsg/conf/wandb-sweep.yaml), one agent per GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from lsg.cli.common import fast_dev_run_metrics, fit_gates, gate_run_identity, load_backbone_of, plain
 from lsg.specs import parse_sweep_layers
 from lsg.sweep import SweepExport, SweepModule
-from lsg.training import accumulation_steps, build_gate
+from lsg.training import build_gate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
@@ -32,11 +33,13 @@ def main(cfg: DictConfig) -> list[int]:
     gates = {l: build_gate(gate_cfg, backbone, cfg.seed) for l in layers}
     data_cfg = plain(cfg.data)
     trainer_cfg = plain(cfg.trainer)
-    if trainer_cfg.get("devices") not in (1, "1", None) or trainer_cfg.get("strategy", "auto") != "auto":
-        raise ValueError("sweep.py trains on one device (trainer.devices=1). For many GPUs, run one W&B agent per "
-                         "GPU over lsg/conf/wandb-sweep.yaml, or `python train.py -m layer=...` (README).")
-    accumulation = accumulation_steps(cfg.effective_batch_size, cfg.batch_size, 1)
-    module = SweepModule(backbone, gates, cfg.lr, accumulation, cfg.activation_checkpointing)
+    one_device = trainer_cfg.get("devices") in (1, "1", None)
+    if trainer_cfg.get("strategy", "auto") not in (("auto", "ddp") if one_device else ("ddp",)):
+        raise ValueError(f"sweep.py trains on one device, or on many with trainer.strategy=ddp (trainer=ddp); got "
+                         f"devices={trainer_cfg.get('devices')!r}, strategy={trainer_cfg.get('strategy')!r}. For one "
+                         f"job per GPU instead, run one W&B agent per GPU over lsg/conf/wandb-sweep.yaml (README).")
+    module = SweepModule(backbone, gates, cfg.lr, None, cfg.activation_checkpointing, cfg.effective_batch_size,
+                         cfg.batch_size)
     out_dir = Path(cfg.out_dir)
     identity = gate_run_identity(backbone, gates[layers[0]], data_cfg)
     module.identity = {**identity, "layers": layers}
@@ -44,7 +47,7 @@ def main(cfg: DictConfig) -> list[int]:
                            f"{backbone.name}-sweep-{len(layers)}-layers", plain(cfg.logger), accumulate=False)
     if fast_dev_run_metrics(trainer) is not None:
         return layers
-    print(f"Swept layers {layers}; gates and answers under {out_dir}. Next: python summarize.py {out_dir}")
+    print(f"Swept layers {layers}; gates and answers under {out_dir}. Next: python summarize.py sweep_dir={out_dir}")
     return layers
 
 
