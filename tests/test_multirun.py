@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -68,3 +69,33 @@ def test_a_failed_multirun_job_does_not_stop_the_others(tmp_path):
     assert "one process each" in result.stdout + result.stderr
     assert "layer=2" in (tmp_path / "multirun" / "1" / ".hydra" / "overrides.yaml").read_text()
     assert "layer=99" in (tmp_path / "multirun" / "0" / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_two_job_multirun_runs_through_submitit(tmp_path):
+    """hydra/launcher=submitit_local runs the jobs through submitit, as hydra/launcher=slurm does
+    on a cluster (the same plugin, another executor): both jobs train and export their gate."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", "model=tiny-random", "logger=none",
+            "layer=1,2", f"data.root={tmp_path / 'shapes'}", "data.n_train=8", "data.n_val=7", "batch_size=4",
+            "effective_batch_size=8", "epochs=1", "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path / 'multirun'}", f"run_dir={tmp_path}/run/lsg-L${{layer}}",
+            f"export_path={tmp_path}/ck/L${{layer}}.safetensors"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from lsg.gates import Gate
+
+    assert [Gate.load(tmp_path / "ck" / f"L{l}.safetensors").metadata["layer"] for l in (1, 2)] == [1, 2]
+    assert list((tmp_path / "multirun" / ".submitit").glob("*/*_result.pkl")), "the jobs ran through submitit"
+
+
+def test_the_slurm_launcher_configs_compose(tmp_path):
+    """hydra/launcher=slurm (and slurm-8gpu for a DDP sweep) compose onto the plugin's submitit_slurm."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    for app, launcher, want in (("train.py", "slurm", "gpus_per_node: 1"), ("sweep.py", "slurm-8gpu", "gpus_per_node: 8")):
+        result = subprocess.run([sys.executable, str(ROOT / app), f"hydra/launcher={launcher}", "--cfg", "hydra",
+                                 "--package", "hydra.launcher"], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in result.stdout
+        assert want in result.stdout and "timeout_min" in result.stdout

@@ -47,7 +47,9 @@ def main(cfg: DictConfig) -> list[int]:
                            f"{backbone.name}-sweep-{len(layers)}-layers", plain(cfg.logger), accumulate=False)
     if fast_dev_run_metrics(trainer) is not None:
         return layers
-    print(f"Swept layers {layers}; gates and answers under {out_dir}. Next: python summarize.py sweep_dir={out_dir}")
+    if trainer.is_global_zero:
+        print(f"Swept layers {layers}; gates and answers under {out_dir}. Next: python summarize.py "
+              f"sweep_dir={out_dir}")
     return layers
 
 
