@@ -24,14 +24,20 @@ built by transformers exactly as in the plain forward.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext
+from lsg.files import atomic_target, write_json
 from lsg.gates.base import Gate
 from lsg.scoring import decoder_hidden
 from lsg.segments import Segments
@@ -39,7 +45,9 @@ from lsg.sinks import SinkConfig
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "image_sizes", "image_grid_thw",
                 "mm_token_type_ids")
-PREFIX_CACHE_MB = 4096  # default host-memory budget of a PrefixCache (config: prefix_cache_mb)
+PREFIX_CACHE_MB = 4096  # default budget of a PrefixCache, MiB (config: prefix_cache_mb)
+PREFIX_CACHE_KINDS = ("host", "disk")  # where a PrefixCache keeps its entries (config: prefix_cache)
+PREFIX_SHARD_MB = 256  # MiB of prefix entries per safetensors shard of a disk store
 
 
 @dataclass
@@ -165,6 +173,14 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
     return out.last_hidden_state
 
 
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content, or None when it is absent or unreadable (a cache starts afresh)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class _Entry:
     input_ids: torch.Tensor  # (n,) real tokens, checked on every hit
@@ -175,9 +191,86 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.input_ids, self.hidden, *self.sink_phi.values()] + [
-            t for t in (self.vsink, self.position_ids) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The entry as named tensors (`sink_phi.<layer>` per layer), for a safetensors shard."""
+        out = {"input_ids": self.input_ids, "hidden": self.hidden,
+               **{f"sink_phi.{l}": v for l, v in self.sink_phi.items()}}
+        out.update({k: v for k, v in (("vsink", self.vsink), ("position_ids", self.position_ids)) if v is not None})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "_Entry":
+        return cls(tensors["input_ids"], tensors["hidden"], tensors.get("vsink"),
+                   {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("sink_phi.")},
+                   tensors.get("position_ids"))
+
+
+class HostStore(dict):
+    """Prefix entries in host memory: key -> `_Entry` (the default, `prefix_cache: host`)."""
+
+    def flush(self) -> None:
+        """Nothing to write: host entries live as long as the process."""
+
+
+class DiskStore:
+    """Prefix entries in safetensors shards under `folder`, memory-mapped when read
+    (`prefix_cache: disk`): a 10K-sample 7B prefix cache (~49 GB) lives on disk instead of in host
+    memory. New entries wait in memory until `shard_mb` of them are there (or `flush`), then go
+    to one shard; `index.json` maps each sample key to its shard, and carries `identity` (backbone
+    fingerprint, layer, sinks), so a resumed run reuses the shards of the same setup and a
+    different setup starts a new cache.
+
+    Args:
+        folder: the shards' folder (train.py: `<run_dir>/prefix-cache`).
+        identity: what the prefixes depend on; a stored index with another is discarded.
+        shard_mb: MiB of entries per shard.
+    """
+
+    def __init__(self, folder: str | Path, identity: dict, shard_mb: float = PREFIX_SHARD_MB):
+        self.folder, self.identity = Path(folder), json.loads(json.dumps(identity, default=str))
+        self.shard_bytes = int(shard_mb * 2**20)
+        self.index: dict[str, list] = {}  # key -> [shard file name, entry number]
+        self.pending: dict[str, _Entry] = {}
+        self._open: dict[str, Any] = {}
+        found = read_json(self.folder / "index.json")
+        if found is not None and found.get("identity") == self.identity:
+            self.index = {k: v for k, v in found["entries"].items() if (self.folder / v[0]).exists()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.pending or key in self.index
+
+    def get(self, key: str) -> _Entry | None:
+        if key in self.pending:
+            return self.pending[key]
+        if key not in self.index:
+            return None
+        shard, n = self.index[key]
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(self.folder / shard), "pt", device="cpu")  # memory-mapped
+        f = self._open[shard]
+        prefix = f"{n}/"
+        return _Entry.from_tensors({name[len(prefix):]: f.get_tensor(name) for name in f.keys()
+                                    if name.startswith(prefix)})
+
+    def __setitem__(self, key: str, entry: _Entry) -> None:
+        self.pending[key] = entry
+        if sum(e.nbytes for e in self.pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending entries as one shard (atomically) and the index after it."""
+        if not self.pending:
+            return
+        shard = f"shard-{len({v[0] for v in self.index.values()}):05d}-{os.getpid()}.safetensors"
+        tensors = {f"{n}/{name}": t.contiguous() for n, e in enumerate(self.pending.values())
+                   for name, t in e.tensors().items()}
+        with atomic_target(self.folder / shard) as tmp:
+            save_file(tensors, tmp)
+        self.index.update({k: [shard, n] for n, k in enumerate(self.pending)})
+        self.pending = {}
+        write_json(self.folder / "index.json", {"identity": self.identity, "entries": self.index})
 
 
 class PrefixCache:
@@ -193,17 +286,23 @@ class PrefixCache:
     Args:
         backbone: the loaded backbone.
         layer: the decoder layer the prefixes end at (the gate's layer).
-        budget_mb: host memory for stored prefixes, MiB (config `prefix_cache_mb`; 0 = off).
+        budget_mb: memory for stored prefixes, MiB (config `prefix_cache_mb`; 0 = off): host
+            memory, or disk space with `disk_dir`.
         sinks: sink configuration (default `backbone.sinks`).
+        disk_dir: keep the prefixes in memory-mapped safetensors shards in this folder
+            (`DiskStore`, config `prefix_cache: disk`) instead of host memory; a re-run with the
+            same backbone, layer and sinks reuses them.
     """
 
     def __init__(self, backbone: Backbone, layer: int, budget_mb: float = PREFIX_CACHE_MB,
-                 sinks: SinkConfig | None = None):
+                 sinks: SinkConfig | None = None, disk_dir: str | Path | None = None):
         self.backbone, self.layer = backbone, backbone.check_layer(layer)
         self.budget_bytes = int(budget_mb * 2**20)
         self.sinks = sinks if sinks is not None else backbone.sinks
-        self.store: dict[str, _Entry] = {}
-        self.nbytes = 0
+        identity = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "layer": self.layer,
+                    "sinks": self.sinks.to_dict(), "dtype": str(backbone.model.dtype)}
+        self.store: HostStore | DiskStore = HostStore() if disk_dir is None else DiskStore(disk_dir, identity)
+        self.nbytes = 0 if disk_dir is None else self._stored_bytes()
         self.hits = self.misses = 0
         self.full = False
 
@@ -223,7 +322,7 @@ class PrefixCache:
         if len(keys) != mask.shape[0]:
             raise ValueError(f"PrefixCache.prefix got {len(keys)} keys for a batch of {mask.shape[0]} rows.")
         rows = [inputs["input_ids"][b][mask[b]] for b in range(mask.shape[0])]
-        entries = [self._stored(k, ids) for k, ids in zip(keys, rows)]
+        entries = [self._stored(k, ids) for k, ids in zip(keys, rows)]  # read (memory-mapped) from a disk store
         if all(e is not None for e in entries):
             self.hits += len(keys)
             return self._assemble(inputs, entries)
@@ -234,7 +333,7 @@ class PrefixCache:
                            None if prefix.vsink is None else prefix.vsink[b][mask[b]].cpu(),
                            {l: phi[b][mask[b]].cpu() for l, phi in prefix.sink_phi.items()},
                            None if prefix.position_ids is None else prefix.position_ids[:, b][:, mask[b]].cpu())
-            old = self.store.get(key)
+            old = self.store.get(key)  # stored with other tokens (a reused key): the new sample replaces it
             grow = entry.nbytes - (old.nbytes if old is not None else 0)
             if self.nbytes + grow > self.budget_bytes:
                 self.full = True
@@ -242,6 +341,15 @@ class PrefixCache:
             self.store[key] = entry
             self.nbytes += grow
         return prefix
+
+    def _stored_bytes(self) -> int:
+        """Bytes of the entries a disk store found from an earlier run (their shards' sizes)."""
+        shards = {v[0] for v in self.store.index.values()}
+        return sum((self.store.folder / s).stat().st_size for s in shards)
+
+    def flush(self) -> None:
+        """Write what a disk store holds in memory (end of an epoch); a no-op in host memory."""
+        self.store.flush()
 
     def _assemble(self, inputs: dict[str, torch.Tensor], entries: list[_Entry]) -> Prefix:
         mask = inputs["attention_mask"].bool()
@@ -268,5 +376,7 @@ class PrefixCache:
     def stats(self) -> dict[str, float]:
         """Samples served from the store (`hits`) and computed (`misses`), stored MiB, and
         whether the budget was reached."""
+        samples = len(self.store) if isinstance(self.store, HostStore) else len(self.store.index) + len(
+            self.store.pending)
         return {"hits": self.hits, "misses": self.misses, "stored_mb": self.nbytes / 2**20,
-                "samples": len(self.store), "budget_reached": self.full}
+                "samples": samples, "budget_reached": self.full}

@@ -258,6 +258,9 @@ class GateTrainingModule(FrozenBackboneModule):
         prefix_cache_mb: host memory for the frozen prefix (hidden state entering `layer`,
             per sample; `lsg.prefix.PrefixCache`): epoch 2 and every validation after the
             first run layers `layer..L-1` only. Past the budget samples are recomputed.
+        prefix_cache_dir: keep the prefix cache on disk there (memory-mapped safetensors shards,
+            `lsg.prefix.DiskStore`; `prefix_cache_mb` is then the disk budget) instead of in
+            host memory; a resumed run reuses it. None = host memory.
         activation_checkpointing: recompute the frozen layers above `layer` in backward instead
             of keeping their activations (`lsg.prefix.run_suffix(checkpoint_above=True)`); the
             same gate, less memory (docs/large-models.md).
@@ -267,14 +270,15 @@ class GateTrainingModule(FrozenBackboneModule):
     """
 
     def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3,
-                 prefix_cache_mb: float = PREFIX_CACHE_MB, activation_checkpointing: bool = False):
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, activation_checkpointing: bool = False,
+                 prefix_cache_dir: str | Path | None = None):
         super().__init__(backbone)
         if not gate.trainable:
             raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
         self.activation_checkpointing = bool(activation_checkpointing)
         self.gate.float()
-        self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb)
+        self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb, disk_dir=prefix_cache_dir)
         self._val: dict[str, Answer] = {}  # record id -> answer (val_answers)
         self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
         self.val_answers: dict[str, Answer] = {}
@@ -330,10 +334,14 @@ class GateTrainingModule(FrozenBackboneModule):
         self._val.update(answers)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
 
+    def on_train_epoch_end(self) -> None:
+        self.prefixes.flush()  # a disk cache writes its last shard: a resumed run finds the epoch's prefixes
+
     def on_validation_epoch_end(self) -> None:
         """Accuracy over the whole validation split: under DDP every rank's answers are
         gathered, and records the distributed sampler repeated to even out ranks count once.
         Every rank logs the same gathered values."""
+        self.prefixes.flush()
         self.val_answers = gather_answers(self._val)
         for key, value in answer_metrics(self.val_answers).items():
             self.log(f"val/{key}", value, prog_bar=key == "acc")

@@ -148,3 +148,49 @@ def test_evaluate_many_gives_the_answers_of_separate_evaluations(tiny):
             assert many[name].predictions == alone.predictions, name
             assert many[name].correct == alone.correct
         assert set(timing) == {"prefix", *stacks}
+
+
+def test_a_disk_prefix_cache_serves_what_the_host_cache_serves_and_survives_a_restart(tiny, batch, tmp_path):
+    """`prefix_cache: disk` (issue 19): memory-mapped safetensors shards give the host cache's
+    prefixes; a new cache on the same folder (a resumed run) serves them without computing, and a
+    cache of another setup (other sinks) does not read them."""
+    ids = ["a", "b", "c", "d"]
+    host, disk = PrefixCache(tiny, 2), PrefixCache(tiny, 2, disk_dir=tmp_path / "pc")
+    for cache in (host, disk):
+        cache.prefix(batch, ids)
+    disk.flush()
+    assert list((tmp_path / "pc").glob("shard-*.safetensors")) and (tmp_path / "pc" / "index.json").exists()
+    resumed = PrefixCache(tiny, 2, disk_dir=tmp_path / "pc")
+    order = [2, 0, 3]
+    sub = {k: v[order] if torch.is_tensor(v) and v.dim() and v.shape[0] == 4 else v for k, v in batch.items()}
+    from_host, from_disk = host.prefix(sub, [ids[i] for i in order]), resumed.prefix(sub, [ids[i] for i in order])
+    assert resumed.stats()["hits"] == 3 and resumed.stats()["misses"] == 0
+    assert torch.equal(from_disk.hidden, from_host.hidden) and torch.equal(from_disk.vsink, from_host.vsink)
+    assert all(torch.equal(from_disk.sink_phi[l], from_host.sink_phi[l]) for l in from_host.sink_phi)
+    other = PrefixCache(tiny, 2, sinks=dataclasses.replace(tiny.sinks, tau_llm=9.0), disk_dir=tmp_path / "pc")
+    other.prefix(sub, [ids[i] for i in order])
+    assert other.stats()["hits"] == 0, "a cache of other sinks must not serve these prefixes"
+
+
+def test_train_py_with_a_disk_prefix_cache_trains_the_host_caches_gate(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lsg.gates import Gate
+
+    root = Path(__file__).resolve().parents[1]
+    gates = {}
+    for kind in ("host", "disk"):
+        args = [sys.executable, str(root / "train.py"), "model=tiny-random", "logger=none", "layer=2", "epochs=2",
+                f"data.root={tmp_path / 'shapes'}", "data.n_train=16", "data.n_val=7", "batch_size=4",
+                "effective_batch_size=8", f"prefix_cache={kind}", f"run_dir={tmp_path / kind}",
+                f"export_path={tmp_path / 'ck' / f'{kind}.safetensors'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+                "trainer.enable_progress_bar=false"]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        gates[kind] = Gate.load(tmp_path / kind / "gate-epoch2.safetensors")
+    assert list((tmp_path / "disk" / "prefix-cache").glob("shard-*.safetensors"))
+    assert not (tmp_path / "host" / "prefix-cache").exists()
+    for (key, a), b in zip(gates["host"].state_dict().items(), gates["disk"].state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=key)

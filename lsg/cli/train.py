@@ -21,6 +21,7 @@ from lsg.answers import answers_for, read_answers
 from lsg.datamodule import load_records
 from lsg.evaluation import EvalResult, evaluate_many, print_comparison
 from lsg.loggers import multirun_group
+from lsg.prefix import PREFIX_CACHE_KINDS
 from lsg.training import EpochGateExport, GateTrainingModule, build_gate
 
 
@@ -43,8 +44,11 @@ def main(cfg: DictConfig) -> dict:
     layer = backbone.check_layer(cfg.layer)
     gate = build_gate(plain(cfg.gate), backbone, cfg.seed)
     data_cfg = plain(cfg.data)
-    module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb, cfg.activation_checkpointing)
     run_dir = Path(cfg.run_dir)
+    if cfg.prefix_cache not in PREFIX_CACHE_KINDS:
+        raise ValueError(f"prefix_cache={cfg.prefix_cache!r}: use one of {', '.join(PREFIX_CACHE_KINDS)}.")
+    module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb, cfg.activation_checkpointing,
+                                run_dir / "prefix-cache" if cfg.prefix_cache == "disk" else None)
     identity = gate_run_identity(backbone, gate, data_cfg, layer=layer)
     module.identity = identity
     module.batch_log = Path(cfg.batch_log) if cfg.batch_log else None
