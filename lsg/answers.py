@@ -62,7 +62,11 @@ class Answer:
 
     @classmethod
     def from_dict(cls, id: str, data: dict) -> "Answer":
+        """The answer stored as `to_dict` wrote it. Files of the earlier format (`answer` for the
+        gold letter, no question) are read with an empty question, which `answers_for` never
+        matches, so their questions are answered again instead of trusted."""
         names = {f.name for f in fields(cls)}
+        data = {"gold": data.get("answer"), "question": "", **data}
         return cls(id=id, **{k: v for k, v in data.items() if k in names})
 
 
@@ -85,13 +89,8 @@ def answers_of(records: Sequence[VQARecord], predictions: Sequence[str], **per_q
 
 
 def processor_digest(backbone: Backbone) -> str:
-    """sha256 of what turns a question into tokens and pixels: the chat template, the system
-    prompt, the tokenizer's vocabulary size and the image processor's settings."""
-    image_processor = getattr(backbone.processor, "image_processor", None)
-    settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
-    return sha256_json({"template": getattr(backbone.processor, "chat_template", None),
-                        "system_prompt": backbone.system_prompt, "vocab": len(backbone.tokenizer),
-                        "image_processor": settings})
+    """`Backbone.processor_digest`: chat template, system prompt, vocabulary, image settings."""
+    return backbone.processor_digest()
 
 
 def questions_digest(records: Sequence[VQARecord]) -> str:

@@ -38,7 +38,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from lsg import embedded
 from lsg.configs import config_path, load_config
-from lsg.files import FINGERPRINT_HEX_DIGITS, write_json
+from lsg.files import FINGERPRINT_HEX_DIGITS, sha256_json, write_json
 from lsg.families import Family, LlavaFamily, get_family
 from lsg.segments import IGNORE_INDEX
 from lsg.sinks import SinkConfig
@@ -132,6 +132,16 @@ class Backbone:
         with _replaced_forwards([self.decoder_layers[l] for l in layers],
                                 lambda forward: functools.partial(_checkpointed, forward)):
             yield
+
+    def processor_digest(self) -> str:
+        """sha256 of what turns a question into tokens and pixels: the chat template, the system
+        prompt, the tokenizer's vocabulary size and the image processor's settings (answer and
+        prefix caches are keyed by it)."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else repr(image_processor)
+        return sha256_json({"template": getattr(self.processor, "chat_template", None),
+                            "system_prompt": self.system_prompt, "vocab": len(self.tokenizer),
+                            "image_processor": settings})
 
     @property
     def tokenizer(self):

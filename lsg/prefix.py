@@ -25,7 +25,7 @@ built by transformers exactly as in the plain forward.
 from __future__ import annotations
 
 import json
-import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -48,6 +48,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "image_
 PREFIX_CACHE_MB = 4096  # default budget of a PrefixCache, MiB (config: prefix_cache_mb)
 PREFIX_CACHE_KINDS = ("host", "disk")  # where a PrefixCache keeps its entries (config: prefix_cache)
 PREFIX_SHARD_MB = 256  # MiB of prefix entries per safetensors shard of a disk store
+SHARD_NAME_HEX_DIGITS = 16  # random hex digits naming a shard (unique among a cache's shards)
 
 
 @dataclass
@@ -143,6 +144,27 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
     return prefixes, (final if to_end else None)
 
 
+CHECKPOINTABLE_IMPLEMENTATIONS = ("sdpa",)  # base attention whose recompute equals the forward inside attach
+
+
+def checkpointable(backbone: Backbone) -> bool:
+    """Whether the layers above a gate can be checkpointed on this backbone. Their recompute runs
+    in `backward`, after `attach` has restored the backbone's own attention implementation; inside
+    `attach` an ungated layer runs SDPA (or the project's explicit path for an eager backbone), so
+    only an SDPA backbone recomputes the same graph. Others train without checkpointing (a warning,
+    once)."""
+    implementation = backbone.family.text_config(backbone.model)._attn_implementation or "sdpa"
+    if implementation in CHECKPOINTABLE_IMPLEMENTATIONS:
+        return True
+    if not getattr(backbone, "_warned_checkpointing", False):
+        import warnings
+
+        warnings.warn(f"activation_checkpointing needs attn_implementation=sdpa; this backbone runs "
+                      f"{implementation!r}, so the layers above the gate keep their activations.", stacklevel=3)
+        object.__setattr__(backbone, "_warned_checkpointing", True)
+    return False
+
+
 def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Sequence[Gate]] | None = None,
                gate_state: dict | None = None, checkpoint_above: bool = False) -> torch.Tensor:
     """Final hidden states `(B, T, D)` (after the final norm, no LM head) of the decoder run from
@@ -163,6 +185,8 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
         ValueError: a gate below `prefix.layer` (see `lsg.attach.attach`).
     """
     above = range(max(gates) + 1, backbone.num_layers) if checkpoint_above and gates else range(0)
+    if above and not checkpointable(backbone):
+        above = range(0)
     with attach(backbone, gates or {}, prefix.sinks, start_layer=prefix.layer, context=prefix.context()) as run, \
             backbone.checkpoint_decoder_layers(above):
         out = backbone.family.language_model(backbone.model)(
@@ -263,7 +287,7 @@ class DiskStore:
         """Write the pending entries as one shard (atomically) and the index after it."""
         if not self.pending:
             return
-        shard = f"shard-{len({v[0] for v in self.index.values()}):05d}-{os.getpid()}.safetensors"
+        shard = f"shard-{uuid.uuid4().hex[:SHARD_NAME_HEX_DIGITS]}.safetensors"  # never an existing shard's name
         tensors = {f"{n}/{name}": t.contiguous() for n, e in enumerate(self.pending.values())
                    for name, t in e.tensors().items()}
         with atomic_target(self.folder / shard) as tmp:
@@ -289,22 +313,37 @@ class PrefixCache:
         budget_mb: memory for stored prefixes, MiB (config `prefix_cache_mb`; 0 = off): host
             memory, or disk space with `disk_dir`.
         sinks: sink configuration (default `backbone.sinks`).
-        disk_dir: keep the prefixes in memory-mapped safetensors shards in this folder
-            (`DiskStore`, config `prefix_cache: disk`) instead of host memory; a re-run with the
-            same backbone, layer and sinks reuses them.
+        disk_dir: keep the prefixes in memory-mapped safetensors shards under this folder
+            (`DiskStore`, config `prefix_cache: disk`) instead of host memory, one subfolder per
+            DDP rank (`rank<r>`: each rank reads its own share of the data); a re-run with the same
+            backbone (weights, processor), layer, sinks and `identity` reuses them. The budget is
+            per rank.
+        identity: what else the prefixes depend on (e.g. the data config), for a disk store.
     """
 
     def __init__(self, backbone: Backbone, layer: int, budget_mb: float = PREFIX_CACHE_MB,
-                 sinks: SinkConfig | None = None, disk_dir: str | Path | None = None):
+                 sinks: SinkConfig | None = None, disk_dir: str | Path | None = None, identity: dict | None = None):
         self.backbone, self.layer = backbone, backbone.check_layer(layer)
         self.budget_bytes = int(budget_mb * 2**20)
         self.sinks = sinks if sinks is not None else backbone.sinks
-        identity = {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "layer": self.layer,
-                    "sinks": self.sinks.to_dict(), "dtype": str(backbone.model.dtype)}
-        self.store: HostStore | DiskStore = HostStore() if disk_dir is None else DiskStore(disk_dir, identity)
-        self.nbytes = 0 if disk_dir is None else self._stored_bytes()
+        self.disk_dir = Path(disk_dir) if disk_dir is not None else None
+        self.identity = {"backbone": backbone.name, "fingerprint": backbone.fingerprint,
+                         "processor": backbone.processor_digest(), "layer": self.layer,
+                         "sinks": self.sinks.to_dict(), "dtype": str(backbone.model.dtype), **(identity or {})}
+        self._store: HostStore | DiskStore | None = HostStore() if disk_dir is None else None
+        self.nbytes = 0
         self.hits = self.misses = 0
         self.full = False
+
+    @property
+    def store(self) -> HostStore | DiskStore:
+        """The entries; a disk store opens at first use, when the DDP rank is known."""
+        if self._store is None:
+            rank = torch.distributed.get_rank() if (torch.distributed.is_available()
+                                                    and torch.distributed.is_initialized()) else 0
+            self._store = DiskStore(self.disk_dir / f"rank{rank}", self.identity)
+            self.nbytes = self._stored_bytes()
+        return self._store
 
     def _stored(self, key: str, ids: torch.Tensor) -> _Entry | None:
         entry = self.store.get(key)
@@ -349,7 +388,8 @@ class PrefixCache:
 
     def flush(self) -> None:
         """Write what a disk store holds in memory (end of an epoch); a no-op in host memory."""
-        self.store.flush()
+        if self._store is not None:
+            self._store.flush()
 
     def _assemble(self, inputs: dict[str, torch.Tensor], entries: list[_Entry]) -> Prefix:
         mask = inputs["attention_mask"].bool()

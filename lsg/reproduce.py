@@ -60,11 +60,13 @@ def _list(values: Sequence[str]) -> str:
 
 def gate_specs(exp: dict, out: Path) -> dict[str, str]:
     """Report row name -> gate spec of every method the evaluate stage scores."""
-    sweep, lsg_layer = out / "sweep", exp["lsg_layer"]
-    specs = {f"LSG L{lsg_layer}": f"ckpt:{sweep}/lsg-L{lsg_layer}/gate-epoch{exp['export_epoch']}.safetensors",
-             f"stack ({exp['stack']['policy']})": f"stack:{out}/stack/stack-{exp['stack']['policy']}.json"}
+    sweep, lsg_layer, skip = out / "sweep", exp["lsg_layer"], set(exp.get("skip", []))
+    specs = {} if "sweep" in skip else {
+        f"LSG L{lsg_layer}": f"ckpt:{sweep}/lsg-L{lsg_layer}/gate-epoch{exp['export_epoch']}.safetensors"}
+    if "stack" not in skip:
+        specs[f"stack ({exp['stack']['policy']})"] = f"stack:{out}/stack/stack-{exp['stack']['policy']}.json"
     specs.update({name.upper(): name for name in exp["free"]})
-    if exp["lora"]["enabled"]:
+    if exp["lora"]["enabled"] and "lora" not in skip:
         specs[f"LoRA L{lsg_layer}"] = f"ckpt:{out}/lora/lora-L{lsg_layer}.safetensors"  # = the lora stage's export
     return specs
 
@@ -124,7 +126,10 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
         if exp["lsg_layer"] not in parse_sweep_layers(swept, LAYER_BOUND):
             raise ValueError(f"lsg_layer={exp['lsg_layer']} is not among the swept layers {swept}: the report's "
                              f"LSG row reads that layer's gate from the sweep.")
-    return [s for s in stages if s.name.split("-")[0] not in exp.get("skip", [])]
+    skip = set(exp.get("skip", []))
+    if "evaluate" in skip:
+        skip.add("report")  # the report reads the evaluations
+    return [s for s in stages if s.name.split("-")[0] not in skip]
 
 
 def done_path(out_dir: Path, stage: Stage) -> Path:
@@ -142,16 +147,21 @@ def run_plan(stages: Sequence[Stage], exp: dict, out_dir: Path, log=print) -> di
     """
     out_dir = Path(out_dir)
     record = {}
+    rerun = False  # once a stage runs, every later one runs too: it reads that stage's outputs
     for stage in stages:
         marker = done_path(out_dir, stage)
-        if marker.exists():
-            record[stage.name] = {**json.loads(marker.read_text()), "skipped": True}
-            log(f"[{stage.name}] done before ({record[stage.name]['wall_s']:.0f} s); skipped")
+        earlier = json.loads(marker.read_text()) if marker.exists() else None
+        if earlier is not None and not rerun and earlier.get("command") == stage.shell():
+            record[stage.name] = {**earlier, "skipped": True}
+            log(f"[{stage.name}] done before ({earlier['wall_s']:.0f} s); skipped")
             continue
+        if earlier is not None:
+            log(f"[{stage.name}] settings or an earlier stage changed: running it again")
+        rerun = True
         log(f"[{stage.name}] {stage.shell()}")
         start = time.perf_counter()
         if stage.app is None:
-            write_report(exp, out_dir, {**record, stage.name: {"wall_s": 0.0, "command": "in-process"}})
+            write_report(exp, out_dir, {**record, stage.name: {"wall_s": 0.0, "command": stage.shell()}})
         else:
             result = subprocess.run(stage.command(), cwd=Path.cwd())
             if result.returncode != 0:
@@ -199,8 +209,8 @@ def write_report(exp: dict, out_dir: Path, record: dict) -> tuple[Path, Path]:
              "| benchmark | method | ours: accuracy | ours: delta [95% CI] | p | paper: delta (benchmark, baseline) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        paper = (f"{r['paper']:+.2f} ({r['paper_benchmark']}, {r['paper_baseline']:.2f})" if r["paper"] is not None
-                 else "-")
+        baseline = f", {r['paper_baseline']:.2f}" if r["paper_baseline"] is not None else ""
+        paper = f"{r['paper']:+.2f} ({r['paper_benchmark']}{baseline})" if r["paper"] is not None else "-"
         lines.append(f"| {r['benchmark']} | {r['method']} | {r['accuracy']:.1f} (baseline {r['baseline']:.1f}) | "
                      f"{cell(r)} | {r['p']:.2f} | {paper} |")
     lines += ["", "## Stages", "", "| stage | wall time | command |", "|---|---|---|"]

@@ -163,7 +163,11 @@ def _named_gate(element: str, name: str, arg: str, layer_text: str, backbone: Ba
     elif default != "auto":
         chosen = parse_layers(str(default), backbone.num_layers)
     else:
-        chosen = gate.default_layers(backbone.num_layers)
+        try:
+            chosen = gate.default_layers(backbone.num_layers)
+        except ValueError as error:
+            example = f"{name}@10" + (f":{arg}" if arg else "")
+            raise ValueError(f"{element!r}: {error} Give the layers in the spec, e.g. {example}.") from None
     return gate, chosen, {"gate": cls.name, "config": gate.config(), "layers": chosen}
 
 
@@ -192,6 +196,9 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_m
         head, _, arg = element.partition(":")
         name, _, layer_text = head.partition("@")
         path = checkpoint_path(element)
+        if path is None and name == CHECKPOINT_SPECS[0]:
+            raise ValueError(f"{element!r}: give the trained gate's checkpoint, e.g. ckpt:checkpoints/"
+                             f"{backbone.name}/lsg-L10.safetensors")
         if path is not None:
             gate, chosen, ident = _checkpoint_gate(element, path, layer_text, backbone, allow_layer_move)
         else:

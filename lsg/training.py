@@ -261,6 +261,7 @@ class GateTrainingModule(FrozenBackboneModule):
         prefix_cache_dir: keep the prefix cache on disk there (memory-mapped safetensors shards,
             `lsg.prefix.DiskStore`; `prefix_cache_mb` is then the disk budget) instead of in
             host memory; a resumed run reuses it. None = host memory.
+        data_identity: the data config, so a disk cache is not reused for other data.
         activation_checkpointing: recompute the frozen layers above `layer` in backward instead
             of keeping their activations (`lsg.prefix.run_suffix(checkpoint_above=True)`); the
             same gate, less memory (docs/large-models.md).
@@ -271,14 +272,15 @@ class GateTrainingModule(FrozenBackboneModule):
 
     def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3,
                  prefix_cache_mb: float = PREFIX_CACHE_MB, activation_checkpointing: bool = False,
-                 prefix_cache_dir: str | Path | None = None):
+                 prefix_cache_dir: str | Path | None = None, data_identity: dict | None = None):
         super().__init__(backbone)
         if not gate.trainable:
             raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
         self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
         self.activation_checkpointing = bool(activation_checkpointing)
         self.gate.float()
-        self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb, disk_dir=prefix_cache_dir)
+        self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb, disk_dir=prefix_cache_dir,
+                                                identity={"data": data_identity})
         self._val: dict[str, Answer] = {}  # record id -> answer (val_answers)
         self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
         self.val_answers: dict[str, Answer] = {}

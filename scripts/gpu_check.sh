@@ -86,7 +86,7 @@ echo "== sweep.py (shared prefix, bf16-mixed), summarize, oracle grid, greedy st
 python3 sweep.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" logger=none batch_size=8 \
     effective_batch_size=16 epochs=1 trainer.accelerator=gpu trainer.precision=bf16-mixed \
     trainer.enable_progress_bar=false "out_dir=$WORK/sweep" "hydra.run.dir=$WORK/h6" 2>&1 | tail -4
-python3 summarize.py "$WORK/sweep" --logger none | tail -8
+python3 summarize.py "sweep_dir=$WORK/sweep" logger=none "hydra.run.dir=$WORK/h6b" | tail -8
 python3 oracle.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" "alphas=[0.0,0.5,1.0]" \
     logger=none "out_dir=$WORK/oracle" "hydra.run.dir=$WORK/h7" 2>&1 | tail -5
 python3 stack.py "${MODEL[@]}" "${DATA[@]}" data.n_test=28 model.dtype=bfloat16 "candidates_dir=$WORK/sweep" \

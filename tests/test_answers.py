@@ -62,3 +62,20 @@ def test_a_ckpt_spec_loads_any_trained_gate_and_lsg_is_its_alias(tmp_path, tiny)
         parse_stack("lora@1", tiny, cfg)
     with pytest.raises(ValueError, match="takes no ':' argument"):
         parse_stack("var@1:0.5", tiny, cfg)
+
+
+def test_answer_files_of_the_earlier_format_are_read_but_never_trusted(tmp_path):
+    """A `val-epoch*.json` written before the answer store (`answer` for the gold letter, no
+    question) still summarizes, and answers_for asks for those questions again."""
+    import json
+
+    from lsg.answers import answers_for, read_answers
+    from lsg.data import VQARecord
+
+    (tmp_path / "val-epoch1.json").write_text(json.dumps({"epoch": 1, "answers": {
+        "q0": {"subtask": "count", "answer": "A", "prediction": "B", "baseline": "A", "ratios": [0.5, 0.5]}}}))
+    info, stored = read_answers(tmp_path / "val-epoch1.json")
+    assert info == {"epoch": 1} and stored["q0"].gold == "A" and stored["q0"].baseline == "A"
+    record = VQARecord(id="q0", question="How many?", answer="A", subtask="count", options=("1", "2"),
+                       answer_letter="A")
+    assert answers_for([record], stored) is None

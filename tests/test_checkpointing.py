@@ -74,3 +74,26 @@ def test_hub_backbones_train_with_checkpointing_by_default(model):
 
     assert load_config("model", model)["activation_checkpointing"] is True
     assert "activation_checkpointing" not in load_config("model", "smol-llava")
+
+
+def test_an_eager_backbone_trains_without_checkpointing_and_says_so(tiny_eager):
+    """The recompute runs after attach has restored the backbone's own attention; only SDPA
+    recomputes the same graph, so an eager backbone keeps its activations (and warns) instead
+    of failing in backward."""
+    images, questions, answers = samples(2)
+    batch = tiny_eager.build_batch(images, questions, answers)
+    prefix = compute_prefixes(tiny_eager, batch, [LAYER])[0][LAYER]
+    grads = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        gate = LSGGate(tiny_eager.hidden_size, "vsink-lsink-ordinary")
+        with torch.no_grad():
+            gate.fc2.weight.normal_()
+        if checkpoint:
+            with pytest.warns(UserWarning, match="activation_checkpointing needs attn_implementation=sdpa"):
+                hidden = run_suffix(tiny_eager, prefix, {LAYER: gate}, checkpoint_above=True)
+        else:
+            hidden = run_suffix(tiny_eager, prefix, {LAYER: gate})
+        answer_loss(tiny_eager, batch, hidden).backward()
+        grads.append(gate.fc2.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=0, rtol=0)

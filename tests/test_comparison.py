@@ -223,3 +223,11 @@ def test_bad_device_and_weightless_folder_get_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="No weight files"):
         weights_fingerprint(tmp_path)
+
+
+def test_spec_errors_name_the_spec_the_user_wrote(tiny):
+    cfg = backbone_config("tiny-random")
+    with pytest.raises(ValueError, match=r"'oracle:0.3'.*e.g. oracle@10:0.3"):
+        parse_stack("oracle:0.3", tiny, cfg)
+    with pytest.raises(ValueError, match="give the trained gate's checkpoint, e.g. ckpt:"):
+        parse_stack("ckpt@2", tiny, cfg)

@@ -159,7 +159,8 @@ def test_a_disk_prefix_cache_serves_what_the_host_cache_serves_and_survives_a_re
     for cache in (host, disk):
         cache.prefix(batch, ids)
     disk.flush()
-    assert list((tmp_path / "pc").glob("shard-*.safetensors")) and (tmp_path / "pc" / "index.json").exists()
+    assert list((tmp_path / "pc" / "rank0").glob("shard-*.safetensors"))  # one folder per DDP rank
+    assert (tmp_path / "pc" / "rank0" / "index.json").exists()
     resumed = PrefixCache(tiny, 2, disk_dir=tmp_path / "pc")
     order = [2, 0, 3]
     sub = {k: v[order] if torch.is_tensor(v) and v.dim() and v.shape[0] == 4 else v for k, v in batch.items()}
@@ -190,7 +191,7 @@ def test_train_py_with_a_disk_prefix_cache_trains_the_host_caches_gate(tmp_path)
         result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         gates[kind] = Gate.load(tmp_path / kind / "gate-epoch2.safetensors")
-    assert list((tmp_path / "disk" / "prefix-cache").glob("shard-*.safetensors"))
+    assert list((tmp_path / "disk" / "prefix-cache").glob("rank0/shard-*.safetensors"))
     assert not (tmp_path / "host" / "prefix-cache").exists()
     for (key, a), b in zip(gates["host"].state_dict().items(), gates["disk"].state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=key)

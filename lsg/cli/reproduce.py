@@ -29,6 +29,8 @@ def main(cfg: DictConfig) -> dict:
     if cfg.dry_run:
         return {"plan": [{"name": s.name, "command": s.shell()} for s in stages]}
     record = run_plan(stages, exp, out_dir)
+    if not any(s.name == "report" for s in stages):
+        return {"stages": record}
     print((out_dir / "report.md").read_text())
     rows = report_rows(exp, out_dir)
     cols = ["benchmark", "method", "accuracy", "delta", "ci_low", "ci_high", "p", "paper"]

@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> dict:
     if cfg.prefix_cache not in PREFIX_CACHE_KINDS:
         raise ValueError(f"prefix_cache={cfg.prefix_cache!r}: use one of {', '.join(PREFIX_CACHE_KINDS)}.")
     module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb, cfg.activation_checkpointing,
-                                run_dir / "prefix-cache" if cfg.prefix_cache == "disk" else None)
+                                run_dir / "prefix-cache" if cfg.prefix_cache == "disk" else None, data_cfg)
     identity = gate_run_identity(backbone, gate, data_cfg, layer=layer)
     module.identity = identity
     module.batch_log = Path(cfg.batch_log) if cfg.batch_log else None
