@@ -88,11 +88,6 @@ def answers_of(records: Sequence[VQARecord], predictions: Sequence[str], **per_q
     return out
 
 
-def processor_digest(backbone: Backbone) -> str:
-    """`Backbone.processor_digest`: chat template, system prompt, vocabulary, image settings."""
-    return backbone.processor_digest()
-
-
 def questions_digest(records: Sequence[VQARecord]) -> str:
     """sha256 over the questions in order: ids, texts and reference answers."""
     return sha256_json([(r.id, r.question, r.answer) for r in records])
@@ -105,7 +100,7 @@ def answer_context(backbone: Backbone, records: Sequence[VQARecord], **source) -
     come from: `data=<data config>, split=...` (compare, oracle, stack) or
     `benchmark=<identity>, data=<files digest>` (evaluate)."""
     return {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "dtype": str(backbone.model.dtype),
-            "sinks": backbone.sinks.to_dict(), "processor": processor_digest(backbone),
+            "sinks": backbone.sinks.to_dict(), "processor": backbone.processor_digest(),
             "questions": questions_digest(records), "source": source}
 
 

@@ -52,6 +52,14 @@ def write_json(path: str | Path, data: Any, indent: int | None = None) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=indent, default=str))
 
 
+def read_json(path: str | Path) -> Any | None:
+    """A JSON file's content, or None when it is absent or unreadable (a cache then starts afresh)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in `READ_CHUNK_BYTES` chunks.
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext
-from lsg.files import atomic_target, write_json
+from lsg.files import atomic_target, read_json, write_json
 from lsg.gates.base import Gate
 from lsg.scoring import decoder_hidden
 from lsg.segments import Segments
@@ -152,16 +153,12 @@ def checkpointable(backbone: Backbone) -> bool:
     in `backward`, after `attach` has restored the backbone's own attention implementation; inside
     `attach` an ungated layer runs SDPA (or the project's explicit path for an eager backbone), so
     only an SDPA backbone recomputes the same graph. Others train without checkpointing (a warning,
-    once)."""
+    shown once per call site by Python's default warning filter)."""
     implementation = backbone.family.text_config(backbone.model)._attn_implementation or "sdpa"
     if implementation in CHECKPOINTABLE_IMPLEMENTATIONS:
         return True
-    if not getattr(backbone, "_warned_checkpointing", False):
-        import warnings
-
-        warnings.warn(f"activation_checkpointing needs attn_implementation=sdpa; this backbone runs "
-                      f"{implementation!r}, so the layers above the gate keep their activations.", stacklevel=3)
-        object.__setattr__(backbone, "_warned_checkpointing", True)
+    warnings.warn(f"activation_checkpointing needs attn_implementation=sdpa; this backbone runs "
+                  f"{implementation!r}, so the layers above the gate keep their activations.", stacklevel=3)
     return False
 
 
@@ -195,14 +192,6 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
         if gate_state is not None:
             gate_state.update(run.ctx.gate_state)
     return out.last_hidden_state
-
-
-def read_json(path: Path) -> Any | None:
-    """A JSON file's content, or None when it is absent or unreadable (a cache starts afresh)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass
@@ -240,8 +229,8 @@ class HostStore(dict):
 
 class DiskStore:
     """Prefix entries in safetensors shards under `folder`, memory-mapped when read
-    (`prefix_cache: disk`): a 10K-sample 7B prefix cache (~49 GB) lives on disk instead of in host
-    memory. New entries wait in memory until `shard_mb` of them are there (or `flush`), then go
+    (`prefix_cache: disk`): a 10K-sample LLaVA-1.5-7B cache (10K x 680 tokens x 4096 x 2 bytes = 56 GB,
+    computed) lives on disk instead of in host memory. New entries wait in memory until `shard_mb` of them are there (or `flush`), then go
     to one shard; `index.json` maps each sample key to its shard, and carries `identity` (backbone
     fingerprint, layer, sinks), so a resumed run reuses the shards of the same setup and a
     different setup starts a new cache.
@@ -257,13 +246,17 @@ class DiskStore:
         self.shard_bytes = int(shard_mb * 2**20)
         self.index: dict[str, list] = {}  # key -> [shard file name, entry number]
         self.pending: dict[str, _Entry] = {}
-        self._open: dict[str, Any] = {}
+        self.pending_bytes = 0
+        self._open: dict[str, tuple[Any, dict[int, list[str]]]] = {}  # shard -> (handle, entry -> tensor names)
         found = read_json(self.folder / "index.json")
         if found is not None and found.get("identity") == self.identity:
             self.index = {k: v for k, v in found["entries"].items() if (self.folder / v[0]).exists()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.pending or key in self.index
+
+    def __len__(self) -> int:
+        return len(self.index.keys() | self.pending.keys())
 
     def get(self, key: str) -> _Entry | None:
         if key in self.pending:
@@ -272,15 +265,19 @@ class DiskStore:
             return None
         shard, n = self.index[key]
         if shard not in self._open:
-            self._open[shard] = safe_open(str(self.folder / shard), "pt", device="cpu")  # memory-mapped
-        f = self._open[shard]
-        prefix = f"{n}/"
-        return _Entry.from_tensors({name[len(prefix):]: f.get_tensor(name) for name in f.keys()
-                                    if name.startswith(prefix)})
+            handle = safe_open(str(self.folder / shard), "pt", device="cpu")  # memory-mapped
+            names: dict[int, list[str]] = {}
+            for name in handle.keys():
+                names.setdefault(int(name.split("/", 1)[0]), []).append(name)
+            self._open[shard] = (handle, names)
+        handle, names = self._open[shard]
+        return _Entry.from_tensors({name.split("/", 1)[1]: handle.get_tensor(name) for name in names[n]})
 
     def __setitem__(self, key: str, entry: _Entry) -> None:
+        old = self.pending.get(key)
         self.pending[key] = entry
-        if sum(e.nbytes for e in self.pending.values()) >= self.shard_bytes:
+        self.pending_bytes += entry.nbytes - (old.nbytes if old is not None else 0)
+        if self.pending_bytes >= self.shard_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -293,7 +290,7 @@ class DiskStore:
         with atomic_target(self.folder / shard) as tmp:
             save_file(tensors, tmp)
         self.index.update({k: [shard, n] for n, k in enumerate(self.pending)})
-        self.pending = {}
+        self.pending, self.pending_bytes = {}, 0
         write_json(self.folder / "index.json", {"identity": self.identity, "entries": self.index})
 
 
@@ -416,7 +413,5 @@ class PrefixCache:
     def stats(self) -> dict[str, float]:
         """Samples served from the store (`hits`) and computed (`misses`), stored MiB, and
         whether the budget was reached."""
-        samples = len(self.store) if isinstance(self.store, HostStore) else len(self.store.index) + len(
-            self.store.pending)
         return {"hits": self.hits, "misses": self.misses, "stored_mb": self.nbytes / 2**20,
-                "samples": samples, "budget_reached": self.full}
+                "samples": len(self.store), "budget_reached": self.full}

@@ -82,13 +82,15 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
     common = [*model, f"logger={exp['logger']}"]
     data = [f"data={exp['data']}", *exp.get("data_overrides", [])]
     training = [f"{k}={v}" for k, v in exp["training"].items()]
+    layers = exp["layers"]
+    layers = _list([str(l) for l in layers]) if isinstance(layers, (list, tuple)) else layers
     sweep = out / "sweep"
     stages = [
         Stage("calibrate", "calibrate", [*model, *data,
                                          f"n_samples={exp['calibrate']['n_samples']}", f"out_dir={out / 'calibrate'}",
                                          f"hydra.run.dir={out / 'hydra' / 'calibrate'}"],
               [str(out / "calibrate" / "sink-histograms.png")]),
-        Stage("sweep", "sweep", [*common, *data, *training, f"layers={exp['layers']}", f"out_dir={sweep}",
+        Stage("sweep", "sweep", [*common, *data, *training, f"layers={layers}", f"out_dir={sweep}",
                                  f"hydra.run.dir={out / 'hydra' / 'sweep'}"],
               [str(sweep / f"lsg-L{exp['lsg_layer']}" / f"gate-epoch{exp['export_epoch']}.safetensors")]),
         Stage("summarize", "summarize", [f"sweep_dir={sweep}", f"out={out / 'summary'}", f"epoch={exp['export_epoch']}",
@@ -108,9 +110,6 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
                                               f"export_epoch={exp['export_epoch']}",
                                               f"hydra.run.dir={out / 'hydra' / 'lora'}"], [str(lora)]))
     specs = gate_specs(exp, out)
-    layers = exp["layers"]
-    stages[1].overrides[stages[1].overrides.index(f"layers={layers}")] = (
-        f"layers={_list([str(l) for l in layers])}" if isinstance(layers, (list, tuple)) else f"layers={layers}")
     for bench in exp["benchmarks"]:
         name = bench["name"]
         stages.append(Stage(f"evaluate-{name}", "evaluate", [
