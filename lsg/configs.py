@@ -1,14 +1,16 @@
 """Where the shipped Hydra configs live, and reading one of them outside Hydra.
 
-The configs are package data (`lsg/conf/`), so a non-editable install finds them; the
-entry points (`lsg.cli`) point Hydra at the same folder.
+The configs sit in the repository's top-level `conf/` and ship inside the wheel as the package
+`lsg.conf` (pyproject `package-dir`), so an editable and a non-editable install find them the same
+way; the entry points (`lsg.cli`) point Hydra at the same package (`pkg://lsg.conf`).
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(str(files("lsg.conf")))
 
 
 def config_path(group: str, name: str) -> Path:

@@ -2,7 +2,7 @@
 evaluate -> report (issue 19; SPEC sections 3, 6, 7).
 
 A plan is a list of `Stage`s, each one command of this project (`python -m lsg.cli.<app> ...`)
-with its overrides, composed from an experiment config (`lsg/conf/experiment/*.yaml`). A stage
+with its overrides, composed from an experiment config (`conf/experiment/*.yaml`). A stage
 that finished leaves `<out_dir>/stages/<name>.json` (its command, exit status and wall time) and
 is skipped when the plan runs again; an interrupted stage resumes through its own command's
 resume (training from its last optimizer step, evaluations from the answer store).
@@ -72,7 +72,7 @@ def gate_specs(exp: dict, out: Path) -> dict[str, str]:
 
 
 def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
-    """The stages of an experiment (`lsg/conf/experiment/<name>.yaml` values, resolved), in order.
+    """The stages of an experiment (`conf/experiment/<name>.yaml` values, resolved), in order.
 
     Raises:
         ValueError: the LSG layer the report reads is not among the swept layers, or an unknown stage.

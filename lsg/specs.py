@@ -12,7 +12,7 @@ A spec is `name[@layers][:arg]`; a stack joins specs with `+`.
     ckpt:a+ckpt:b+var@2-5       a stack mixing trained and training-free gates
     stack:runs/stack/smol-llava/stack-keep-all.json    a stack manifest written by stack.py
 
-A named gate's hyperparameters come from its config, `lsg/conf/gate/<name>.yaml`, resolved
+A named gate's hyperparameters come from its config, `conf/gate/<name>.yaml`, resolved
 against the backbone's `model=` config; the gate class builds itself from it and from the
 spec's argument (`Gate.from_spec`), so adding a gate needs no branch here. A stack manifest
 (JSON: backbone, fingerprint, sinks, one entry per gate with its spec and, for checkpoints,
@@ -104,7 +104,7 @@ def parse_sweep_layers(spec: str | int | Sequence[int], num_layers: int) -> list
 
 
 def gate_config(name: str, backbone_cfg: dict) -> dict:
-    """`lsg/conf/gate/<name>.yaml` resolved against the backbone's config (for `${model.*}`).
+    """`conf/gate/<name>.yaml` resolved against the backbone's config (for `${model.*}`).
 
     Raises:
         ValueError: no such gate config; the message lists the known gates.
@@ -280,7 +280,7 @@ def load_manifest(path: Path, backbone: Backbone, backbone_cfg: dict | None = No
 
     Args:
         backbone_cfg: the backbone's `model=` config (gate configs read `lsg_grouping` and
-            `${model.*}` from it); None = the shipped `lsg/conf/model/<backbone.name>.yaml`.
+            `${model.*}` from it); None = the shipped `conf/model/<backbone.name>.yaml`.
 
     Raises:
         see `manifest_specs` and `parse_stack`.

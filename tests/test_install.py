@@ -32,8 +32,10 @@ def test_the_wheel_holds_the_configs_and_the_embedded_weights(installed):
     names = {p.relative_to(installed).as_posix() for p in installed.rglob("*") if p.is_file()}
     assert "lsg/conf/train.yaml" in names and "lsg/conf/gate/lsg.yaml" in names
     assert {"lsg/conf/hydra/launcher/slurm.yaml", "lsg/conf/experiment/smol_paper.yaml"} <= names
-    shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lsg" / "conf").rglob("*.yaml")}
+    shipped = {"lsg/conf/" + p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert shipped <= names, f"configs left out of the wheel: {sorted(shipped - names)}"
+    packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "lsg").rglob("__init__.py")}
+    assert {f"{p}/__init__.py" for p in packages} <= names, "a package is missing from pyproject's `packages`"
     assert {"lsg/embedded/weights/vision.safetensors", "lsg/embedded/weights/embedded.json"} <= names
     assert {f"bin/lsg-{c}" for c in ("train", "sweep", "compare", "evaluate", "summarize")} <= names
 

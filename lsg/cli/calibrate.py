@@ -20,7 +20,7 @@ from lsg.datamodule import load_records
 from lsg.evaluation import images_and_questions
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     # eager: attention weights for the share statistic
     backbone, _ = load_backbone_of(cfg, attn_implementation="eager", device=cfg.device)

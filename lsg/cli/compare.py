@@ -19,7 +19,7 @@ from lsg.comparison import columns, compare, plot_deltas, write_table
 from lsg.datamodule import load_records
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="compare")
 def main(cfg: DictConfig) -> list[dict]:
     backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)

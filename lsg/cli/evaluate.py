@@ -22,7 +22,7 @@ from lsg.benchmarks.run import evaluate_benchmark
 from lsg.cli.common import load_backbone_of, log_results, plain
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
     backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
     bench_cfg = plain(cfg.benchmark)

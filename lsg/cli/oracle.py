@@ -21,7 +21,7 @@ from lsg.oracle import run_grid, stage2_specs, write_grid
 from lsg.specs import parse_sweep_layers
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="oracle")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="oracle")
 def main(cfg: DictConfig) -> dict:
     backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
     layers = parse_sweep_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_list(cfg.layers) else cfg.layers,

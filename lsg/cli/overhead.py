@@ -62,7 +62,7 @@ def median_time(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="overhead")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="overhead")
 def main(args: DictConfig) -> None:
     cfg = OmegaConf.to_container(args.model, resolve=True)
     bb = lsg.backbone_from_config(cfg, device=args.device)

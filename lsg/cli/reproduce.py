@@ -18,7 +18,7 @@ from lsg.cli.common import log_results, plain
 from lsg.reproduce import plan, report_rows, run_plan
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="reproduce")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="reproduce")
 def main(cfg: DictConfig) -> dict:
     exp = plain(cfg.experiment)
     out_dir = Path(cfg.out_dir)

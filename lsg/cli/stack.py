@@ -27,7 +27,7 @@ from lsg.stacking import (Candidate, answers_beside, greedy, plot_table2, record
 from lsg.stats import paired_by_subtask
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="stack")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="stack")
 def main(cfg: DictConfig) -> list[dict]:
     backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)

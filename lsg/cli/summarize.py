@@ -21,7 +21,7 @@ from lsg.files import write_json
 from lsg.summary import markdown, plot_heatmap, plot_ratios, read_sweep, summarize
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="summarize")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="summarize")
 def main(cfg: DictConfig) -> dict:
     sweep_dir = Path(cfg.sweep_dir)
     sweep = read_sweep(sweep_dir)

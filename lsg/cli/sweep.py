@@ -7,7 +7,7 @@
 Writes `<out_dir>/lsg-L<l>/gate-epoch<e>.safetensors` and `val-epoch<e>.json` per layer, as
 `train.py layer=<l> run_dir=<out_dir>/lsg-L<l>` would, and resumes from `<out_dir>/last.safetensors`
 when re-run. Many GPUs: `trainer=ddp` (every rank holds every gate, gradients averaged), or the W&B
-sweep (lsg/conf/wandb-sweep.yaml), one agent per GPU.
+sweep (conf/wandb-sweep.yaml), one agent per GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lsg.sweep import SweepExport, SweepModule
 from lsg.training import build_gate
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sweep")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="sweep")
 def main(cfg: DictConfig) -> list[int]:
     L.seed_everything(cfg.seed, workers=True)
     backbone, _ = load_backbone_of(cfg)
@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> list[int]:
     if trainer_cfg.get("strategy", "auto") not in (("auto", "ddp") if one_device else ("ddp",)):
         raise ValueError(f"sweep.py trains on one device, or on many with trainer.strategy=ddp (trainer=ddp); got "
                          f"devices={trainer_cfg.get('devices')!r}, strategy={trainer_cfg.get('strategy')!r}. For one "
-                         f"job per GPU instead, run one W&B agent per GPU over lsg/conf/wandb-sweep.yaml (README).")
+                         f"job per GPU instead, run one W&B agent per GPU over conf/wandb-sweep.yaml (README).")
     module = SweepModule(backbone, gates, cfg.lr, None, cfg.activation_checkpointing, cfg.effective_batch_size,
                          cfg.batch_size)
     out_dir = Path(cfg.out_dir)

@@ -37,7 +37,7 @@ def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResu
             EvalResult.from_predictions(records, [a.prediction for a in answers]))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     backbone, _ = load_backbone_of(cfg)

@@ -1,7 +1,7 @@
 """Gates: trainable (LSG) and training-free interventions behind one interface and registry.
 
 Adding a gate: one module here (subclass `Gate`, decorate with `@register`) plus one
-config file in `lsg/conf/gate/`, and its import below; a spec (`lsg.specs`) builds it through
+config file in `conf/gate/`, and its import below; a spec (`lsg.specs`) builds it through
 `Gate.from_spec`.
 """
 from lsg.gates.base import Gate, HookPoint, get, known, register, spec_aliases, spec_class
