@@ -7,12 +7,18 @@
   visual attention that flagged tokens take.
 - A suggested threshold per layer: the middle (in log space) of the widest gap between
   the bulk of visual `phi` values and the top few percent.
+
+Batches are streamed: each batch's hidden states and attention maps are reduced to running
+counts, sums, maxima and a fixed-bin histogram of `phi` (`PhiHistogram`) and dropped before
+the next batch, so memory does not grow with the number of prompts.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 import torch
 
@@ -34,6 +40,116 @@ class LayerStats:
     suggested_tau: float | None
 
 
+@dataclass(eq=False)
+class PhiHistogram:
+    """Streamed histogram of sink values `phi` in fixed log10 bins, with each bin's exact min and max.
+
+    `bins_per_decade` bins per decade span `[10**log10_min, 10**log10_max)`; values below
+    (0 included) count in the first bin, values above in the last. State: three `(n_bins,)`
+    tensors, whatever the number of values.
+
+    Precision, against the same statistic of all values sorted:
+    - `n` and `max` are exact.
+    - `order_statistic` (so `median`, `quantile`) lies within its bin's `[min, max]`: relative error
+      below `10**(1/bins_per_decade) - 1` (0.23% at 1000 bins per decade) inside the range, exact
+      for a bin's smallest and largest value.
+    - `suggest_threshold` is exact whenever the widest gap among the top values lies between two
+      bins, which it surely does when it is wider than one bin (a factor `10**(1/bins_per_decade)`);
+      otherwise no gap is that wide and it returns a point of the widest gap between bins.
+    """
+
+    log10_min: float
+    log10_max: float
+    bins_per_decade: int
+    counts: torch.Tensor  # (n_bins,) int64
+    lo: torch.Tensor  # (n_bins,) float64, smallest value in the bin (+inf when empty)
+    hi: torch.Tensor  # (n_bins,) float64, largest value in the bin (-inf when empty)
+
+    @classmethod
+    def empty(cls, log10_range: Sequence[float], bins_per_decade: int) -> "PhiHistogram":
+        """An empty histogram over `log10_range = (log10_min, log10_max)`.
+
+        Raises:
+            ValueError: `bins_per_decade < 1` or an empty range.
+        """
+        log10_min, log10_max = (float(v) for v in log10_range)
+        if int(bins_per_decade) != bins_per_decade or bins_per_decade < 1 or not log10_min < log10_max:
+            raise ValueError(f"phi histogram needs an integer bins_per_decade >= 1 and log10_min < log10_max, got "
+                             f"{bins_per_decade} and {list(log10_range)}.")
+        n_bins = math.ceil((log10_max - log10_min) * bins_per_decade)
+        return cls(log10_min, log10_max, int(bins_per_decade), torch.zeros(n_bins, dtype=torch.long),
+                   torch.full((n_bins,), math.inf, dtype=torch.float64),
+                   torch.full((n_bins,), -math.inf, dtype=torch.float64))
+
+    def add(self, phi: torch.Tensor) -> None:
+        """Count the values of `phi` (any shape, any device; non-negative sink values).
+
+        Raises:
+            ValueError: `phi` holds NaN.
+        """
+        v = phi.detach().flatten().to("cpu", torch.float64)
+        if v.isnan().any():
+            raise ValueError("phi holds NaN: the backbone's hidden states overflowed (try float32 or bfloat16).")
+        b = ((v.log10() - self.log10_min) * self.bins_per_decade).floor().clamp(0, len(self.counts) - 1).long()
+        self.counts += torch.bincount(b, minlength=len(self.counts))
+        self.lo.scatter_reduce_(0, b, v, "amin")
+        self.hi.scatter_reduce_(0, b, v, "amax")
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def max(self) -> float:
+        return float(self.hi.max()) if self.n else math.nan
+
+    def order_statistic(self, k: int) -> float:
+        """The `k`-th smallest value (0-based), interpolated by rank between its bin's min and max."""
+        cum = self.counts.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+        count, before = int(self.counts[b]), int(cum[b]) - int(self.counts[b])
+        lo, hi = float(self.lo[b]), float(self.hi[b])
+        return lo if count == 1 else lo + (hi - lo) * (k - before) / (count - 1)
+
+    def median(self) -> float:
+        """The lower median, as `torch.median` (NaN when empty)."""
+        return self.order_statistic((self.n - 1) // 2) if self.n else math.nan
+
+    def quantile(self, q: float) -> float:
+        """The `q`-quantile with linear interpolation, as `torch.quantile` (NaN when empty)."""
+        if not self.n:
+            return math.nan
+        pos = q * (self.n - 1)
+        k = math.floor(pos)
+        low = self.order_statistic(k)
+        return low if k + 1 >= self.n else low + (pos - k) * (self.order_statistic(k + 1) - low)
+
+    def suggest_threshold(self, top_fraction: float) -> float | None:
+        """Middle (geometric) of the widest log-gap among the top `top_fraction` of values (and the
+        value just below them), or None when fewer than two values are in that range. Values below
+        `10**log10_min` count as `10**log10_min`."""
+        n = self.n
+        start = int(n * (1 - top_fraction))
+        if n < 2 or start >= n - 1:
+            return None
+        first = max(start - 1, 0)  # rank of the lowest value of the search
+        cum = self.counts.cumsum(0)
+        b0 = int(torch.searchsorted(cum, torch.tensor(first), right=True))
+        bins = b0 + self.counts[b0:].nonzero().flatten()
+        floor = 10.0 ** self.log10_min
+        lo, hi = self.lo[bins].clamp_min(floor), self.hi[bins].clamp_min(floor)
+        if len(bins) == 1:  # every searched value in one bin: no gap wider than a bin
+            return float((lo[0] * hi[0]).sqrt())
+        gaps = lo[1:].log() - hi[:-1].log()  # exact: between the largest of a bin and the smallest of the next
+        i = int(gaps.argmax())
+        return float((hi[i] * lo[i + 1]).sqrt())
+
+    def log10_bins(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(log10 bin centres, counts)` of the non-empty bins, for plotting."""
+        full = self.counts.nonzero().flatten()
+        return self.log10_min + (full.double() + 0.5) / self.bins_per_decade, self.counts[full]
+
+
 @dataclass
 class CalibrationReport:
     massive_dims: list[tuple[int, int]]  # (dim, number of layers where it was flagged)
@@ -41,7 +157,7 @@ class CalibrationReport:
     vit_norm_ratio_max: float  # largest patch norm / median patch norm at the ViT feature layer, per batch
     vit_massive_dims: list[tuple[int, int]]
     layers: list[LayerStats] = field(default_factory=list)
-    vis_phi: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> every visual token's phi (Figure S2)
+    vis_phi_hist: dict[int, PhiHistogram] = field(default_factory=dict)  # layer -> histogram of visual phi (Figure S2)
 
 
 def massive_dims(hidden: torch.Tensor, real: torch.Tensor, min_abs: float, ratio: float) -> Counter:
@@ -56,99 +172,154 @@ def massive_dims(hidden: torch.Tensor, real: torch.Tensor, min_abs: float, ratio
     return Counter(hit.any(0).any(0).nonzero().flatten().tolist())
 
 
-def suggest_threshold(values: torch.Tensor, top_fraction: float = 0.05) -> float | None:
-    """Middle (geometric) of the widest log-gap among the top `top_fraction` of values, or None."""
-    v = values.float().clamp_min(1e-6).sort().values
-    start = int(len(v) * (1 - top_fraction))
-    if len(v) < 2 or start >= len(v) - 1:
-        return None
-    logs = v[max(start - 1, 0):].log()
-    gaps = logs[1:] - logs[:-1]
-    i = int(gaps.argmax())
-    return float((logs[i] + logs[i + 1]).div(2).exp())
+@dataclass
+class _Census:
+    """Running massive-dimension census over batches: which dims each decoder layer's input
+    flags, which dims the ViT feature layer flags, and the largest ViT norm ratio of a batch."""
+
+    dims_by_layer: list[set[int]]
+    vit_dims: Counter = field(default_factory=Counter)
+    vit_norm_ratio_max: float = 0.0
+
+
+@dataclass
+class _LayerTotals:
+    """Running sums of one layer's sink statistics over batches."""
+
+    phi: PhiHistogram  # visual tokens' phi
+    n_img: int = 0
+    flagged: int = 0
+    flagged_upto: int = 0
+    text_sinks: int = 0
+    share_sum: float = 0.0  # sum over samples of the flagged share of visual attention (mean over heads)
+    share_n: int = 0
+
+
+def _forward(backbone: Backbone, batch: dict, attentions: bool, vit_features: bool):
+    """`(model output, ViT features (N_patches, D_vit) or None)` of one prompt-only batch on the backbone's device."""
+    model, family = backbone.model, backbone.family
+    if not vit_features:
+        return model(**batch, output_hidden_states=True, output_attentions=attentions), None
+    captured = []  # the ViT features the projector reads, (N_patches, D), via the family adapter
+    handle = family.vit_module(model).register_forward_hook(
+        lambda module, args, kwargs, output: captured.append(family.vit_features(model, args, kwargs, output).float()),
+        with_kwargs=True)
+    try:
+        out = model(**batch, output_hidden_states=True, output_attentions=attentions)
+    finally:
+        handle.remove()
+    return out, torch.cat(captured)
+
+
+def _count_massive(census: _Census, hidden_states, feats: torch.Tensor, real: torch.Tensor, min_abs: float,
+                   ratio: float) -> None:
+    """Add one batch to `census`: `hidden_states[l]` `(B, T, D)` is decoder layer l's input, `real`
+    `(B, T)` marks non-padding tokens, `feats` `(N_patches, D_vit)` are the batch's ViT features."""
+    for layer, found in enumerate(census.dims_by_layer):
+        found |= set(massive_dims(hidden_states[layer], real, min_abs, ratio))
+    norms = feats.norm(dim=-1)
+    census.vit_norm_ratio_max = max(census.vit_norm_ratio_max, float(norms.amax() / norms.median()))
+    census.vit_dims.update(massive_dims(feats[None], torch.ones(1, len(feats), dtype=torch.bool, device=feats.device),
+                                        min_abs, ratio).keys())
+
+
+def _add_sink_stats(totals: list[_LayerTotals], positions: Counter, out, seg: Segments, real: torch.Tensor,
+                    dims: list[int], normalisation: str, taus: list[float] | None) -> None:
+    """Add one batch's per-layer sink statistics at `dims` to `totals`, and the positions of the
+    top dim's largest `|x|` at the middle layer to `positions`."""
+    upto = torch.zeros_like(seg.vis)
+    rows = torch.arange(seg.vis.shape[0], device=seg.vis.device)
+    for layer, t in enumerate(totals):
+        x = out.hidden_states[layer]
+        phi = sink_value(x, dims, normalisation)  # (B, T)
+        if layer == len(totals) // 2:
+            positions.update(x[..., dims[0]].abs().masked_fill(~real, 0).argmax(1).tolist())
+        t.phi.add(phi[seg.vis])
+        t.n_img += seg.vis.shape[0]
+        if taus is None:
+            continue
+        flag = (phi >= taus[layer]) & seg.vis
+        upto |= flag
+        t.flagged += int(flag.sum())
+        t.flagged_upto += int(upto.sum())
+        t.text_sinks += int(((phi >= taus[layer]) & seg.text).sum())
+        attn = out.attentions[layer][rows, :, seg.last_prompt].float()  # (B, H, T)
+        vis_mass = (attn * seg.vis[:, None]).sum(-1).clamp_min(1e-12)
+        share = ((attn * flag[:, None]).sum(-1) / vis_mass).mean(1)  # (B,)
+        t.share_sum += float(share.double().sum())
+        t.share_n += len(share)
 
 
 @torch.no_grad()
-def calibrate(backbone: Backbone, batches: list[dict], tau: float | None = None, min_abs: float = 100.0,
-              ratio: float = 1000.0, top_fraction: float = 0.05) -> CalibrationReport:
-    """Measure sinks on `batches` (prompt-only model inputs). `tau` defaults to the backbone's
-    `sinks.tau_llm`; dims default to the backbone's `sinks.llm_dims`, else the top massive dim.
+def calibrate(backbone: Backbone, batches: Iterable[dict], tau: float | None = None, min_abs: float = 100.0,
+              ratio: float = 1000.0, top_fraction: float = 0.05, phi_bins_per_decade: int = 1000,
+              phi_log10_range: Sequence[float] = (-6.0, 6.0)) -> CalibrationReport:
+    """Measure sinks on `batches`, streamed: one batch's hidden states and attention maps at a time.
 
-    The backbone must use eager attention for the attention-share statistic
-    (`load_backbone(name, attn_implementation="eager")`).
+    Args:
+        backbone: loaded with eager attention for the attention-share statistic
+            (`load_backbone(name, attn_implementation="eager")`).
+        batches: prompt-only model inputs (`Backbone.build_batch` without answers), each with
+            `input_ids` and `attention_mask` `(B, T)`; any iterable (a generator is read once) when
+            the backbone's `sinks.llm_dims` is set. Without it the top massive dim is found first,
+            in a pass of its own, and `phi` read at it in a second pass: `batches` must then be
+            re-iterable (a list, or an object whose `__iter__` builds them again).
+        tau: threshold on `phi` for the per-layer counts; default the backbone's `sinks.tau_llm`
+            (per layer); no counts when neither is set.
+        min_abs, ratio: massive-activation criterion (`massive_dims`), in activation units / a factor.
+        top_fraction: share of the largest visual `phi` values searched for the suggested threshold.
+        phi_bins_per_decade, phi_log10_range: the `PhiHistogram` that median, p99 and the suggested
+            threshold are read from (its docstring gives their precision).
+
+    Returns:
+        `CalibrationReport`; `layers` and `vis_phi_hist` are empty when no sink dim is known or found.
+
+    Raises:
+        ValueError: `sinks.llm_dims` is empty and `batches` is a one-shot iterator; a bad histogram setting.
     """
-    model, cfg = backbone.model, backbone.sinks
-    num_layers = backbone.num_layers
-    dims_by_layer: list[set[int]] = [set() for _ in range(num_layers)]
-    vit_dims: Counter = Counter()
+    cfg, num_layers = backbone.sinks, backbone.num_layers
+    dims = list(cfg.llm_dims)
+    if not dims and iter(batches) is batches:
+        raise ValueError("sinks.llm_dims is empty: calibration finds the top massive dim in a first pass over the "
+                         "batches, then reads phi at it in a second, so `batches` must be re-iterable (a list, or "
+                         "an object whose __iter__ builds them again), not a one-shot iterator or generator.")
+    if tau is not None:
+        taus = [float(tau)] * num_layers
+    else:
+        taus = [cfg.tau_at(layer) for layer in range(num_layers)] if cfg.tau_llm is not None else None
+    census = _Census([set() for _ in range(num_layers)])
+    totals = [_LayerTotals(PhiHistogram.empty(phi_log10_range, phi_bins_per_decade)) for _ in range(num_layers)]
     positions: Counter = Counter()
-    per_layer = [{"phi": [], "flag": 0, "upto": 0, "text": 0, "share": [], "n_img": 0, "n": 0}
-                 for _ in range(num_layers)]
-    vit_ratio = 0.0
-    dims = cfg.llm_dims
-    collected = []
-    for batch in batches:
-        seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], backbone.image_token_id)  # host
+
+    def read(batch: dict, count_massive: bool, sink_stats: bool) -> None:
+        # Everything this batch produces is a local here: gone when it returns, before the next batch.
         batch = backbone.on_device(batch)
-        captured = []  # the ViT features the projector reads, (N_patches, D), via the family adapter
-        vit = backbone.family.vit_module(model)
-        handle = vit.register_forward_hook(
-            lambda module, args, kwargs, output: captured.append(
-                backbone.family.vit_features(model, args, kwargs, output).float()), with_kwargs=True)
-        try:
-            out = model(**batch, output_hidden_states=True, output_attentions=True)
-        finally:
-            handle.remove()
+        seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], backbone.image_token_id)
         real = batch["attention_mask"].bool()
-        for layer in range(num_layers):
-            dims_by_layer[layer] |= set(massive_dims(out.hidden_states[layer], real, min_abs, ratio))
-        feats = torch.cat(captured)[None]  # (1, N_patches of the batch, D)
-        norms = feats.norm(dim=-1)
-        vit_ratio = max(vit_ratio, float((norms.amax(1) / norms.median(1).values).max()))
-        vit_dims.update(massive_dims(feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device), min_abs, ratio).keys())
-        # the second pass reads every layer of every batch: keep it in host memory, not on the GPU
-        out.hidden_states = tuple(h.cpu() for h in out.hidden_states)
-        out.attentions = tuple(a.cpu() for a in out.attentions)
-        collected.append((out, seg, real.cpu()))
-    dim_layers = Counter(d for found in dims_by_layer for d in found)  # dim -> layers where flagged
-    if not dims:
-        dims = [dim_layers.most_common(1)[0][0]] if dim_layers else []
-    tau = tau if tau is not None else (cfg.tau_at(0) if cfg.tau_llm is not None else None)
-    for out, seg, real in collected:
-        upto = torch.zeros_like(seg.vis)
-        rows = torch.arange(seg.vis.shape[0], device=seg.vis.device)
-        for layer in range(num_layers):
-            x = out.hidden_states[layer]
-            if dims:
-                phi = sink_value(x, dims, cfg.normalisation)
-                if layer == num_layers // 2:
-                    top = x[..., dims[0]].abs().masked_fill(~real, 0).argmax(1)
-                    positions.update(top.tolist())
-                s = per_layer[layer]
-                s["phi"].append(phi[seg.vis])
-                s["n_img"] += seg.vis.shape[0]
-                if tau is not None:
-                    layer_tau = cfg.tau_at(layer) if cfg.tau_llm is not None else tau
-                    flag = (phi >= layer_tau) & seg.vis
-                    upto |= flag
-                    s["flag"] += int(flag.sum())
-                    s["upto"] += int(upto.sum())
-                    s["text"] += int(((phi >= layer_tau) & seg.text).sum())
-                    attn = out.attentions[layer][rows, :, seg.last_prompt].float()  # (B, H, T)
-                    vis_mass = (attn * seg.vis[:, None]).sum(-1).clamp_min(1e-12)
-                    s["share"].append(((attn * flag[:, None]).sum(-1) / vis_mass).mean(1))
-    layers, vis_phi = [], {}
-    for layer, s in enumerate(per_layer):
-        if not s["phi"]:
-            continue
-        phi = vis_phi[layer] = torch.cat(s["phi"]).float().cpu()
-        n = max(s["n_img"], 1)
+        out, feats = _forward(backbone, batch, attentions=sink_stats and taus is not None, vit_features=count_massive)
+        if count_massive:
+            _count_massive(census, out.hidden_states, feats, real, min_abs, ratio)
+        if sink_stats:
+            _add_sink_stats(totals, positions, out, seg, real, dims, cfg.normalisation, taus)
+
+    for batch in batches:
+        read(batch, count_massive=True, sink_stats=bool(dims))
+    dim_layers = Counter(d for found in census.dims_by_layer for d in found)  # dim -> layers where flagged
+    if not dims and dim_layers:
+        dims = [dim_layers.most_common(1)[0][0]]
+        for batch in batches:
+            read(batch, count_massive=False, sink_stats=True)
+    read_layers = {layer: t for layer, t in enumerate(totals) if dims and t.n_img}
+    layers = []
+    for layer, t in read_layers.items():
+        n = t.n_img
         layers.append(LayerStats(
-            layer, float(phi.median()), float(phi.quantile(0.99)), float(phi.max()), s["flag"] / n, s["upto"] / n,
-            s["text"] / n, float(torch.cat(s["share"]).mean()) if s["share"] else float("nan"),
-            suggest_threshold(phi, top_fraction)))
-    return CalibrationReport(dim_layers.most_common(8), dict(positions.most_common(5)), vit_ratio,
-                             vit_dims.most_common(8), layers, vis_phi)
+            layer, t.phi.median(), t.phi.quantile(0.99), t.phi.max, t.flagged / n, t.flagged_upto / n,
+            t.text_sinks / n, t.share_sum / t.share_n if t.share_n else float("nan"),
+            t.phi.suggest_threshold(top_fraction)))
+    return CalibrationReport(dim_layers.most_common(8), dict(positions.most_common(5)), census.vit_norm_ratio_max,
+                             census.vit_dims.most_common(8), layers,
+                             {layer: t.phi for layer, t in read_layers.items()})
 
 
 def plot_report(report: CalibrationReport, out_dir, title: str = "") -> tuple:
@@ -165,14 +336,15 @@ def plot_report(report: CalibrationReport, out_dir, title: str = "") -> tuple:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {s.layer: s for s in report.layers}
-    layers = sorted(report.vis_phi)
+    layers = sorted(report.vis_phi_hist)
     cols = min(6, max(1, len(layers)))
     rows = -(-len(layers) // cols) if layers else 1
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows), squeeze=False)
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, layers):
-        ax.hist(report.vis_phi[layer].clamp_min(1e-6).log10().numpy(), bins=40, color="tab:blue")
+        log10_phi, counts = report.vis_phi_hist[layer].log10_bins()
+        ax.hist(log10_phi.numpy(), bins=40, weights=counts.numpy(), color="tab:blue")
         ax.set_yscale("log")
         tau = stats[layer].suggested_tau
         if tau:

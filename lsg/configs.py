@@ -37,3 +37,19 @@ def load_config(group: str, name: str, **context) -> dict:
         raise FileNotFoundError(f"No config {group}/{name}.yaml; known: {', '.join(known_configs(group))}.")
     root = OmegaConf.create({**context, "_this": OmegaConf.load(path)})
     return OmegaConf.to_container(root._this, resolve=True)
+
+
+def register_resolvers() -> None:
+    """The project's OmegaConf resolvers, for the shipped configs (idempotent):
+
+    - `lsg.layers_tag`: a `layer=` value as a folder name (`lsg.runs.layers_tag`), for `run_dir`.
+    """
+    from omegaconf import OmegaConf
+
+    from lsg.runs import layers_tag
+
+    if not OmegaConf.has_resolver("lsg.layers_tag"):
+        OmegaConf.register_new_resolver("lsg.layers_tag", layers_tag)
+
+
+register_resolvers()

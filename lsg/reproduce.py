@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from lsg.files import write_json
+from lsg.runs import gate_file, layer_dir_name
 from lsg.specs import parse_sweep_layers
 from lsg.stats import cell
 
@@ -31,7 +32,8 @@ LAYER_BOUND = 10 ** 6  # layer lists are checked for syntax only here; the sweep
 
 @dataclass
 class Stage:
-    """One step of a plan: `python -m lsg.cli.<app> <overrides>` (the report runs in-process).
+    """One step of a plan: `python -m lsg.cli.<app> <overrides>` (the report runs in-process); the
+    sweep stage is the trainer (`train`) over many layers.
 
     Attributes:
         name: the stage's name (unique in a plan; `evaluate-<benchmark>` per benchmark).
@@ -62,12 +64,12 @@ def gate_specs(exp: dict, out: Path) -> dict[str, str]:
     """Report row name -> gate spec of every method the evaluate stage scores."""
     sweep, lsg_layer, skip = out / "sweep", exp["lsg_layer"], set(exp.get("skip", []))
     specs = {} if "sweep" in skip else {
-        f"LSG L{lsg_layer}": f"ckpt:{sweep}/lsg-L{lsg_layer}/gate-epoch{exp['export_epoch']}.safetensors"}
+        f"LSG L{lsg_layer}": f"ckpt:{gate_file(sweep / layer_dir_name('lsg', lsg_layer), exp['export_epoch'])}"}
     if "stack" not in skip:
         specs[f"stack ({exp['stack']['policy']})"] = f"stack:{out}/stack/stack-{exp['stack']['policy']}.json"
     specs.update({name.upper(): name for name in exp["free"]})
     if exp["lora"]["enabled"] and "lora" not in skip:
-        specs[f"LoRA L{lsg_layer}"] = f"ckpt:{out}/lora/lora-L{lsg_layer}.safetensors"  # = the lora stage's export
+        specs[f"LoRA L{lsg_layer}"] = f"ckpt:{out}/lora/{layer_dir_name('lora', lsg_layer)}.safetensors"  # its export
     return specs
 
 
@@ -84,15 +86,18 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
     training = [f"{k}={v}" for k, v in exp["training"].items()]
     layers = exp["layers"]
     layers = _list([str(l) for l in layers]) if isinstance(layers, (list, tuple)) else layers
-    sweep = out / "sweep"
+    sweep = out / "sweep"  # holds lsg-L<l>/ per swept layer (lsg.runs), read by summarize and stack
+    one_layer = isinstance(exp["layers"], (list, tuple, int)) and len(parse_sweep_layers(exp["layers"], LAYER_BOUND)) == 1
+    sweep_run = sweep / layer_dir_name("lsg", exp["lsg_layer"]) if one_layer else sweep
     stages = [
         Stage("calibrate", "calibrate", [*model, *data,
                                          f"n_samples={exp['calibrate']['n_samples']}", f"out_dir={out / 'calibrate'}",
                                          f"hydra.run.dir={out / 'hydra' / 'calibrate'}"],
               [str(out / "calibrate" / "sink-histograms.png")]),
-        Stage("sweep", "sweep", [*common, *data, *training, f"layers={layers}", f"out_dir={sweep}",
-                                 f"hydra.run.dir={out / 'hydra' / 'sweep'}"],
-              [str(sweep / f"lsg-L{exp['lsg_layer']}" / f"gate-epoch{exp['export_epoch']}.safetensors")]),
+        Stage("sweep", "train", [*common, *data, *training, f"layer={layers}", f"run_dir={sweep_run}",
+                                 f'export_path="{out / "sweep-export"}/lsg-L{{layer}}.safetensors"',
+                                 f"export_epoch={exp['export_epoch']}", f"hydra.run.dir={out / 'hydra' / 'sweep'}"],
+              [str(gate_file(sweep / layer_dir_name("lsg", exp["lsg_layer"]), exp["export_epoch"]))]),
         Stage("summarize", "summarize", [f"sweep_dir={sweep}", f"out={out / 'summary'}", f"epoch={exp['export_epoch']}",
                                          f"logger={exp['logger']}", f"hydra.run.dir={out / 'hydra' / 'summarize'}"],
               [str(out / "summary" / "table1.md")]),
@@ -104,7 +109,7 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
               [str(out / "stack" / f"stack-{exp['stack']['policy']}.json")]),
     ]
     if exp["lora"]["enabled"]:
-        lora = out / "lora" / f"lora-L{exp['lsg_layer']}.safetensors"
+        lora = out / "lora" / f"{layer_dir_name('lora', exp['lsg_layer'])}.safetensors"
         stages.append(Stage("lora", "train", [*common, *data, *training, "gate=lora", f"layer={exp['lsg_layer']}",
                                               f"run_dir={out / 'lora' / 'run'}", f"export_path={lora}",
                                               f"export_epoch={exp['export_epoch']}",

@@ -1,42 +1,41 @@
 """Sweep summaries: Table 1, Figure 7 and Figure 8 of the LSG paper from a sweep directory.
 
-A sweep directory holds one folder per layer, `lsg-L<l>/`, with `val-epoch<e>.json` (per
-validation question: sub-task, answer, the gate's and the baseline's prediction, gate
-ratios), as written by `sweep.py` or by `train.py -m layer=...` runs. Every delta here is
+A sweep directory holds one folder per layer, `<gate>-L<l>/` (`lsg.runs`), with `val-epoch<e>.json`
+(per validation question: sub-task, answer, the gate's and the baseline's prediction, gate
+ratios), as written by `train.py layer=<many>` or by one-layer runs under one folder. Every delta here is
 paired over the same questions, with its bootstrap CI and McNemar p (`lsg.stats`).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
 from lsg.answers import Answer, read_answers
+from lsg.runs import gates_under, layer_dirs
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, cell, paired_by_subtask
 
-LAYER_DIR = re.compile(r"lsg-L(\d+)$")
 BLOCK = 4  # layers per block of Table 1 (the paper's)
 
 
-def read_sweep(sweep_dir: Path) -> dict[int, dict[int, dict]]:
-    """layer -> epoch -> the `val-epoch<e>.json` content.
+def read_sweep(sweep_dir: Path, gate: str = "lsg") -> dict[int, dict[int, dict]]:
+    """layer -> epoch -> the `val-epoch<e>.json` content of `gate`'s `<gate>-L<l>` folders.
 
     Raises:
-        FileNotFoundError: no `lsg-L<l>/val-epoch<e>.json` under `sweep_dir`.
+        FileNotFoundError: no `<gate>-L<l>/val-epoch<e>.json` under `sweep_dir`; the message names
+            the gates that are there.
     """
     out: dict[int, dict[int, dict]] = {}
-    for folder in sorted(Path(sweep_dir).iterdir()) if Path(sweep_dir).is_dir() else []:
-        m = LAYER_DIR.match(folder.name)
-        if not m:
-            continue
+    for layer, folder in layer_dirs(sweep_dir, gate).items():
         for path in folder.glob("val-epoch*.json"):
             epoch = int(path.stem.removeprefix("val-epoch"))
             info, answers = read_answers(path)
-            out.setdefault(int(m.group(1)), {})[epoch] = {**info, "answers": answers}
+            out.setdefault(layer, {})[epoch] = {**info, "answers": answers}
     if not out:
-        raise FileNotFoundError(f"No lsg-L<layer>/val-epoch<e>.json under {sweep_dir}: give the out_dir of sweep.py, "
-                                f"or the folder holding train.py's run_dir=.../lsg-L<layer> runs.")
+        others = [g for g in gates_under(sweep_dir) if g != gate]
+        hint = f" It holds runs of {', '.join(others)}: set gate=<name>." if others else ""
+        raise FileNotFoundError(f"No {gate}-L<layer>/val-epoch<e>.json under {sweep_dir}: give the run_dir of "
+                                f"train.py layer=<many>, or the folder holding one-layer runs.{hint}")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Gate training with PyTorch Lightning: one gate at one decoder layer, backbone frozen.
+"""Gate training with PyTorch Lightning: one gate per decoder layer, 1..N layers in one pass, backbone frozen.
 
 SPEC section 3: Adam, constant learning rate, next-token loss on answer tokens only,
 only gate parameters optimised. Lightning's own checkpoints are written as
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -27,7 +27,8 @@ from lsg.backbones import Backbone
 from lsg.context import GROUPINGS
 from lsg.files import atomic_target
 from lsg.gates.base import Gate
-from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, model_inputs, run_suffix
+from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, compute_prefixes, model_inputs, run_suffix
+from lsg.runs import gate_file, layer_dir, val_file
 from lsg.scoring import LETTERS, answer_loss, option_scores
 
 TENSOR_TAG = "__tensor__"
@@ -135,8 +136,7 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
     n = max(max(len(r.options) for r in records), 1)
     scores = option_scores(backbone, batch, n, hidden)
     base = option_scores(backbone, batch, n, baseline) if baseline is not None else None
-    ratios = state.get((layer, 0))
-    ratios = ratios[0] if isinstance(ratios, tuple) and isinstance(ratios[0], torch.Tensor) else None
+    ratios = gate.ratios(state.get((layer, 0)))
     out = {}
     for i, r in enumerate(records):
         if not (r.options and r.answer_letter):
@@ -203,30 +203,7 @@ def write_val_answers(path: Path, answers: dict[str, Answer], **info) -> Path:
     return write_answers(path, list(answers.values()), **info)
 
 
-# ----------------------------------------------------------------- the modules
-class FrozenBackboneModule(L.LightningModule):
-    """What every gate-training module shares: the frozen backbone is held outside the module's
-    parameters (never saved in checkpoints, never given gradients) and moved to the training
-    device at fit start; batches move their tensors only (records are metadata); checkpoints
-    carry `identity` (backbone, fingerprint, layer(s), gate config, sinks, data) so a resume
-    with other settings is refused (`check_resumable`)."""
-
-    identity: dict = {}
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lsg_identity"] = self.identity
-
-    def on_fit_start(self) -> None:
-        self.backbone.model.to(self.device)
-
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
+# ----------------------------------------------------------------- the module
 def gate_trainer(trainer_cfg: dict, logger, run_dir: Path, checkpoint_every_n_steps: int, export: Callback) -> L.Trainer:
     """A Lightning Trainer for gate training: safetensors checkpoint I/O, a resumable
     `last.safetensors` in `run_dir` every `checkpoint_every_n_steps` optimizer steps, and the
@@ -244,147 +221,269 @@ def gate_trainer(trainer_cfg: dict, logger, run_dir: Path, checkpoint_every_n_st
     )
 
 
-class GateTrainingModule(FrozenBackboneModule):
-    """Trains `gate` at decoder `layer` of a frozen `backbone`.
+class GateTrainingModule(L.LightningModule):
+    """Trains one gate per decoder layer (1..N layers) of a frozen backbone, in one pass over the data.
 
-    The backbone is held outside the module's parameters (it is not saved in
-    checkpoints and never receives gradients); only `gate` is optimised.
+    Per batch the hidden states entering the gated layers come from one ungated forward
+    (`lsg.prefix.compute_prefixes`, which stops at the highest gated layer) or, for a single
+    layer, from the prefix cache (`lsg.prefix.PrefixCache`: epoch 2 and every validation after
+    the first run layers `layer..L-1` only). Each gate l then runs layers l..L-1 with only itself
+    attached and its loss is back-propagated at once, so one suffix graph is alive at a time. One
+    Adam over every gate's parameters is exactly independent Adams (Adam's update of a parameter
+    reads only that parameter's gradient and state), so gate l ends as a one-layer run of l ends:
+    same init (`build_gate`), same data order (`lsg.datamodule.EpochSampler`), same effective batch
+    (SPEC section 3: Adam, constant lr, next-token loss on answer tokens, only gates optimised).
+
+    The backbone is held outside the module's parameters (never saved in checkpoints, never given
+    gradients) and moved to the training device at fit start. Checkpoints carry `identity`, so a
+    resume under other settings is refused (`check_resumable`).
+
+    Under DDP (`trainer=ddp`) every rank holds every gate and reads its share of each global batch;
+    DDP's own reducer is off (one forward serves one backward per gate) and the gates' gradients
+    are averaged over the ranks before each optimizer step, so 2 processes at batch b train the
+    gates of 1 process at batch 2b. A non-finite loss or gradient on any rank stops every rank
+    with the same error (the flags are all-reduced before anyone raises).
 
     Args:
-        backbone: a loaded `Backbone` (frozen by `load_backbone`).
-        gate: a trainable `Gate`.
-        layer: 0-based decoder layer.
-        lr: Adam learning rate, constant (the paper gives none; train.yaml's default is 1e-2).
-        prefix_cache_mb: host memory for the frozen prefix (hidden state entering `layer`,
-            per sample; `lsg.prefix.PrefixCache`): epoch 2 and every validation after the
-            first run layers `layer..L-1` only. Past the budget samples are recomputed.
-        prefix_cache_dir: keep the prefix cache on disk there (memory-mapped safetensors shards,
-            `lsg.prefix.DiskStore`; `prefix_cache_mb` is then the disk budget) instead of in
-            host memory; a resumed run reuses it. None = host memory.
-        data_identity: the data config, so a disk cache is not reused for other data.
-        activation_checkpointing: recompute the frozen layers above `layer` in backward instead
-            of keeping their activations (`lsg.prefix.run_suffix(checkpoint_above=True)`); the
-            same gate, less memory (docs/large-models.md).
+        backbone: a loaded, frozen `Backbone`.
+        gates: decoder layer (0-based) -> trainable gate.
+        identity: what the run's checkpoints carry (backbone, fingerprint, layers, gate config,
+            sinks, data; `lsg.cli.common.gate_run_identity`).
+        lr: Adam learning rate, constant (its default lives in conf/train.yaml).
+        effective_batch_size, batch_size: the global and the per-device batch; batches per
+            optimizer step = `effective_batch_size / (batch_size x devices)` (`accumulation_steps`).
+        activation_checkpointing: recompute each gate's frozen layers above it in backward
+            (`lsg.prefix.run_suffix(checkpoint_above=True)`); the same gates, less memory.
+        prefix_cache_mb: host memory (or disk, with `prefix_cache_dir`) for the prefix cache of a
+            one-layer run, MiB; samples past it are recomputed. Runs of many layers recompute the
+            shared prefix every batch (one forward for all of them).
+        prefix_cache_dir: keep that cache on disk there (`lsg.prefix.DiskStore`), reused by a
+            resumed run; None = host memory.
+        batch_log: a JSONL file to append every training batch's record ids to (data-order
+            checks); None = no log.
 
-    Validation also records, per question, the gate's and (once per process) the baseline's
-    answer and the gate ratios: `val_answers` after each validation (`write_val_answers`).
+    Validation records, per layer and question, the gate's answer, the baseline's (once per
+    process) and the gate's ratios (`Gate.ratios`): `val_answers[layer]` after each validation.
+
+    Raises:
+        ValueError: no layer, a gate without trainable parameters, or a layer out of range.
     """
 
-    def __init__(self, backbone: Backbone, gate: Gate, layer: int, lr: float = 1e-3,
-                 prefix_cache_mb: float = PREFIX_CACHE_MB, activation_checkpointing: bool = False,
-                 prefix_cache_dir: str | Path | None = None, data_identity: dict | None = None):
-        super().__init__(backbone)
-        if not gate.trainable:
-            raise ValueError(f"Gate {gate.name!r} has no trainable parameters; use compare.py to evaluate it.")
-        self.gate, self.layer, self.lr = gate, backbone.check_layer(layer), lr
+    def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], identity: dict, lr: float,
+                 effective_batch_size: int, batch_size: int, activation_checkpointing: bool = False,
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, prefix_cache_dir: str | Path | None = None,
+                 batch_log: str | Path | None = None):
+        super().__init__()
+        if not gates:
+            raise ValueError("Gate training needs at least one layer.")
+        bad = [l for l, g in gates.items() if not g.trainable]
+        if bad:
+            raise ValueError(f"Gate {gates[bad[0]].name!r} (layers {bad}) has no trainable parameters; evaluate it "
+                             f"with eval.py instead.")
+        self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
+        self.layers = sorted(backbone.check_layer(l) for l in gates)
+        self.gates = torch.nn.ModuleDict({str(l): gates[l].float() for l in self.layers})
+        self.identity = identity
+        self.lr = lr
+        self.effective_batch_size, self.batch_size = effective_batch_size, batch_size
+        self.accumulation = 1  # set at fit start, when the device count is known
         self.activation_checkpointing = bool(activation_checkpointing)
-        self.gate.float()
-        self.__dict__["prefixes"] = PrefixCache(backbone, self.layer, prefix_cache_mb, disk_dir=prefix_cache_dir,
-                                                identity={"data": data_identity})
-        self._val: dict[str, Answer] = {}  # record id -> answer (val_answers)
+        self.batch_log = Path(batch_log) if batch_log else None
+        self.automatic_optimization = False
+        cache = None
+        if len(self.layers) == 1:
+            cache = PrefixCache(backbone, self.layers[0], prefix_cache_mb, disk_dir=prefix_cache_dir,
+                                identity={"data": identity.get("data")})
+        self.__dict__["prefix_cache"] = cache
+        self._val: dict[int, dict[str, Answer]] = {l: {} for l in self.layers}
         self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
-        self.val_answers: dict[str, Answer] = {}
+        self.val_answers: dict[int, dict[str, Answer]] = {}
 
-    _last_loss: torch.Tensor | None = None
-    batch_log: Path | None = None  # JSONL of every training batch's record ids (data-order checks)
+    def gate(self, layer: int) -> Gate:
+        """The gate trained at decoder `layer`."""
+        return self.gates[str(layer)]
 
-    def prefix(self, batch: dict, split: str) -> Prefix:
-        """The batch's prefix at the gate's layer, per sample keyed by split, record id and image
-        (the cache also checks the tokens), so a reused id never serves another sample."""
-        return self.prefixes.prefix(batch, [f"{split}/{r.id}/{getattr(r, 'image_path', None) or ''}"
-                                            for r in batch["records"]])
+    def metric(self, layer: int, name: str) -> str:
+        """A logged metric's name: `train/loss` in a one-layer run, `L<layer>/train/loss` in a run of many."""
+        return name if len(self.layers) == 1 else f"L{layer}/{name}"
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Answer loss of a training batch: layers below the gate from the prefix cache."""
+    # ---------------------------------------------------------------- plumbing
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lsg_identity"] = self.identity
+
+    def on_fit_start(self) -> None:
+        self.backbone.model.to(self.device)
+        self.accumulation = accumulation_steps(self.effective_batch_size, self.batch_size, self.trainer.world_size)
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def prefixes(self, batch: dict, split: str, to_end: bool = False) -> tuple[dict[int, Prefix], torch.Tensor | None]:
+        """`({layer: Prefix}, baseline final hidden state (B, T, D) or None)` of a batch: from the
+        prefix cache (one layer; keyed per sample by split, record id and image, the tokens
+        checked too) or one shared ungated forward (`compute_prefixes`)."""
+        if self.prefix_cache is None:
+            return compute_prefixes(self.backbone, model_inputs(batch), self.layers, to_end=to_end)
+        keys = [f"{split}/{r.id}/{getattr(r, 'image_path', None) or ''}" for r in batch["records"]]
+        prefix = self.prefix_cache.prefix(batch, keys)
+        return {self.layers[0]: prefix}, (run_suffix(self.backbone, prefix) if to_end else None)
+
+    def _without_ddp_reducer(self) -> None:
+        """Keep DDP's reducer out of this step's backward passes (one per gate, after one forward:
+        the reducer expects one); `average_gradients` does its averaging. Lightning sets the flag
+        back after each training step."""
+        model = self.trainer.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = False
+
+    def average_gradients(self) -> None:
+        """Every gate's gradient averaged over the ranks (DDP's mean), a no-op on one process."""
+        if not _distributed():
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.gates.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
+
+    def stop_if_not_finite(self, losses: dict[int, torch.Tensor], batch_idx: int, stepping: bool) -> None:
+        """Raise on every rank at once when any rank has a non-finite loss (or, at an optimizer step,
+        a non-finite gradient) for any layer: the per-layer flags are all-reduced first, so no rank
+        is left waiting in a collective. Not under fp16 mixed precision, whose scaler skips
+        overflowing steps by design.
+
+        Raises:
+            FloatingPointError: naming the layer(s), the optimizer step and the batch.
+        """
+        if str(self.trainer.precision).startswith("16"):
+            return
+        flags = torch.zeros(len(self.layers), device=self.device)
+        for i, layer in enumerate(self.layers):
+            bad = not torch.isfinite(losses[layer]).item()
+            if stepping:
+                bad |= any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.gate(layer).parameters())
+            flags[i] = float(bad)
+        if _distributed():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        if flags.any():
+            bad_layers = [l for l, f in zip(self.layers, flags.tolist()) if f]
+            local = {l: round(float(losses[l]), 4) for l in bad_layers}
+            raise FloatingPointError(
+                f"Gate training stopped: the loss or gradient of the gate at layer(s) {bad_layers} is not finite at "
+                f"optimizer step {self.global_step} (0-based; batch {batch_idx} of epoch {self.current_epoch}; "
+                f"this rank's losses: {local}). Nothing non-finite reached the gates: the last good state is the "
+                f"run's last.safetensors. Lower lr, or check the data.")
+
+    # ---------------------------------------------------------------- steps
+    def layer_losses(self, batch: dict, split: str = "train") -> Iterator[tuple[int, torch.Tensor]]:
+        """`(layer, answer loss)` of each gate on a batch, one layer at a time (a generator: the
+        caller back-propagates one suffix graph before the next is built). The layers below each
+        gate come from the prefix (cache or shared forward)."""
         inputs = model_inputs(batch)
-        hidden = run_suffix(self.backbone, self.prefix(batch, "train"), {self.layer: self.gate},
-                            checkpoint_above=self.activation_checkpointing)
-        return answer_loss(self.backbone, inputs, hidden)
+        prefixes, _ = self.prefixes(batch, split)
+        for layer in self.layers:
+            hidden = run_suffix(self.backbone, prefixes[layer], {layer: self.gate(layer)},
+                                checkpoint_above=self.activation_checkpointing)
+            yield layer, answer_loss(self.backbone, inputs, hidden)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(batch)
-        self._last_loss = loss.detach()  # checked with the gradients, after DDP's all-reduce
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        self._without_ddp_reducer()
+        records = batch["records"]
         if self.batch_log is not None:
             with open(self.batch_log, "a") as f:
                 f.write(json.dumps({"epoch": self.current_epoch, "batch": batch_idx, "rank": self.global_rank,
-                                    "ids": [r.id for r in batch["records"]]}) + "\n")
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["records"]))
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop before a NaN or inf reaches the gate. Checked on the gradients, which DDP has
-        already averaged, so every rank raises together (a per-rank loss check would leave the
-        other ranks waiting in the all-reduce). A NaN or inf loss always gives such gradients.
-        Not under fp16 mixed precision, whose scaler skips overflowing steps by design."""
-        if str(self.trainer.precision).startswith("16"):
-            return
-        grads = [p.grad for p in self.gate.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads])).all():
-            bad = [n for n, p in self.gate.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-            raise FloatingPointError(
-                f"Training loss is {self._last_loss.item()} and the gradient of {bad} is not finite at optimizer "
-                f"step {self.global_step} (0-based; epoch {self.current_epoch}); stopping before it reaches the "
-                f"gate. The last finite state is the run's last.safetensors; lower lr, or check the data.")
+                                    "ids": [r.id for r in records]}) + "\n")
+        losses = {}
+        for layer, loss in self.layer_losses(batch):
+            losses[layer] = loss.detach()
+            if torch.isfinite(loss):
+                self.manual_backward(loss / self.accumulation)  # frees this layer's graph before the next
+            self.log(self.metric(layer, "train/loss"), loss.detach(), prog_bar=len(self.layers) == 1,
+                     batch_size=len(records))
+        stepping = (batch_idx + 1) % self.accumulation == 0 or batch_idx + 1 >= self.trainer.num_training_batches
+        if stepping:
+            self.average_gradients()
+        self.stop_if_not_finite(losses, batch_idx, stepping)
+        if stepping:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         records = batch["records"]
-        prefix = self.prefix(batch, "val")
-        need = any(r.options and r.answer_letter and r.id not in self._baseline for r in records)  # MC only
-        baseline = run_suffix(self.backbone, prefix) if need else None
-        loss, answers = val_answers(self.backbone, batch, prefix, self.layer, self.gate, baseline)
-        keep_baseline(answers, self._baseline)
-        self._val.update(answers)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(records))
+        need_baseline = any(r.options and r.answer_letter and r.id not in self._baseline for r in records)  # MC only
+        prefixes, final = self.prefixes(batch, "val", to_end=need_baseline)
+        for layer in self.layers:  # the baseline's letters are read once, with the first layer
+            baseline = final if layer == self.layers[0] else None
+            loss, answers = val_answers(self.backbone, batch, prefixes[layer], layer, self.gate(layer), baseline)
+            keep_baseline(answers, self._baseline)
+            self._val[layer].update(answers)
+            self.log(self.metric(layer, "val/loss"), loss, prog_bar=len(self.layers) == 1, batch_size=len(records))
 
     def on_train_epoch_end(self) -> None:
-        self.prefixes.flush()  # a disk cache writes its last shard: a resumed run finds the epoch's prefixes
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()  # a disk cache writes its last shard: a resumed run finds the epoch's prefixes
 
     def on_validation_epoch_end(self) -> None:
-        """Accuracy over the whole validation split: under DDP every rank's answers are
-        gathered, and records the distributed sampler repeated to even out ranks count once.
-        Every rank logs the same gathered values."""
-        self.prefixes.flush()
-        self.val_answers = gather_answers(self._val)
-        for key, value in answer_metrics(self.val_answers).items():
-            self.log(f"val/{key}", value, prog_bar=key == "acc")
-        self._val = {}
+        """Accuracy over the whole validation split, per layer: under DDP every rank's answers are
+        gathered (records the distributed sampler repeated count once), so every rank logs the same
+        values."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.flush()
+        self.val_answers = {l: gather_answers(self._val[l]) for l in self.layers}
+        for layer, answers in self.val_answers.items():
+            metrics = answer_metrics(answers)
+            for key, value in metrics.items():
+                self.log(self.metric(layer, f"val/{key}"), value, prog_bar=key == "acc" and len(self.layers) == 1)
+            if "baseline_acc" in metrics:
+                self.log(self.metric(layer, "val/delta"), metrics["acc"] - metrics["baseline_acc"])
+        self._val = {l: {} for l in self.layers}
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.gate.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.gates.parameters(), lr=self.lr)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class EpochGateExport(Callback):
-    """Save the gate alone as `run_dir/gate-epoch{e}.safetensors` with its metadata (backbone,
-    layer, gate config, sinks, data, steps), rank 0 alone.
+    """Per trained layer, `gate-epoch{e}.safetensors` (with the run's identity, its own layer and the
+    steps) in the layer's folder (`lsg.runs.layer_dir`), rank 0 alone.
 
     It is written at the epoch's last training batch, before that step's resumable checkpoint
-    (Lightning runs checkpoint callbacks last), because a run resumed from that checkpoint
-    skips the rest of the epoch; after the epoch's validation it is written again with the
-    validation metrics `val` (gathered over every rank) added.
+    (Lightning runs checkpoint callbacks last), because a run resumed from that checkpoint skips
+    the rest of the epoch; after the epoch's validation it is written again with the validation
+    metrics `val` (gathered over every rank) added, beside `val-epoch{e}.json`.
     """
 
-    def __init__(self, run_dir: Path, identity: dict):
-        self.run_dir, self.identity = Path(run_dir), identity
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
 
-    def _save(self, trainer: L.Trainer, pl_module: GateTrainingModule, **extra) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking and not trainer.fast_dev_run:
-            epoch = trainer.current_epoch + 1
-            pl_module.gate.save(self.run_dir / f"gate-epoch{epoch}.safetensors", **self.identity,
-                                epoch=epoch, steps=trainer.global_step, **extra)
+    def _save(self, trainer: L.Trainer, module: GateTrainingModule, with_val: bool) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        epoch = trainer.current_epoch + 1
+        identity = {k: v for k, v in module.identity.items() if k != "layers"}
+        for layer in module.layers:
+            gate = module.gate(layer)
+            folder = layer_dir(self.run_dir, gate.name, layer, module.layers)
+            extra = {}
+            answers = module.val_answers.get(layer) if with_val else None
+            if with_val:
+                extra["val"] = {f"val/{k}": v for k, v in answer_metrics(answers or {}).items()}
+                if answers:
+                    write_val_answers(val_file(folder, epoch), answers, epoch=epoch, steps=trainer.global_step,
+                                      layer=layer, groups=list(GROUPINGS.get(getattr(gate, "grouping", ""), ())))
+            gate.save(gate_file(folder, epoch), **identity, layer=layer, epoch=epoch, steps=trainer.global_step,
+                      **extra)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
-            self._save(trainer, pl_module)
+            self._save(trainer, pl_module, with_val=False)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: GateTrainingModule) -> None:
-        self._save(trainer, pl_module,
-                   val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
-        if trainer.is_global_zero and not trainer.sanity_checking and not trainer.fast_dev_run and pl_module.val_answers:
-            epoch = trainer.current_epoch + 1
-            write_val_answers(self.run_dir / f"val-epoch{epoch}.json", pl_module.val_answers, epoch=epoch,
-                              steps=trainer.global_step, layer=pl_module.layer,
-                              groups=list(GROUPINGS.get(getattr(pl_module.gate, "grouping", ""), ())))
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, with_val=True)
 
 
 def check_resumable(path: Path, identity: dict) -> str | None:

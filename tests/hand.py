@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -172,3 +176,24 @@ def compare_twice(tmp_path, first, second, monkeypatch):
     rows, _ = compare(second, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
                       timing_batches=1, timing_repeats=1)
     return rows, len(calls), records
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP_LEVEL_APPS = ("train", "eval")  # the design card's two commands; every other app is a console script
+
+
+def app_command(app: str) -> list[str]:
+    """How a user starts an app: `python train.py` / `python eval.py` at the repository root, or
+    `python -m lsg.cli.<app>` (what the `lsg-<app>` console script runs)."""
+    return [sys.executable, str(ROOT / f"{app}.py")] if app in TOP_LEVEL_APPS else [sys.executable, "-m", f"lsg.cli.{app}"]
+
+
+def run_app(app: str, *overrides: str, cwd: Path, check: bool = True, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an app with Hydra `overrides` in `cwd`; with `check`, a non-zero exit fails the test
+    with the end of its stderr."""
+    result = subprocess.run([*app_command(app), *overrides], capture_output=True, text=True, cwd=cwd,
+                            timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{app} {' '.join(overrides)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result

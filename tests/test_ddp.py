@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lsg.gates import LSGGate
@@ -31,6 +32,7 @@ def train(run: Path, data: Path, batch_size: int, *overrides: str) -> subprocess
     return result
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_with_batch_b_train_the_gate_of_one_process_with_batch_2b(tmp_path):
     data = tmp_path / "shapes"
     single, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -1,5 +1,5 @@
-"""Layer sweeps as separate jobs: Hydra multirun (one W&B group, a failed job spares the rest)
-and the W&B sweep file for clusters."""
+"""Runs as separate jobs: Hydra multirun (one W&B group; submitit_local: a failed job spares the rest),
+SLURM launcher configs and the W&B sweep file for clusters."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from lsg.loggers import multirun_group
 from lsg.configs import CONF_DIR
+from lsg.loggers import multirun_group
+from tests.hand import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,20 +58,25 @@ def test_multirun_jobs_share_one_wandb_group_named_after_the_sweep():
         HydraConfig.instance().cfg = None
 
 
+@pytest.mark.slow
 def test_a_failed_multirun_job_does_not_stop_the_others(tmp_path):
-    args = [sys.executable, str(ROOT / "train.py"), "-m", "model=tiny-random", "logger=none", "layer=99,2",
-            f"data.root={tmp_path / 'shapes'}", "data.n_train=8", "data.n_val=7", "batch_size=4",
-            "effective_batch_size=8", "epochs=1", f"hydra.sweep.dir={tmp_path / 'multirun'}",
-            f"run_dir={tmp_path}/run/lsg-L${{layer}}", f"export_path={tmp_path}/ck/L${{layer}}.safetensors"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode != 0 and "layer=99 is out of range" in result.stderr
-    assert (tmp_path / "ck" / "L2.safetensors").exists()  # the job after the failed one ran to the end
-    # Each job ran as its own `python train.py <overrides>` process, with its own Hydra output folder.
-    assert "one process each" in result.stdout + result.stderr
+    """hydra/launcher=submitit_local (the kept launcher; the home-made one is gone) runs each job in
+    its own process: a job that fails leaves the others running, and the multirun exits non-zero
+    with that job's error."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = run_app("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                     "hydra.launcher.cpus_per_task=1", "model=tiny-random", "logger=none", "layer=99,2",
+                     f"data.root={tmp_path / 'shapes'}", "data.n_train=8", "data.n_val=7", "batch_size=4",
+                     "effective_batch_size=8", "epochs=1", "trainer.enable_progress_bar=false",
+                     f"hydra.sweep.dir={tmp_path / 'multirun'}", f"run_dir={tmp_path}/run/lsg-L${{layer}}",
+                     f"export_path={tmp_path}/ck/L${{layer}}.safetensors", cwd=tmp_path, check=False, timeout=300)
+    assert result.returncode != 0 and "Layers [99] are out of range" in result.stderr
+    assert (tmp_path / "ck" / "L2.safetensors").exists()  # the other job ran to the end
     assert "layer=2" in (tmp_path / "multirun" / "1" / ".hydra" / "overrides.yaml").read_text()
     assert "layer=99" in (tmp_path / "multirun" / "0" / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_two_job_multirun_runs_through_submitit(tmp_path):
     """hydra/launcher=submitit_local runs the jobs through submitit, as hydra/launcher=slurm does
     on a cluster (the same plugin, another executor): both jobs train and export their gate."""
@@ -89,13 +95,13 @@ def test_a_two_job_multirun_runs_through_submitit(tmp_path):
     assert list((tmp_path / "multirun" / ".submitit").glob("*/*_result.pkl")), "the jobs ran through submitit"
 
 
+@pytest.mark.slow
 def test_the_slurm_launcher_configs_compose(tmp_path):
     """hydra/launcher=slurm (and slurm-8gpu for a DDP sweep) compose onto the plugin's submitit_slurm."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    for app, launcher, want in (("train.py", "slurm", "gpus_per_node: 1"), ("sweep.py", "slurm-8gpu", "gpus_per_node: 8")):
-        result = subprocess.run([sys.executable, str(ROOT / app), f"hydra/launcher={launcher}", "--cfg", "hydra",
-                                 "--package", "hydra.launcher"], capture_output=True, text=True, timeout=300,
-                                cwd=tmp_path)
+    for launcher, want in (("slurm", "gpus_per_node: 1"), ("slurm-8gpu", "gpus_per_node: 8")):
+        result = run_app("train", f"hydra/launcher={launcher}", "--cfg", "hydra", "--package", "hydra.launcher",
+                         cwd=tmp_path, check=False, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in result.stdout
         assert want in result.stdout and "timeout_min" in result.stdout

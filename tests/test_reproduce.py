@@ -23,7 +23,7 @@ def test_the_paper_experiment_composes_and_prints_its_plan_offline(tmp_path):
     lines = {line.split(":")[0].strip().split(". ")[-1]: line for line in result.stdout.splitlines() if ". " in line}
     assert list(lines) == ["calibrate", "sweep", "summarize", "stack", "lora", "evaluate-mmstar", "evaluate-cvbench",
                            "report"]
-    assert "model=llava-1.5-7b" in lines["sweep"] and "layers=all" in lines["sweep"] and "epochs=2" in lines["sweep"]
+    assert "model=llava-1.5-7b" in lines["sweep"] and "layer=all" in lines["sweep"] and "lsg-train" in lines["sweep"] and "epochs=2" in lines["sweep"]
     assert "data.train_json=data/cambrian10k/train.json" in lines["sweep"]
     assert "max_size=5" in lines["stack"] and "'free=[var]'" in lines["stack"]
     assert "gate=lora layer=10" in lines["lora"]

@@ -103,7 +103,7 @@ class PoisonAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             with torch.no_grad():
-                pl_module.gate.fc2.bias.fill_(float("nan"))
+                pl_module.gate(2).fc2.bias.fill_(float("nan"))
 
 
 def test_nan_loss_stops_training_naming_the_step_and_never_writes_a_nan_gate(tmp_path, tiny):
@@ -111,13 +111,13 @@ def test_nan_loss_stops_training_naming_the_step_and_never_writes_a_nan_gate(tmp
 
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 16, "n_val": 4, "n_test": 0}
     gate = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
-    module = GateTrainingModule(tiny, gate, layer=2, lr=1e-2)
+    module = GateTrainingModule(tiny, {2: gate}, {}, lr=1e-2, effective_batch_size=4, batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                         num_sanity_val_steps=0, plugins=[SafetensorsCheckpointIO()], callbacks=[
-                            PoisonAt(step=5), EpochGateExport(tmp_path / "run", {}),
+                            PoisonAt(step=5), EpochGateExport(tmp_path / "run"),
                             SafetensorsModelCheckpoint(dirpath=tmp_path / "run", save_last=True, save_top_k=0,
                                                        every_n_train_steps=1)])
-    with pytest.raises(FloatingPointError, match=r"Training loss is nan and the gradient of .* is not finite at optimizer step 5 \(0-based; epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"layer\(s\) \[2\] is not finite at optimizer step 5 \(0-based; batch 1 of epoch 1"):
         trainer.fit(module, datamodule=VQADataModule(tiny, data, batch_size=4))
     assert (tmp_path / "run" / "gate-epoch1.safetensors").exists()
     assert not (tmp_path / "run" / "gate-epoch2.safetensors").exists()

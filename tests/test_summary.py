@@ -7,10 +7,11 @@ import json
 import pytest
 
 from lsg.summary import markdown, plot_heatmap, plot_ratios, ratio_curves, read_sweep, summarize
+from tests.hand import run_app
 
 
-def write_layer(root, layer, epoch, rows, steps):
-    folder = root / f"lsg-L{layer}"
+def write_layer(root, layer, epoch, rows, steps, gate="lsg"):
+    folder = root / f"{gate}-L{layer}"
     folder.mkdir(parents=True, exist_ok=True)
     answers = {f"q{i}": {"subtask": t, "question": f"question {i}", "gold": "A", "prediction": p, "correct": p == "A",
                          "baseline": b, "ratios": [r, 1 - r]}
@@ -54,20 +55,23 @@ def test_table1_picks_the_best_layer_per_block_and_counts_subtasks(tmp_path):
         read_sweep(tmp_path / "not-a-layer")
 
 
-def test_summarize_py_is_a_hydra_app_writing_table1_and_figures(tmp_path):
-    """`python summarize.py sweep_dir=...` (a Hydra app like the other commands) writes Table 1,
-    the heatmap and summary.json whose per-layer deltas equal `summarize` called directly."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_a_sweep_folder_is_read_per_gate(tmp_path):
+    """A LoRA sweep beside an LSG sweep is never read back as LSG (folders are named by gate)."""
+    write_layer(tmp_path, 1, 1, [("count", "A", "B", .2)], 3)
+    write_layer(tmp_path, 4, 1, [("count", "B", "B", .2)], 3, gate="lora")
+    assert sorted(read_sweep(tmp_path)) == [1] and sorted(read_sweep(tmp_path, "lora")) == [4]
+    with pytest.raises(FileNotFoundError, match="It holds runs of lora, lsg: set gate="):
+        read_sweep(tmp_path, "var")
 
-    root = Path(__file__).resolve().parents[1]
+
+@pytest.mark.slow
+def test_summarize_is_a_hydra_app_writing_table1_and_figures(tmp_path):
+    """`lsg-summarize sweep_dir=...` (a Hydra app like the other commands) writes Table 1,
+    the heatmap and summary.json whose per-layer deltas equal `summarize` called directly."""
     write_layer(tmp_path, 1, 1, [("count", "A", "B", .2), ("color", "A", "A", .6)], 3)
     write_layer(tmp_path, 2, 1, [("count", "B", "A", .5), ("color", "A", "A", .5)], 3)
-    result = subprocess.run([sys.executable, str(root / "summarize.py"), f"sweep_dir={tmp_path}", "logger=none",
-                             "bootstrap_samples=200", f"hydra.run.dir={tmp_path / 'hydra'}"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_app("summarize", f"sweep_dir={tmp_path}", "logger=none", "bootstrap_samples=200",
+            f"hydra.run.dir={tmp_path / 'hydra'}", cwd=tmp_path, timeout=300)
     out = tmp_path / "summary"
     assert (out / "table1.md").exists() and (out / "heatmap.png").stat().st_size > 1000
     written = json.loads((out / "summary.json").read_text())

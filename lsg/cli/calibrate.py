@@ -1,13 +1,16 @@
 """Measure a backbone's sinks and suggest a sink config (SPEC section 7).
 
-    python calibrate.py                      # embedded default, 32 validation prompts
-    python calibrate.py model=tiny-random n_samples=8
+    lsg-calibrate                                 # embedded default, 32 validation prompts
+    lsg-calibrate model=tiny-random n_samples=8   # or python -m lsg.cli.calibrate ...
 
 Prints the massive-activation dims, per-layer statistics of the visual tokens' sink
-value, and a `sinks:` snippet to paste into conf/model/<name>.yaml.
+value, and a `sinks:` snippet to paste into conf/model/<name>.yaml. Batches are built
+one at a time as calibration reads them.
 """
 
 from __future__ import annotations
+
+from typing import Iterator, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,14 +23,25 @@ from lsg.datamodule import load_records
 from lsg.evaluation import images_and_questions
 
 
+class PromptBatches:
+    """Prompt-only batches of `records`, `batch_size` at a time, built (images loaded) as each is
+    read; re-iterable, so calibration can read them twice when it must find the sink dim first."""
+
+    def __init__(self, backbone, records: Sequence, batch_size: int):
+        self.backbone, self.records, self.batch_size = backbone, records, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(0, len(self.records), self.batch_size):
+            yield self.backbone.build_batch(*images_and_questions(self.records[i : i + self.batch_size]))
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     # eager: attention weights for the share statistic
     backbone, _ = load_backbone_of(cfg, attn_implementation="eager", device=cfg.device)
     records = load_records(plain(cfg.data), cfg.split)[: cfg.n_samples]
-    batches = [backbone.build_batch(*images_and_questions(records[i : i + cfg.batch_size]))
-               for i in range(0, len(records), cfg.batch_size)]
-    report = calibrate(backbone, batches, cfg.tau, cfg.min_abs, cfg.ratio, cfg.top_fraction)
+    report = calibrate(backbone, PromptBatches(backbone, records, cfg.batch_size), cfg.tau, cfg.min_abs, cfg.ratio,
+                       cfg.top_fraction, cfg.phi_bins_per_decade, tuple(cfg.phi_log10_range))
     console = Console()
     console.print(f"LLM massive dims (dim, layers flagged): {report.massive_dims}")
     console.print(f"Positions of the top dim's largest |x| at the middle layer: {report.massive_positions}")

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from lsg.backbones import Backbone, backbone_from_config
 from lsg.datamodule import VQADataModule
 from lsg.loggers import build_logger, start_run
-from lsg.training import accumulation_steps, check_resumable, gate_trainer
+from lsg.training import check_resumable, gate_trainer
 
 
 def plain(node) -> Any:
@@ -47,18 +47,16 @@ def log_results(cfg: DictConfig, run_name: str, tables: dict[str, tuple[Sequence
 def gate_run_identity(backbone: Backbone, gate, data_cfg: dict, **extra) -> dict:
     """What a gate-training run's checkpoints carry to refuse a resume or a load under another
     setup: backbone name and weights fingerprint, gate config, sinks, data (and `extra`, e.g. the
-    layer); train.py and sweep.py write the same keys."""
+    layers)."""
     return {"backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint, **extra,
             "gate_config": gate.config(), "sinks": backbone.sinks.to_dict(), "data": data_cfg}
 
 
-def fit_gates(cfg: DictConfig, module, backbone: Backbone, run_dir: Path, export, run_name: str, logger_cfg: dict,
-              accumulate: bool = True):
-    """Train `module` (a `lsg.training.FrozenBackboneModule` with its `identity` set) as train.py
-    and sweep.py do: resume from `run_dir/last.safetensors` when it holds the same setup (refused
-    otherwise), a Lightning Trainer from `cfg.trainer` with safetensors checkpoints and `export`,
-    the app's data module, and (with `accumulate`, automatic optimization only) gradient
-    accumulation up to `cfg.effective_batch_size` for the trainer's device count.
+def fit_gates(cfg: DictConfig, module, backbone: Backbone, run_dir: Path, export, run_name: str, logger_cfg: dict):
+    """Train `module` (a `lsg.training.GateTrainingModule`): resume from `run_dir/last.safetensors`
+    when it holds the same setup (refused otherwise), a Lightning Trainer from `cfg.trainer` with
+    safetensors checkpoints and `export`, and the app's data module (the module accumulates
+    gradients up to `cfg.effective_batch_size` for the trainer's device count).
 
     Returns:
         `(trainer, logger)` after `fit`; logger None without W&B.
@@ -70,9 +68,6 @@ def fit_gates(cfg: DictConfig, module, backbone: Backbone, run_dir: Path, export
     resume = check_resumable(run_dir / "last.safetensors", module.identity)
     logger = build_logger(logger_cfg, run_name, plain(cfg))
     trainer = gate_trainer(plain(cfg.trainer), logger, run_dir, cfg.checkpoint_every_n_steps, export)
-    if accumulate:  # the effective batch is the paper's for any device count (devices=-1 included)
-        trainer.accumulate_grad_batches = accumulation_steps(cfg.effective_batch_size, cfg.batch_size,
-                                                             trainer.world_size)
     datamodule = VQADataModule(backbone, plain(cfg.data), cfg.batch_size, cfg.num_workers, cfg.seed)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     return trainer, logger

@@ -1,9 +1,9 @@
 """Summarize a layer sweep: Table 1, Figure 7 (layer x sub-task heatmap), Figure 8 (gate ratios).
 
-    python summarize.py sweep_dir=runs/smol-llava/sweep
-    python summarize.py sweep_dir=runs/smol-llava/sweep oracle=runs/oracle/smol-llava 'ratio_layers=[3,9,15]'
+    lsg-summarize sweep_dir=runs/smol-llava/lsg-Lall
+    lsg-summarize sweep_dir=runs/smol-llava/lsg-Lall oracle=runs/oracle/smol-llava 'ratio_layers=[3,9,15]'
 
-Reads `<sweep_dir>/lsg-L<l>/val-epoch<e>.json` (sweep.py, or train.py runs under one folder)
+Reads `<sweep_dir>/<gate>-L<l>/val-epoch<e>.json` (`train.py layer=<many>`, or one-layer runs under one folder)
 and writes table1.md, heatmap.png, ratios.png and summary.json under `<sweep_dir>/summary`
 (or `out=`), logging them to W&B unless `logger=none`.
 """
@@ -24,7 +24,7 @@ from lsg.summary import markdown, plot_heatmap, plot_ratios, read_sweep, summari
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="summarize")
 def main(cfg: DictConfig) -> dict:
     sweep_dir = Path(cfg.sweep_dir)
-    sweep = read_sweep(sweep_dir)
+    sweep = read_sweep(sweep_dir, cfg.gate)
     oracle = json.loads((Path(cfg.oracle) / "grid.json").read_text()) if cfg.oracle else None
     epoch = None if str(cfg.epoch) == "last" else int(cfg.epoch)
     summary = summarize(sweep, epoch, cfg.block, oracle, cfg.bootstrap_samples, cfg.ci_level)

@@ -1,10 +1,15 @@
-"""Train one LSG gate at one decoder layer of a frozen LVLM.
+"""Train gates inside a frozen LVLM: one decoder layer, or many in one pass over the data.
 
     python train.py layer=10                        # the embedded default (README: wall time)
+    python train.py layer=every:3                   # a layer sweep: 0, 3, 6, ... (shared prefix, one pass)
+    python train.py layer=all epochs=1              # every decoder layer (lsg-summarize reads Table 1)
     python train.py model=llava-1.5-7b data=llava-json data.train_json=... trainer=ddp
 
+Per layer l it writes `<run_dir>/gate-epoch<e>.safetensors` and `val-epoch<e>.json` (one layer) or
+the same under `<run_dir>/<gate>-L<l>/` (many; `lsg.runs`), prints the baseline against each gate
+per sub-task with paired 95% CIs, and exports the gate of epoch `export_epoch` to `export_path`.
 Re-running the same command resumes an interrupted run (killed at any point) from its last
-checkpoint, with the same data order.
+optimizer step, with the same data order.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import lightning as L
 from omegaconf import DictConfig
 
 import lsg
-from lsg.cli.common import fast_dev_run_metrics, fit_gates, gate_run_identity, load_backbone_of, plain
+import lsg.configs  # noqa: F401  (registers the configs' resolvers)
 from lsg.answers import answers_for, read_answers
+from lsg.cli.common import fast_dev_run_metrics, fit_gates, gate_run_identity, load_backbone_of, plain
 from lsg.datamodule import load_records
 from lsg.evaluation import EvalResult, evaluate_many, print_comparison
 from lsg.loggers import multirun_group
 from lsg.prefix import PREFIX_CACHE_KINDS
+from lsg.runs import export_file, gate_file, layer_dir, val_file
+from lsg.specs import parse_sweep_layers
 from lsg.training import EpochGateExport, GateTrainingModule, build_gate
 
 
@@ -37,54 +45,82 @@ def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResu
             EvalResult.from_predictions(records, [a.prediction for a in answers]))
 
 
+def check_devices(trainer_cfg: dict) -> None:
+    """One device, or many under DDP (every rank holds every gate).
+
+    Raises:
+        ValueError: several devices with another strategy.
+    """
+    one_device = trainer_cfg.get("devices") in (1, "1", None)
+    if trainer_cfg.get("strategy", "auto") not in (("auto", "ddp") if one_device else ("ddp",)):
+        raise ValueError(f"train.py trains on one device, or on many with trainer.strategy=ddp (trainer=ddp); got "
+                         f"devices={trainer_cfg.get('devices')!r}, strategy={trainer_cfg.get('strategy')!r}. For one "
+                         f"job per GPU instead, run one W&B agent per GPU over conf/wandb-sweep.yaml (README).")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     backbone, _ = load_backbone_of(cfg)
-    layer = backbone.check_layer(cfg.layer)
-    gate = build_gate(plain(cfg.gate), backbone, cfg.seed)
-    data_cfg = plain(cfg.data)
-    run_dir = Path(cfg.run_dir)
+    layers = parse_sweep_layers(cfg.layer, backbone.num_layers)
+    gate_cfg = plain(cfg.gate)
+    gates = {l: build_gate(gate_cfg, backbone, cfg.seed) for l in layers}  # each from the seed alone
+    name = gates[layers[0]].name
+    check_devices(plain(cfg.trainer))
     if cfg.prefix_cache not in PREFIX_CACHE_KINDS:
         raise ValueError(f"prefix_cache={cfg.prefix_cache!r}: use one of {', '.join(PREFIX_CACHE_KINDS)}.")
-    module = GateTrainingModule(backbone, gate, layer, cfg.lr, cfg.prefix_cache_mb, cfg.activation_checkpointing,
-                                run_dir / "prefix-cache" if cfg.prefix_cache == "disk" else None, data_cfg)
-    identity = gate_run_identity(backbone, gate, data_cfg, layer=layer)
-    module.identity = identity
-    module.batch_log = Path(cfg.batch_log) if cfg.batch_log else None
-    trainer, logger = fit_gates(cfg, module, backbone, run_dir, EpochGateExport(run_dir, identity),
-                                f"{backbone.name}-{gate.name}-L{layer}", multirun_group(plain(cfg.logger)))
+    exports = {l: export_file(cfg.export_path, l, layers) for l in layers}  # refused before training if ambiguous
+    data_cfg = plain(cfg.data)
+    run_dir = Path(cfg.run_dir)
+    identity = gate_run_identity(backbone, gates[layers[0]], data_cfg, layers=layers)
+    module = GateTrainingModule(backbone, gates, identity, cfg.lr, cfg.effective_batch_size, cfg.batch_size,
+                                cfg.activation_checkpointing, cfg.prefix_cache_mb,
+                                run_dir / "prefix-cache" if cfg.prefix_cache == "disk" else None, cfg.batch_log)
+    run_name = f"{backbone.name}-{name}-L{layers[0]}" if len(layers) == 1 else \
+        f"{backbone.name}-{name}-{len(layers)}-layers"
+    trainer, logger = fit_gates(cfg, module, backbone, run_dir, EpochGateExport(run_dir), run_name,
+                                multirun_group(plain(cfg.logger)))
     if (metrics := fast_dev_run_metrics(trainer)) is not None:
         return metrics
-    if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and writes the export
+    if not trainer.is_global_zero:  # under DDP only rank 0 evaluates and writes the exports
         return {}
 
-    export = lsg.gates.Gate.load(run_dir / f"gate-epoch{cfg.export_epoch}.safetensors")  # attach moves it
+    folders = {l: layer_dir(run_dir, name, l, layers) for l in layers}
+    trained = {l: lsg.gates.Gate.load(gate_file(folders[l], cfg.export_epoch)) for l in layers}
     val = [r for r in load_records(data_cfg, "val") if r.options and r.answer_letter]
-    metrics = {}
+    results: dict[int, tuple[EvalResult, EvalResult]] = {}
     if val:
-        baseline, gated = validation_results(run_dir / f"val-epoch{cfg.export_epoch}.json", val)
-        if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
-            both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: export}}, cfg.eval_batch_size,
-                                 progress=f"baseline and gated L{layer} (val)")
-            baseline, gated = both["baseline"], both["gated"]
-        label = f"{gate.name.upper()} L{layer} (epoch {cfg.export_epoch})"
-        print_comparison(baseline, {label: gated}, cfg.bootstrap_samples, cfg.ci_level)
-        metrics = {"baseline": baseline.as_dict(), "gated": gated.as_dict()}
+        for layer in layers:
+            baseline, gated = validation_results(val_file(folders[layer], cfg.export_epoch), val)
+            if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
+                both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: trained[layer]}},
+                                     cfg.eval_batch_size, progress=f"baseline and gated L{layer} (val)")
+                baseline, gated = both["baseline"], both["gated"]
+            results[layer] = baseline, gated
+        print_comparison(results[layers[0]][0],
+                         {f"{name.upper()} L{l} (epoch {cfg.export_epoch})": results[l][1] for l in layers},
+                         cfg.bootstrap_samples, cfg.ci_level)
         if logger:
-            logger.log_metrics({f"final/{name}_acc_{t}": a for name, r in (("baseline", baseline), ("gated", gated))
+            logger.log_metrics({f"final/{'' if len(layers) == 1 else f'L{l}/'}{kind}_acc_{t}": a
+                                for l, (baseline, gated) in results.items()
+                                for kind, r in (("baseline", baseline), ("gated", gated))
                                 for t, a in r.accuracy.items()})
     else:  # free-form answers (e.g. Cambrian-10K): the validation loss is the only validation figure
         print("The validation split has no multiple-choice question, so there is no accuracy to compare; the "
-              "validation loss is logged per epoch. Score the gate on a benchmark: python evaluate.py "
-              f"benchmark=mmstar 'gates=[lsg:{cfg.export_path}]'")
-    meta = export.metadata
-    export.save(cfg.export_path, **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")},
-                metrics=metrics)
-    print(f"Saved gate to {cfg.export_path}")
+              "validation loss is logged per epoch. Score the gate on a benchmark: python eval.py "
+              f"benchmark=mmstar 'gates=[ckpt:{exports[layers[0]]}]'")
+    out = {}
+    for layer in layers:
+        meta = trained[layer].metadata
+        metrics = {"baseline": results[layer][0].as_dict(), "gated": results[layer][1].as_dict()} \
+            if layer in results else {}
+        trained[layer].save(exports[layer], metrics=metrics,
+                            **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")})
+        print(f"Saved the layer-{layer} gate to {exports[layer]}")
+        out[layer] = metrics
     if logger:
         logger.experiment.finish()  # a multirun's next job starts its own run
-    return metrics
+    return out[layers[0]] if len(layers) == 1 else out
 
 
 if __name__ == "__main__":
