@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CUDA checks on a GPU machine, on tiny hub-format checkpoints of every family the tests build
 # (no download): gated generation in bf16 through the KV cache, train.py (one GPU, and the
-# ddp trainer config), compare.py, calibrate.py, overhead.py, and the workflow (sweep.py, summarize.py,
-# oracle.py, stack.py, train.py gate=lora) on the accelerator.
+# ddp trainer config), lsg-compare, lsg-calibrate, overhead.py, and the workflow (train.py layer=[1,2],
+# lsg-summarize, lsg-oracle, lsg-stack, train.py gate=lora) on the accelerator.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # needs torch with CUDA and the project's packages
 #
@@ -71,25 +71,26 @@ python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 layer=2 logger=
     "run_dir=$WORK/run2" "export_path=$WORK/ck2/lsg-L2.safetensors" "hydra.run.dir=$WORK/h2" 2>&1 | tail -16
 test -f "$WORK/ck2/lsg-L2.safetensors"
 
-echo "== compare.py on the GPU (device=auto)"
-python3 compare.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 logger=none "out_dir=$WORK/compare" \
-    "gates=[none,var,vaf,spear,outro,oracle@2:0.3,lsg:$WORK/ck/lsg-L2.safetensors]" batch_size=14 \
+echo "== lsg-compare on the GPU (device=auto)"
+python3 -m lsg.cli.compare "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 logger=none "out_dir=$WORK/compare" \
+    "gates=[none,var,vaf,spear,outro,oracle@2:0.3,ckpt:$WORK/ck/lsg-L2.safetensors]" batch_size=14 \
     "hydra.run.dir=$WORK/h3" 2>&1 | tail -14
 
-echo "== calibrate.py on the GPU"
-python3 calibrate.py "${MODEL[@]}" "${DATA[@]}" n_samples=8 "hydra.run.dir=$WORK/h4" 2>&1 | tail -12
+echo "== lsg-calibrate on the GPU"
+python3 -m lsg.cli.calibrate "${MODEL[@]}" "${DATA[@]}" n_samples=8 "hydra.run.dir=$WORK/h4" 2>&1 | tail -12
 
 echo "== overhead.py model=... on the GPU"
 python3 scripts/overhead.py "${MODEL[@]}" model.dtype=bfloat16 batch=4 new_tokens=8 repeats=3 \
     "specs=[none,oracle@1:0.3,var,vaf,outro]" "hydra.run.dir=$WORK/h5" 2>&1 | tail -10
-echo "== sweep.py (shared prefix, bf16-mixed), summarize, oracle grid, greedy stack, LoRA on the GPU"
-python3 sweep.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" logger=none batch_size=8 \
+echo "== train.py layer=[1,2] (a sweep: shared prefix, bf16-mixed), summarize, oracle grid, greedy stack, LoRA on the GPU"
+python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layer=[1,2]" logger=none batch_size=8 \
     effective_batch_size=16 epochs=1 trainer.accelerator=gpu trainer.precision=bf16-mixed \
-    trainer.enable_progress_bar=false "out_dir=$WORK/sweep" "hydra.run.dir=$WORK/h6" 2>&1 | tail -4
-python3 summarize.py "sweep_dir=$WORK/sweep" logger=none "hydra.run.dir=$WORK/h6b" | tail -8
-python3 oracle.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" "alphas=[0.0,0.5,1.0]" \
+    trainer.enable_progress_bar=false "run_dir=$WORK/sweep" "export_path=\"$WORK/sweep-ck/lsg-L{layer}.safetensors\"" \
+    "hydra.run.dir=$WORK/h6" 2>&1 | tail -4
+python3 -m lsg.cli.summarize "sweep_dir=$WORK/sweep" logger=none "hydra.run.dir=$WORK/h6b" | tail -8
+python3 -m lsg.cli.oracle "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 "layers=[1,2]" "alphas=[0.0,0.5,1.0]" \
     logger=none "out_dir=$WORK/oracle" "hydra.run.dir=$WORK/h7" 2>&1 | tail -5
-python3 stack.py "${MODEL[@]}" "${DATA[@]}" data.n_test=28 model.dtype=bfloat16 "candidates_dir=$WORK/sweep" \
+python3 -m lsg.cli.stack "${MODEL[@]}" "${DATA[@]}" data.n_test=28 model.dtype=bfloat16 "candidates_dir=$WORK/sweep" \
     "free=[oracle@3:0.2]" max_size=3 logger=none "out_dir=$WORK/stack" "hydra.run.dir=$WORK/h8" 2>&1 | tail -8
 python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 gate=lora layer=2 logger=none batch_size=8 \
     effective_batch_size=16 epochs=1 trainer.accelerator=gpu trainer.precision=bf16-mixed \

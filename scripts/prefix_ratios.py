@@ -54,12 +54,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    from lsg.configs import load_config
-
-    model_cfg = load_config("model", args.model)
-    backbone = lsg.backbone_from_config(model_cfg)
+    backbone = lsg.load_backbone(args.model)
     dev, L = backbone.device, backbone.num_layers
-    gate_cfg = {"name": "lsg", "grouping": model_cfg.get("lsg_grouping", "vsink-rest"), "gain": 1.0, "width": 64,
+    gate_cfg = {"name": "lsg", "grouping": backbone.default_grouping, "gain": 1.0, "width": 64,
                 "activation": "gelu"}
     gates = {l: build_gate(gate_cfg, backbone, 0) for l in range(L)}
     n = args.batch_size * args.batches

@@ -56,24 +56,35 @@ def test_checkpointed_suffix_trains_the_same_gate_as_the_plain_path(tiny):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=key)
 
 
-def test_checkpointing_restores_the_layers_and_is_a_plain_forward_without_grad(tiny):
+def test_a_checkpointed_backward_leaves_the_decoder_layers_as_they_were(tiny):
+    """After a checkpointed forward and backward, no layer keeps a replaced `forward` and a plain
+    run gives the output it gave before (the recompute wrappers are removed on exit)."""
     images, questions, answers = samples(2)
     batch = tiny.build_batch(images, questions, answers)
     prefix = compute_prefixes(tiny, batch, [LAYER])[0][LAYER]
     gate = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    before = {id(layer): dict(vars(layer)).get("forward") for layer in tiny.decoder_layers}
     with torch.no_grad():
         plain = run_suffix(tiny, prefix, {LAYER: gate})
-        checkpointed = run_suffix(tiny, prefix, {LAYER: gate}, checkpoint_above=True)
-    torch.testing.assert_close(checkpointed, plain, atol=0, rtol=0)
-    assert all("forward" not in vars(layer) for layer in tiny.decoder_layers)
+    loss = answer_loss(tiny, batch, run_suffix(tiny, prefix, {LAYER: gate}, checkpoint_above=True))
+    loss.backward()
+    assert gate.fc2.weight.grad is not None
+    assert {id(layer): dict(vars(layer)).get("forward") for layer in tiny.decoder_layers} == before
+    with torch.no_grad():
+        torch.testing.assert_close(run_suffix(tiny, prefix, {LAYER: gate}), plain, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("model", ["llava-1.5-7b", "qwen2-vl"])
-def test_hub_backbones_train_with_checkpointing_by_default(model):
-    from lsg.configs import load_config
+@pytest.mark.parametrize("model,expected", [("llava-1.5-7b", True), ("qwen2-vl", True), ("smol-llava", False)])
+def test_training_takes_activation_checkpointing_from_the_model_config(model, expected):
+    """train.yaml's `activation_checkpointing` follows the `model=` group (hub backbones on, the
+    embedded one off), and a command-line value wins."""
+    from hydra import compose, initialize_config_dir
 
-    assert load_config("model", model)["activation_checkpointing"] is True
-    assert "activation_checkpointing" not in load_config("model", "smol-llava")
+    from lsg.configs import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        assert compose("train", [f"model={model}"]).activation_checkpointing is expected
+        assert compose("train", [f"model={model}", "activation_checkpointing=false"]).activation_checkpointing is False
 
 
 def test_an_eager_backbone_trains_without_checkpointing_and_says_so(tiny_eager):

@@ -61,7 +61,7 @@ def test_committed_weights_are_package_data_and_the_env_overrides_them(tmp_path)
     env = {**os.environ, "LSG_EMBEDDED_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()) == tmp_path
-    with pytest.raises(FileNotFoundError, match="tools/train_embedded.py"):
+    with pytest.raises(FileNotFoundError, match="scripts/train_embedded.py"):
         embedded.load_embedded(tmp_path)
 
 

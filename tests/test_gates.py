@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 import lsg
+from lsg.context import ForwardContext, LayerView
 from lsg.gates import KeyScaleGate, LSGGate
+from lsg.gates.base import git_commit
 from lsg.segments import Segments
+from lsg.sinks import SinkConfig
 from lsg.scoring import answer_loss
 from tests.conftest import samples
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
@@ -99,7 +108,7 @@ def test_lsg_gate_with_gain_G_is_identity_at_init(tiny, batch, grouping):
 def gate_ratios(bb, batch, gate, layer=LAYER):
     with torch.no_grad(), lsg.attach(bb, {layer: gate}) as run:
         loss = answer_loss(bb, batch)
-        ratios = run.ctx.gate_state[(layer, 0)][0]
+        ratios = gate.ratios(run.ctx.gate_state[(layer, 0)])
     return ratios, loss
 
 
@@ -187,6 +196,9 @@ def test_gate_checkpoint_round_trip_and_refusal(tmp_path, tiny, batch):
     r2, _ = gate_ratios(tiny, batch, loaded)
     torch.testing.assert_close(r1, r2, atol=0, rtol=0)
     assert (tmp_path / "g.json").read_text().count('"backbone": "tiny-random"') == 1
+    assert gate.metadata == {}, "a gate built in this process has no checkpoint metadata"
+    assert loaded.metadata == json.loads((tmp_path / "g.json").read_text())
+    assert loaded.metadata["layer"] == LAYER and loaded.metadata["config"] == gate.config()
     with pytest.raises(ValueError, match="backbone"):
         LSGGate.load(path, backbone="smol-llava")
     with pytest.raises(ValueError, match="layer"):
@@ -195,6 +207,47 @@ def test_gate_checkpoint_round_trip_and_refusal(tmp_path, tiny, batch):
         LSGGate.load(path, sinks={**tiny.sinks.to_dict(), "tau_llm": 99.0})
     with pytest.raises(ValueError, match="keyscale"):
         KeyScaleGate.load(path)
+
+
+def test_lsg_ratios_of_a_prepared_state_are_the_softmax_of_its_mlp_at_the_last_prompt_token():
+    """`LSGGate.ratios(prepare(...))` against LayerNorm -> Linear -> GELU -> Linear -> softmax
+    written out in float64 at the last prompt token, found by hand."""
+    B, T, D, image_id = 3, 9, 16, 7
+    PARAM_STD = 0.5  # random weights: ratios away from 0 and 1, different per sample
+    ids = torch.zeros(B, T, dtype=torch.long)
+    ids[:, 2:5] = image_id  # sys 0-1, vis 2-4, user 5..
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[2, 7:] = 0  # right padding in sample 2
+    labels = torch.full((B, T), -100)
+    labels[0, 6:] = 1  # answers from 6: last prompt token 5
+    labels[1, 8] = 1  # answer at 8: last prompt token 7
+    last_prompt = [5, 7, 6]  # sample 2 has no answer: its last real token
+    seg = Segments.from_batch(ids, mask, image_id, labels)
+    vsink = torch.zeros(B, T, dtype=torch.bool)
+    vsink[:, 2] = True
+    ctx = ForwardContext(seg, SinkConfig(), vsink=vsink, n_prefill=T)
+    g = torch.Generator().manual_seed(3)
+    gate = LSGGate(D, "vsink-rest")
+    with torch.no_grad():  # every parameter away from its init, so each one shows in the ratios
+        for p in gate.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * PARAM_STD)
+    hidden = torch.randn(B, T, D, generator=g) * 3 + 1
+    with torch.no_grad():
+        got = gate.ratios(gate.prepare(LayerView(LAYER, ctx, 0, T, is_prefill=True), hidden))
+
+    w = {k: v.double() for k, v in gate.state_dict().items()}
+    x = torch.stack([hidden[b, last_prompt[b]] for b in range(B)]).double()  # (B, D)
+    normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + gate.norm.eps)
+    h = (normed * w["norm.weight"] + w["norm.bias"]) @ w["fc1.weight"].T + w["fc1.bias"]
+    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
+    z = h @ w["fc2.weight"].T + w["fc2.bias"]  # (B, G)
+    expected = torch.exp(z - z.amax(-1, keepdim=True))
+    expected = expected / expected.sum(-1, keepdim=True)
+    assert got.shape == (B, 2)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+    distinct = ~torch.eye(B, dtype=torch.bool)
+    assert torch.cdist(expected, expected)[distinct].min() > 0.05, "the samples must differ for the test to mean much"
+    assert KeyScaleGate([1.0, 1.0]).ratios(vsink) is None, "a gate without ratios says so"
 
 
 def test_registry_builds_by_name_and_lists_known_on_error():
@@ -245,3 +298,49 @@ def test_vsink_gate_on_backbone_without_vit_sink_is_a_clear_error(tiny, batch):
     with pytest.raises(ValueError, match="needs V-sinks"):
         with torch.no_grad(), lsg.attach(tiny, {LAYER: KeyScaleGate([1, 1], "vsink-rest")}, sinks=no_vit):
             tiny.model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+# --------------------------------------------------------------------------- git commit
+
+
+def git(cwd, *args) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def fresh_repo(root: Path, files: dict[str, str]) -> str:
+    """A new git repository at `root` holding `files` (path -> text) in one commit; its HEAD."""
+    root.mkdir(parents=True)
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "one")
+    return git(root, "rev-parse", "HEAD")
+
+
+BASE_SOURCE = Path(lsg.gates.base.__file__).read_text()
+LSG_PYPROJECT = '[project]\nname = "lsg"\nversion = "0"\n'
+
+
+def test_git_commit_of_an_installed_copy_inside_another_checkout_is_none(tmp_path):
+    """`pip install --target` / site-packages inside some other git checkout: its HEAD is not
+    the package's commit."""
+    installed = "site-packages/lsg/gates/base.py"
+    head = fresh_repo(tmp_path / "other", {"README.md": "another project\n", installed: BASE_SOURCE})
+    assert git_commit(tmp_path / "other" / installed) is None, f"recorded the surrounding checkout's HEAD {head}"
+    # at the top level of a checkout, but of another project (or of none)
+    fresh_repo(tmp_path / "named", {"pyproject.toml": '[project]\nname = "other"\n', "lsg/gates/base.py": BASE_SOURCE})
+    assert git_commit(tmp_path / "named" / "lsg/gates/base.py") is None
+    fresh_repo(tmp_path / "bare", {"lsg/gates/base.py": BASE_SOURCE})
+    assert git_commit(tmp_path / "bare" / "lsg/gates/base.py") is None
+
+
+def test_git_commit_of_a_checkout_of_this_project_is_its_head(tmp_path):
+    head = fresh_repo(tmp_path / "clone", {"pyproject.toml": LSG_PYPROJECT, "lsg/gates/base.py": BASE_SOURCE})
+    assert git_commit(tmp_path / "clone" / "lsg/gates/base.py") == head
+    root = Path(lsg.gates.base.__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("lsg is not imported from its git checkout")
+    assert git_commit() == git(root, "rev-parse", "HEAD")

@@ -37,7 +37,8 @@ def test_the_wheel_holds_the_configs_and_the_embedded_weights(installed):
     packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "lsg").rglob("__init__.py")}
     assert {f"{p}/__init__.py" for p in packages} <= names, "a package is missing from pyproject's `packages`"
     assert {"lsg/embedded/weights/vision.safetensors", "lsg/embedded/weights/embedded.json"} <= names
-    assert {f"bin/lsg-{c}" for c in ("train", "sweep", "compare", "evaluate", "summarize")} <= names
+    assert {f"bin/lsg-{c}" for c in ("train", "eval", "compare", "summarize", "stack", "oracle", "calibrate")} <= names
+    assert {"lsg/lmms_tasks/lsg_shapes/lsg_shapes_mc.yaml", "lsg/lmms_tasks/lsg_shapes/utils.py"} <= names
 
 
 def test_console_scripts_run_from_another_directory(installed, tmp_path):

@@ -1,5 +1,5 @@
 """lmms-eval as a client: `lmms-eval --model lsg` on the exported shapes split gives the scores
-evaluate.py gives, with and without a gate, for generation and for multiple choice by
+eval.py gives, with and without a gate, for generation and for multiple choice by
 log-likelihood. Needs lmms-eval (scripts/lmms_eval_check.sh installs it); skipped otherwise."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def lmms_scores(work: Path, gates: str) -> dict[str, dict[str, list]]:
     env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [str(Path(sys.executable).parent / "lmms-eval"), "--model", "lsg",
            "--model_args", f"backbone=smol-llava,gates={gates},device=cpu", "--tasks", "lsg_shapes_mc,lsg_shapes_gen",
-           "--include_path", str(ROOT / "lmms_tasks"), "--batch_size", "1", "--output_path", str(out),
+           "--include_path", str(ROOT / "lsg" / "lmms_tasks"), "--batch_size", "1", "--output_path", str(out),
            "--log_samples", "--verbosity", "DEBUG"]  # DEBUG: lmms-eval 0.7 exits 0 on errors otherwise
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=work, env=env)
     files = sorted(out.glob("**/*_results.json"))
@@ -59,10 +59,10 @@ def lmms_scores(work: Path, gates: str) -> dict[str, dict[str, list]]:
 
 
 def evaluate_py_scores(work: Path, mode: str) -> dict[str, dict]:
-    """`python evaluate.py benchmark=shapes` on the exported folder: per gate spec, per question
+    """`python eval.py benchmark=shapes` on the exported folder: per gate spec, per question
     1.0 if right and the parsed answer."""
     out = work / f"evaluate-{mode}"
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "logger=none", f"benchmark.hf_id={work / 'data' / 'shapes-hf'}",
+    cmd = [sys.executable, str(ROOT / "eval.py"), "logger=none", f"benchmark.hf_id={work / 'data' / 'shapes-hf'}",
            f"benchmark.mode={mode}", f"out_dir={out}", "gates=[outro]", "batch_size=1", "bootstrap_samples=100"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -193,6 +193,29 @@ def test_each_position_is_enhanced_at_most_once_and_rotation_skips_earlier_sinks
     assert not any(s.enhance.any() for s in off.values())
 
 
+def test_each_forward_reads_its_own_previous_layer_and_the_gate_keeps_nothing_after_it():
+    """`prepare` at layer l continues layer l - 1 of the same forward (`OutRoGate.states_of`),
+    even with another forward in between (e.g. an activation-checkpointing recompute), and
+    the record goes with the forward's context."""
+    T = 9
+    labels = torch.full((1, T), -100)
+    gate = OutRoGate(8, med_mul=10.0, abs_thr=0.0)
+    first, second = (toy_context(torch.ones(1, T, dtype=torch.long), labels, T) for _ in range(2))
+    a = run_prepare(gate, first, {0: planted(T, [1]), 1: planted(T, [3])})
+    b = run_prepare(gate, second, {0: planted(T, [5]), 1: planted(T, [6])})
+    a[2] = gate.prepare(LayerView(2, first, 0, T, is_prefill=True), planted(T, [4]))
+    assert as_lists([a[2].seen]) == [[1, 3, 4]], "layer 2 of the first forward continues its own layer 1"
+    assert as_lists([b[1].seen]) == [[5, 6]]
+    for record, states in ((gate.states_of(first).layers, a), (gate.states_of(second).layers, b)):
+        assert record.keys() == states.keys() and all(record[layer] is states[layer] for layer in states)
+    with pytest.raises(ValueError, match="needs its state from layer 1"):  # a new forward starts at `start`
+        gate.prepare(LayerView(2, toy_context(torch.ones(1, T, dtype=torch.long), labels, T), 0, T, True),
+                     planted(T, [4]))
+    assert len(gate.forwards) == 2, "the failed forward's context is gone, and its record with it"
+    del first, second
+    assert gate.forwards == {}, "no state outlives its forward"
+
+
 # --------------------------------------------------------------------------- rotation
 
 
@@ -214,7 +237,7 @@ def test_rotation_matches_the_formula_with_gqa_and_skips_sinks_padding_and_sinkl
     sinks[1, 2] = True  # sample 2 has no sink at this layer
     seen = sinks.clone()
     seen[0, 5] = True  # a sink of an earlier window layer
-    state = OutRoState(None, sinks, seen, torch.zeros_like(sinks), torch.zeros_like(sinks))
+    state = OutRoState(sinks, seen, torch.zeros_like(sinks), torch.zeros_like(sinks))
     gate = OutRoGate(4, gamma=gamma, temp=temp, rescale=rescale)
     got = gate.edit_head_outputs(view, state, outputs, value)
     rows = mask.bool() & ~seen
@@ -237,7 +260,7 @@ def test_decoded_tokens_are_rotated_with_the_prefill_sink_value():
     outputs, value = torch.randn(1, 1, H, d, generator=g), torch.randn(1, H_kv, T + 2, d, generator=g)
     sinks = torch.zeros(1, T, dtype=torch.bool)
     sinks[0, [1, 5]] = True
-    state = OutRoState(None, sinks, sinks, sinks, sinks)
+    state = OutRoState(sinks, sinks, sinks, sinks)
     got = OutRoGate(4).edit_head_outputs(view, state, outputs, value)
     expected = hand_rotate_heads(outputs.double(), value[:, :, :T], sinks, torch.ones(1, 1, dtype=torch.bool))
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)

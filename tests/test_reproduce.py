@@ -1,4 +1,4 @@
-"""reproduce.py: the paper's workflow as one resumable plan, and its report (issue 19, item 5)."""
+"""lsg-reproduce: the paper's workflow as one resumable plan, and its report (issue 19, item 5)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_paper_experiment_composes_and_prints_its_plan_offline(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "reproduce.py"), "experiment=lsg_paper", "dry_run=true",
+    result = subprocess.run([sys.executable, "-m", "lsg.cli.reproduce", "experiment=lsg_paper", "dry_run=true",
                              f"hydra.run.dir={tmp_path / 'h'}"], capture_output=True, text=True, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,5 @@
 """The embedded backbone's build recipe (`lsg.embedded.recipe`), its command line and probes
-(`tools/`): sample formats, caption scoring, bad flags."""
+(`scripts/`): sample formats, caption scoring, bad flags."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from lsg.data.shapes import Scene, SceneObject, describe, sample_scene
 from lsg.embedded import recipe
-from tools import probe_captions, probe_readout, train_embedded
+from scripts import probe_captions, probe_readout, train_embedded
 
 
 def two_objects():

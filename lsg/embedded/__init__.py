@@ -3,7 +3,7 @@
 - `lsg.embedded.backbone`: assembling and loading it (everything re-exported here, so
   `from lsg import embedded; embedded.load_embedded()` keeps working);
 - `lsg.embedded.recipe`: how its vision side was trained (sample formats, stage targets
-  and losses), driven by `tools/train_embedded.py`; imported on its own (it needs
+  and losses), driven by `scripts/train_embedded.py`; imported on its own (it needs
   `lsg.backbones`, which imports this package);
 - `lsg/embedded/weights/`: the committed vision tower, projector and LoRA read-out
   (`EMBEDDED_DIR`), package data so a non-editable install finds them.

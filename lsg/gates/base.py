@@ -37,6 +37,13 @@ class HookPoint(str, Enum):
 
 
 MATRIX_HOOKS = frozenset({HookPoint.LOGITS, HookPoint.WEIGHTS})
+AUTO_GROUPING = "auto"  # a gate config's `grouping: auto`: the backbone's `default_grouping`
+
+
+def backbone_grouping(grouping: str, backbone) -> str:
+    """`grouping`, with `"auto"` replaced by `backbone.default_grouping` (vsink-rest when the
+    backbone has V-sinks, else lsink-rest; a key of `lsg.context.GROUPINGS`)."""
+    return backbone.default_grouping if grouping == AUTO_GROUPING else grouping
 
 _REGISTRY: dict[str, type["Gate"]] = {}
 
@@ -91,24 +98,84 @@ def spec_class(name: str) -> type["Gate"]:
     return _REGISTRY[name]
 
 
-def git_commit() -> str | None:
+PROJECT_NAME = "lsg"  # `[project] name` in the repository's pyproject.toml
+
+
+def _names_this_project(pyproject: Path) -> bool:
+    """Whether `pyproject` exists and its `[project]` table has `name = "lsg"`."""
+    if not pyproject.is_file():
+        return False
     try:
-        root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: look for the line inside [project]
+        table, name = None, None
+        for line in pyproject.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("["):
+                table = line
+            elif table == "[project]" and line.replace(" ", "").startswith("name="):
+                name = line.split("=", 1)[1].strip().strip("\"'")
+        return name == PROJECT_NAME
+    try:
+        return tomllib.loads(pyproject.read_text()).get("project", {}).get("name") == PROJECT_NAME
+    except tomllib.TOMLDecodeError:
+        return False
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
+def git_commit(source: str | Path | None = None) -> str | None:
+    """The HEAD commit of the git checkout this package's source is, for a checkpoint's metadata.
+
+    A commit is recorded only when the package directory holding `source` (`<root>/lsg/`,
+    with `source` at `<root>/lsg/gates/base.py`) sits at the top level of a git working
+    tree whose `pyproject.toml` names the project `lsg`. An installed copy (site-packages,
+    `pip install --target`) gets None, even when the folder it lies in is inside some other
+    git checkout: that checkout's HEAD says nothing about this code.
+
+    Args:
+        source: a file at `lsg/gates/base.py` of the package to ask about; None = this file.
+
+    Returns:
+        The commit hash, or None (not a checkout of this project, or git unavailable).
+    """
+    package = Path(source if source is not None else __file__).resolve().parents[1]  # <root>/lsg
+    root = package.parent
+    if package.name != PROJECT_NAME or not _names_this_project(root / "pyproject.toml"):
+        return None
+    top = _git(["rev-parse", "--show-toplevel"], root)
+    if top is None or Path(top).resolve() != root:
+        return None
+    return _git(["rev-parse", "HEAD"], root)
+
+
 class Gate(nn.Module):
-    """Base class. Subclasses set `name`, `hook_points`, `trainable` and implement the
-    edits for their hook points. All edits are pure functions of the view and the
-    state returned by `prepare`, so one gate object can serve several layers."""
+    """Base class. Subclasses set `name`, `hook_points`, `trainable`, call
+    `super().__init__()` and implement the edits for their hook points. All edits are pure
+    functions of the view and the state returned by `prepare`, so one gate object can serve
+    several layers.
+
+    Attributes:
+        metadata: the checkpoint metadata the gate was loaded with (`load`: gate name, config,
+            git commit, backbone, layer, sinks, steps, metrics...); empty for a gate built in
+            this process.
+    """
 
     name: ClassVar[str] = "gate"
     spec_names: ClassVar[tuple[str, ...]] = ()  # further names a gate spec may call it by (`oracle`)
     hook_points: ClassVar[frozenset[HookPoint]] = frozenset()
     trainable: ClassVar[bool] = False
+
+    metadata: dict[str, Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metadata = {}
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this gate (JSON-serialisable)."""
@@ -117,6 +184,12 @@ class Gate(nn.Module):
     def prepare(self, view: LayerView, hidden: torch.Tensor) -> Any:
         """Called at prefill with the hidden state `(B, T, D)` entering the layer; returns
         the per-forward state that the edits receive (kept for decode steps)."""
+        return None
+
+    def ratios(self, state: Any) -> torch.Tensor | None:
+        """The group ratios `(B, G)` this gate applied in a forward, given the per-forward
+        `state` its `prepare` returned (LSG: the softmax ratio of each sample and group,
+        rows summing to 1), or None for a gate without ratios (this default)."""
         return None
 
     def key_scale(self, view: LayerView, state: Any) -> torch.Tensor | None:
@@ -240,6 +313,9 @@ class Gate(nn.Module):
         Raises:
             FileNotFoundError: no such file.
             ValueError: the file was saved for another backbone, layer, sink setup or gate.
+
+        Returns:
+            The gate, its `metadata` filled from the file.
         """
         path = Path(path)
         if not path.exists():
@@ -255,5 +331,5 @@ class Gate(nn.Module):
                 )
         gate = get(meta["gate"], **meta["config"])
         gate.load_state_dict(load_file(path))
-        gate.metadata = meta
+        gate.metadata.update(meta)
         return gate

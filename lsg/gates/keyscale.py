@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from lsg.context import GROUPINGS, LayerView, scale_by_group
-from lsg.gates.base import Gate, HookPoint, register
+from lsg.gates.base import AUTO_GROUPING, Gate, HookPoint, backbone_grouping, register
 
 
 @register
@@ -37,6 +37,12 @@ class KeyScaleGate(Gate):
         self.register_buffer("coefficients", torch.tensor([float(c) for c in coefficients]))
 
     @classmethod
+    def build(cls, backbone, grouping: str = AUTO_GROUPING, **config) -> "KeyScaleGate":
+        """The gate for a loaded backbone: `grouping="auto"` (conf/gate/keyscale.yaml) is the
+        backbone's `default_grouping`."""
+        return cls(grouping=backbone_grouping(grouping, backbone), **config)
+
+    @classmethod
     def oracle(cls, alpha: float, grouping: str = "vsink-rest") -> "KeyScaleGate":
         """SPEC section 4: first-group keys x alpha, the rest x (1 - alpha)."""
         return cls([alpha] + [1.0 - alpha] * (len(GROUPINGS[grouping]) - 1), grouping)
@@ -46,17 +52,18 @@ class KeyScaleGate(Gate):
         """`oracle@L:0.3` = the oracle of alpha 0.3 in the config's grouping (first group x 0.3,
         the rest x 0.7); `oracle@L:0.3/0.5/0.9` = one coefficient per group of the 3-group
         split (V-sinks / L-sinks / ordinary, the paper's stage 2) or of the config's grouping;
-        `keyscale@L` = the config's coefficients (SPEC section 4).
+        `keyscale@L` = the config's coefficients (SPEC section 4). The config's grouping "auto"
+        is the backbone's `default_grouping`.
 
         Raises:
             ValueError: an oracle without alpha, not a number, or a coefficient list that fits
                 no grouping.
         """
-        grouping = config.get("grouping", "vsink-rest")
+        grouping = backbone_grouping(config.get("grouping", AUTO_GROUPING), backbone)
         if not arg:
             if spec_name == "oracle":
                 raise ValueError(f"{spec_name!r}: the oracle needs a layer and alpha, e.g. oracle@10:0.3")
-            return cls(**config)
+            return cls.build(backbone, **config)
         try:
             values = [float(x) for x in arg.split("/")]
         except ValueError:

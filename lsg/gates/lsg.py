@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 from lsg.context import GROUPINGS, LayerView, scale_by_group
-from lsg.gates.base import Gate, HookPoint, register
+from lsg.gates.base import AUTO_GROUPING, Gate, HookPoint, backbone_grouping, register
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class LSGState(NamedTuple):
+    """What the LSG gate decided at prefill for one forward.
+
+    Attributes:
+        ratios: `(B, G)` softmax group ratios, rows summing to 1.
+        groups: `(B, T_prefill)` group index of every visual token, -1 for text and padding.
+    """
+
+    ratios: torch.Tensor
+    groups: torch.Tensor
 
 
 @register
@@ -50,20 +62,31 @@ class LSGGate(Gate):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
+    @classmethod
+    def build(cls, backbone, grouping: str = AUTO_GROUPING, **config) -> "LSGGate":
+        """The gate for a loaded backbone: `hidden_size` from it, and `grouping="auto"` (the shipped
+        default, conf/gate/lsg.yaml) resolved to `backbone.default_grouping` (vsink-rest when the
+        backbone has V-sinks, else lsink-rest; docs/methods.md)."""
+        return super().build(backbone, grouping=backbone_grouping(grouping, backbone), **config)
+
     def config(self) -> dict[str, Any]:
         return {"hidden_size": self.norm.normalized_shape[0], "grouping": self.grouping, "gain": self.gain,
                 "width": self.width, "activation": self.activation}
 
-    def ratios(self, x_last: torch.Tensor) -> torch.Tensor:
+    def group_ratios(self, x_last: torch.Tensor) -> torch.Tensor:
         """Gate ratios `(B, G)` (rows sum to 1) from last-prompt hidden states `(B, D)`."""
         x = x_last.to(self.fc1.weight.dtype)
         return torch.softmax(self.fc2(self.act(self.fc1(self.norm(x)))), dim=-1)
 
-    def prepare(self, view: LayerView, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, view: LayerView, hidden: torch.Tensor) -> LSGState:
+        """Ratios from the last prompt token of `hidden` `(B, T, D)`, and the visual groups."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         x_last = hidden[rows, view.segments.last_prompt.to(hidden.device)]  # (B, D)
-        return self.ratios(x_last), view.ctx.visual_groups(self.grouping, view.layer)
+        return LSGState(self.group_ratios(x_last), view.ctx.visual_groups(self.grouping, view.layer))
 
-    def key_scale(self, view: LayerView, state) -> torch.Tensor:
-        ratios, groups = state
-        return scale_by_group(groups, self.gain * ratios, view.q_start + view.n_queries)
+    def ratios(self, state: LSGState) -> torch.Tensor:
+        """The `(B, G)` softmax ratios of `state` (from `prepare`), groups in `GROUPINGS[grouping]` order."""
+        return state.ratios
+
+    def key_scale(self, view: LayerView, state: LSGState) -> torch.Tensor:
+        return scale_by_group(state.groups, self.gain * state.ratios, view.q_start + view.n_queries)

@@ -7,6 +7,7 @@ output `o` (before `o_proj`) of the layers of a window, enhancement first, then 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,18 +68,31 @@ class OutRoState:
     """What one window layer decided at prefill. Masks are `(B, T_prefill)` bool.
 
     Attributes:
-        owner: the gate that made this state (so the next layer finds its own predecessor).
         sinks: this layer's sinks; `v̄` is the mean of their value vectors.
         seen: sinks at this or any earlier window layer; rotation skips them.
         enhance: positions whose output this layer replaces (enhancement).
         enhanced: positions enhanced at this or any earlier layer of this forward.
     """
 
-    owner: "OutRoGate" = field(repr=False, compare=False)
     sinks: torch.Tensor
     seen: torch.Tensor
     enhance: torch.Tensor
     enhanced: torch.Tensor
+
+
+@dataclass(eq=False)
+class OutRoForward:
+    """The states one `OutRoGate` prepared in one forward, by decoder layer: where window
+    layer `l` finds the state of layer `l - 1`.
+
+    Attributes:
+        ctx: weak reference to that forward's `ForwardContext` (the record never keeps a
+            forward alive; the gate drops the record when the context goes).
+        layers: decoder layer -> the `OutRoState` the gate's `prepare` returned there.
+    """
+
+    ctx: weakref.ReferenceType
+    layers: dict[int, OutRoState] = field(default_factory=dict)
 
 
 @register
@@ -111,10 +125,11 @@ class OutRoGate(Gate):
     same) and the enhanced set come from prefill; a decoded token is never a sink, is
     never enhanced, and is rotated at every window layer that has sinks.
 
-    Cross-layer state: `prepare` at layer `l > start` reads the `OutRoState` this same
-    gate left at layer `l - 1` in this forward's `ForwardContext.gate_state` (sinks seen
-    so far, positions enhanced so far). So the gate must sit at every window layer from
-    `start` up to its deepest layer; elsewhere it refuses to run.
+    Cross-layer state: `prepare` at layer `l > start` reads the `OutRoState` this gate
+    prepared at layer `l - 1` of the same forward (sinks seen so far, positions enhanced so
+    far) from `states_of(view.ctx)`, its `OutRoForward` record of that forward. So the gate
+    must sit at every window layer from `start` up to its deepest layer; elsewhere it
+    refuses to run.
 
     Args:
         num_layers: decoder depth L (for the default window and interval).
@@ -158,6 +173,11 @@ class OutRoGate(Gate):
         self.relax, self.rotate, self.apply_once = bool(relax), bool(rotate), bool(apply_once)
         self.abs_thr, self.med_mul = float(abs_thr), float(med_mul)
         self.gamma, self.temp, self.rescale = float(gamma), float(temp), bool(rescale)
+        self.forwards: dict[int, OutRoForward] = {}  # id(ForwardContext) -> its record, while it lives
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deepcopy without `forwards` (bound to live forwards of this process)."""
+        return {**super().__getstate__(), "forwards": {}}
 
     def config(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "start": self.start, "end": self.end, "relax": self.relax,
@@ -182,10 +202,15 @@ class OutRoGate(Gate):
         """Window layers with `layer % enhance_interval == 0` (SPEC section 5 "OutRo")."""
         return self.start <= layer < self.end and layer % self.enhance_interval == 0
 
-    def _previous(self, ctx: ForwardContext, layer: int) -> OutRoState | None:
-        """This gate's state at `layer - 1` in this forward, if it was attached there."""
-        return next((s for (l, _), s in ctx.gate_state.items()
-                     if l == layer - 1 and isinstance(s, OutRoState) and s.owner is self), None)
+    def states_of(self, ctx: ForwardContext) -> OutRoForward:
+        """The record of the forward `ctx` belongs to: a new one for a new forward, dropped from
+        `forwards` as soon as `ctx` is freed (the gate keeps nothing past its forwards)."""
+        key = id(ctx)
+        record = self.forwards.get(key)
+        if record is None or record.ctx() is not ctx:
+            forwards = self.forwards
+            record = forwards[key] = OutRoForward(weakref.ref(ctx, lambda _: forwards.pop(key, None)))
+        return record
 
     def prepare(self, view: LayerView, hidden: torch.Tensor) -> OutRoState:
         """Sinks of this layer `(B, T)` from `hidden` `(B, T, D)`, and the running sets."""
@@ -195,10 +220,11 @@ class OutRoGate(Gate):
                              f"end={self.end}; attach it at its default_layers or change start/end.")
         prompt = fit_columns(view.segments.prompt, hidden.shape[1]).to(hidden.device)
         sinks = massive_activation_sinks(hidden, prompt, self.abs_thr, self.med_mul)
+        states = self.states_of(view.ctx)
         if layer == self.start:
             seen, enhanced = sinks, torch.zeros_like(sinks)
         else:
-            previous = self._previous(view.ctx, layer)
+            previous = states.layers.get(layer - 1)
             if previous is None:
                 raise ValueError(f"OutRoGate at layer {layer} needs its state from layer {layer - 1} (sinks of "
                                  f"earlier window layers, positions already enhanced): attach it at every layer "
@@ -207,7 +233,8 @@ class OutRoGate(Gate):
         enhance = sinks & ~enhanced if self.apply_once else sinks
         if not (self.relax and self.is_enhancement_layer(layer)):
             enhance = torch.zeros_like(sinks)
-        return OutRoState(self, sinks, seen, enhance, enhanced | enhance)
+        states.layers[layer] = OutRoState(sinks, seen, enhance, enhanced | enhance)
+        return states.layers[layer]
 
     def edit_mask(self, view: LayerView, state: OutRoState, mask: torch.Tensor) -> torch.Tensor:
         """Enhanced rows attend to exactly the prompt keys; `mask`: `(B, 1, T_q, T_kv)` bool."""
