@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> dict:
             if layer in results else {}
         trained[layer].save(exports[layer], metrics=metrics,
                             **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")})
-        print(f"Saved the layer-{layer} gate to {exports[layer]}")
+        print(f"Saved gate to {exports[layer]}")
         out[layer] = metrics
     if logger:
         logger.experiment.finish()  # a multirun's next job starts its own run
