@@ -36,7 +36,7 @@ def planted_backbone():
         # A massive activation on the first token of every prompt, carried by the residual stream
         # (Sun et al.: |x| > 100 and > 1000 x the token's median |x|) ...
         first = bb.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        bb.model.model.language_model.embed_tokens.weight[first, LLM_DIM] = 3000.0
+        bb.family.language_model(bb.model).embed_tokens.weight[first, LLM_DIM] = 3000.0
         # ... and one in the ViT feature layer (-2: the first of its 2 layers' output), via an MLP bias.
         bb.model.model.vision_tower.encoder.layers[0].mlp.fc2.bias[VIT_DIM] = 2000.0
     return bb

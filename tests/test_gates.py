@@ -54,7 +54,7 @@ def hand_groups(bb, batch, layer):
 
 def gated_attention_output(bb, batch, gates):
     captured = {}
-    attn = bb.model.model.language_model.layers[LAYER].self_attn
+    attn = bb.decoder_layers[LAYER].self_attn
 
     def keep(module, args, output):
         captured["out"] = output[0]
@@ -273,7 +273,7 @@ def test_attach_removes_everything_when_the_block_raises(tiny, batch):
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     model = tiny.model
-    layers = model.model.language_model.layers
+    layers = tiny.decoder_layers
     with torch.no_grad():
         base = model(**inputs).logits
     hooks_before = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]

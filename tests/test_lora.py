@@ -31,7 +31,7 @@ def test_lora_gate_equals_peft_lora_on_that_layer_and_is_identity_at_init(tiny, 
         with lsg.attach(tiny, {2: gate}):
             ours = decoder_hidden(tiny, batch)
     reference = copy.deepcopy(tiny.model)
-    language_model = reference.model.language_model
+    language_model = tiny.family.language_model(reference)
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), layers_to_transform=[2], layers_pattern="layers"),
                             language_model)
     with torch.no_grad():

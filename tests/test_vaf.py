@@ -42,7 +42,7 @@ def sharp():
     random init one logit is ~0.01, too small for scaling a single column to show."""
     def build(impl):
         bb = lsg.load_backbone("tiny-random", attn_implementation=impl)
-        attn = bb.model.model.language_model.layers[LAYER].self_attn
+        attn = bb.decoder_layers[LAYER].self_attn
         with torch.no_grad():
             attn.q_proj.weight.mul_(8.0)
             attn.k_proj.weight.mul_(8.0)
