@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import string
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -133,3 +135,18 @@ def option_scores(backbone: Backbone, batch: dict[str, torch.Tensor], n_options:
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]  # (B, D)
     letter_ids = option_letter_ids(backbone, n_options).to(hidden.device)
     return backbone.model.lm_head(last)[:, letter_ids].float()
+
+
+def predicted_letters(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torch.Tensor | None,
+                      n_options: Sequence[int]) -> list[str | None]:
+    """The predicted option letter of every row: the argmax of its own options' letter logits at
+    the last prompt token (`option_scores`), the one letter reading of every evaluation and of
+    training's validation. None for a row without options (`n_options` 0).
+
+    Args:
+        batch: from `Backbone.build_batch`, `B` rows.
+        hidden: final hidden states `(B, T, D)` of `batch` (None = run the backbone on it).
+        n_options: options per row, `B` ints.
+    """
+    scores = option_scores(backbone, batch, max(max(n_options, default=0), 1), hidden)
+    return [LETTERS[int(row[:k].argmax())] if k else None for row, k in zip(scores, n_options)]

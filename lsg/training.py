@@ -29,7 +29,7 @@ from lsg.files import atomic_target
 from lsg.gates.base import Gate
 from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, compute_prefixes, model_inputs, run_suffix
 from lsg.runs import gate_file, layer_dir, val_file
-from lsg.scoring import LETTERS, answer_loss, option_scores
+from lsg.scoring import answer_loss, predicted_letters
 
 TENSOR_TAG = "__tensor__"
 RATIO_DECIMALS = 6  # decimals of the gate ratios kept in validation answer files
@@ -133,19 +133,16 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
     state: dict = {}
     hidden = run_suffix(backbone, prefix, {layer: gate}, state)
     loss = answer_loss(backbone, batch, hidden)
-    n = max(max(len(r.options) for r in records), 1)
-    scores = option_scores(backbone, batch, n, hidden)
-    base = option_scores(backbone, batch, n, baseline) if baseline is not None else None
+    n_options = [len(r.options) if r.options and r.answer_letter else 0 for r in records]
+    letters = predicted_letters(backbone, batch, hidden, n_options)
+    base = predicted_letters(backbone, batch, baseline, n_options) if baseline is not None else [None] * len(records)
     ratios = gate.ratios(state.get((layer, 0)))
     out = {}
     for i, r in enumerate(records):
-        if not (r.options and r.answer_letter):
-            continue
-        k = len(r.options)
-        out[r.id] = answers_of(
-            [r], [LETTERS[int(scores[i, :k].argmax())]],
-            ratios=[None if ratios is None else [round(float(x), RATIO_DECIMALS) for x in ratios[i]]],
-            baseline=[None if base is None else LETTERS[int(base[i, :k].argmax())]])[0]
+        if n_options[i]:
+            out[r.id] = answers_of(
+                [r], [letters[i]], baseline=[base[i]],
+                ratios=[None if ratios is None else [round(float(x), RATIO_DECIMALS) for x in ratios[i]]])[0]
     return loss, out
 
 
