@@ -10,8 +10,9 @@ The block's live state is one typed object, `lsg.context.RunState`, reachable fr
 - a pre-hook on the multimodal model that builds the `ForwardContext` (segments; on decode
   steps it extends the prompt's context with the new `out` tokens);
 - a forward hook on the vision tower that reads the ViT feature layer for V-sinks;
-- pre-hooks on decoder layers `start_layer..max(gated layer)` that record the sink values
-  of the hidden state entering the layer and let gates `prepare` (LSG reads `x_last` here);
+- pre-hooks on decoder layers `start_layer..max(gated layer)` that, at prefill
+  (`ForwardContext.is_prefill`), record the sink values of the hidden state entering the layer
+  and let gates `prepare` (LSG reads `x_last` here);
 - each decoder layer's attention module gets a `LayerBinding`, and the text model's
   attention implementation is switched to the registered `lsg` function.
 
@@ -37,9 +38,6 @@ from lsg.gates.base import Gate, HookPoint
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig, sink_value
 
-# Prefill arguments never kept for the patch -> token map (the KV cache, encoder outputs, pixels).
-LAYOUT_DROPPED = ("cache", "past_key_values", "mm_encoder_outputs", "pixel_values", "pixel_values_videos",
-                  "inputs_embeds", "self", "labels")
 # The KV cache's keyword in `LlavaModel.forward`: transformers >= 5.24 passes `cache`,
 # earlier releases `past_key_values` (accepted, deprecated, until 5.40).
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -90,7 +88,9 @@ class GateHooks:
         self.run.labels = kwargs.get("labels")
 
     def build_context(self, module, args, kwargs) -> None:
-        """Multimodal model call: a new `ForwardContext` at prefill, an extended one at decode."""
+        """Multimodal model call: a new `ForwardContext` when the KV cache is empty (a new prompt:
+        the context is then at its prefill, `ForwardContext.is_prefill`), else the current one
+        extended by the decode step's tokens."""
         run = self.run
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -99,9 +99,9 @@ class GateHooks:
         past = kv_cache_of(kwargs)
         labels = run.take_labels()
         if past is None or past.get_seq_length() == 0:
-            # this prefill's arguments (and those of layout calls made for it), without the heavy ones
-            given = {k: v for k, v in kwargs.items() if v is not None}
-            run.inputs = {k: v for k, v in {**run.layout, **given}.items() if k not in LAYOUT_DROPPED}
+            # the arguments of this prefill (and of layout calls made for it) the family's map reads
+            given = {**run.layout, **{k: v for k, v in kwargs.items() if v is not None}}
+            run.inputs = {k: given[k] for k in self.family.layout_inputs if given.get(k) is not None}
             run.layout = {}
             run.ctx = ForwardContext(Segments.from_batch(input_ids, mask, self.backbone.image_token_id, labels),
                                      run.sinks, n_prefill=input_ids.shape[1])
@@ -131,7 +131,7 @@ class GateHooks:
         feats = self.family.vit_features(self.model, args, kwargs, output)  # (N_patches, D_vit), token order
         flags = sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit
         ctx = self.run.ctx
-        if ctx is not None and ctx.vsink is None and ctx.n_prefill == ctx.total_len:
+        if ctx is not None and ctx.vsink is None and ctx.is_prefill:
             self.set_vsinks(flags)  # called from inside the forward whose context was just built
         else:
             self.run.vit_flags = flags
@@ -140,12 +140,12 @@ class GateHooks:
         """Pre-hook of decoder `layer`: its sink values and the gates' prepared state, at prefill."""
         def hook(module, args, kwargs):
             ctx, sinks = self.run.ctx, self.run.sinks
-            if ctx.n_prefill != ctx.total_len:  # decode step: sinks and gate state come from prefill
+            if not ctx.is_prefill:  # decode step: sinks and gate state come from prefill
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             if sinks.has_llm_sinks:
                 ctx.sink_phi[layer] = sink_value(hidden, sinks.llm_dims, sinks.normalisation)
-            view = LayerView(layer, ctx, 0, hidden.shape[1], is_prefill=True)
+            view = LayerView(layer, ctx, 0, hidden.shape[1])
             for i, gate in enumerate(self.layer_gates.get(layer, ())):
                 ctx.gate_state[(layer, i)] = gate.prepare(view, hidden)
         return hook

@@ -162,7 +162,7 @@ def lsg_attention_forward(
                                       dropout=dropout, **kwargs)
     run, gates = binding.run, binding.gates
     n_q, n_kv = query.shape[2], key.shape[2]
-    view = LayerView(binding.layer, run.ctx, n_kv - n_q, n_q, is_prefill=n_kv == n_q)
+    view = LayerView(binding.layer, run.ctx, n_kv - n_q, n_q)
     states = [run.ctx.gate_state.get((binding.layer, i)) for i in range(len(gates))]
     hooks = set().union(*(g.hook_points for g in gates))
     mask = attention_mask

@@ -1,27 +1,34 @@
 """Backbones: a Hugging Face LVLM with its processor and its family adapter, behind one object.
 
-`load_backbone(name)` returns a `Backbone` for one of the registered backbones:
+A model config (`conf/model/<name>.yaml`, the same file Hydra's `model=` uses) names what builds
+the model and which family adapter knows its layout:
 
-- `llava-1.5-7b`, `llava-1.5-13b`: `llava-hf/llava-1.5-{7b,13b}-hf` from the hub, bf16 (the
-  paper's target), or any checkpoint folder of that family (`hf_id=`).
-- `smol-llava`: the embedded default (SmolLM2-135M-Instruct + a small CLIP tower), see
-  `lsg.embedded`.
-- `tiny-random`: a tiny random LLaVA built in-process in about a second, for unit tests.
+- `builder: hub` loads a hub-format checkpoint (`hf_id:` a hub id or a `save_pretrained`
+  folder) of `family:` `llava`, `llava-onevision`, `qwen2-vl` or `qwen2.5-vl`
+  (`llava-1.5-7b`, `llava-1.5-13b`, ...);
+- `builder: embedded` is the embedded default (`smol-llava`: SmolLM2-135M-Instruct + a small
+  CLIP tower, see `lsg.embedded`);
+- `builder: tiny` is a tiny random LLaVA built in-process in about a second, for unit tests.
 
-What differs between model families (where layers and the vision tower live, how ViT patches
-map to visual tokens, which processor outputs the model needs) is in `lsg.families`.
+So a new config for a known family and builder (say `conf/model/llava-1.5-7b-local.yaml`) loads
+by its name with no code change: `load_backbone("llava-1.5-7b-local")`. Every key of a model
+config is either read by the loader (`LOADER_KEYS`) or an argument of its builder; any other key
+is refused, naming the known ones. What differs between model families (where layers and the
+vision tower live, how ViT patches map to visual tokens, which processor outputs the model
+needs) is in `lsg.families`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -37,9 +44,9 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from lsg import embedded
-from lsg.configs import config_path, load_config
+from lsg.configs import config_path, known_configs, load_config
 from lsg.files import FINGERPRINT_HEX_DIGITS, sha256_json, write_json
-from lsg.families import Family, LlavaFamily, get_family
+from lsg.families import Family, get_family
 from lsg.segments import IGNORE_INDEX
 from lsg.sinks import SinkConfig
 
@@ -77,11 +84,16 @@ class Backbone:
     """A loaded LVLM: HF model + processor + what the project needs to know about it.
 
     Attributes:
-        name: registry name, written into every checkpoint's metadata.
-        model: `LlavaForConditionalGeneration` (frozen by the caller when training gates).
-        processor: the matching `LlavaProcessor`.
+        name: the model config's name, written into every checkpoint's metadata.
+        model: the family's transformers model (frozen by the caller when training gates).
+        processor: the matching processor.
         system_prompt: system turn used by `build_batch` (None = the template's default).
         padding_side: "left" or "right"; segments and gates are identical under both.
+        sinks: how sinks are found on this backbone.
+        fingerprint: identifies the weights; written into and checked against gate checkpoints.
+        family: the family adapter (`lsg.families`).
+        config: the model config it was loaded from, overrides applied (`sinks` as a plain
+            dict); gate configs resolve `${model.*}` against it.
     """
 
     name: str
@@ -90,8 +102,21 @@ class Backbone:
     system_prompt: str | None = None
     padding_side: str = "right"
     sinks: SinkConfig = field(default_factory=SinkConfig)
-    fingerprint: str = ""  # identifies the weights; written into and checked against gate checkpoints
-    family: Family = field(default_factory=LlavaFamily)
+    fingerprint: str = ""
+    family: Family = field(default_factory=lambda: get_family("llava"))
+    config: dict = field(default_factory=dict)
+
+    @property
+    def default_grouping(self) -> str:
+        """The LSG token grouping when none is asked for (`grouping: auto`): "vsink-rest" (the
+        paper's) when V-sinks are configured (`sinks.vit_dims` and `sinks.tau_vit`), else
+        "lsink-rest" (a key of `lsg.context.GROUPINGS`)."""
+        return "vsink-rest" if self.sinks.has_vsinks else "lsink-rest"
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The entries of `batch` this backbone's model reads (`Family.model_inputs`), without
+        metadata such as `records`, and without entries that are None."""
+        return {k: batch[k] for k in self.family.model_inputs if batch.get(k) is not None}
 
     @property
     def num_layers(self) -> int:
@@ -342,8 +367,45 @@ def local_weights_dir(hf_id: str) -> Path:
     return Path(snapshot_download(hf_id, local_files_only=True))
 
 
+@dataclass(frozen=True)
+class Builder:
+    """What builds a model from a model config's arguments.
+
+    Attributes:
+        name: the key a model config's `builder:` names.
+        build: `(**arguments) -> (model, processor, fingerprint of the weights)`.
+        families: the families it can build (None = any registered family).
+    """
+
+    name: str
+    build: Callable[..., tuple]
+    families: tuple[str, ...] | None = None
+
+    def arguments(self) -> list[str]:
+        """The config keys `build` takes, in its signature's order."""
+        return [p.name for p in inspect.signature(self.build).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def required(self) -> list[str]:
+        """The arguments without a default."""
+        return [p.name for p in inspect.signature(self.build).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+
+
+BUILDERS: dict[str, Builder] = {}  # `builder:` key -> Builder, filled by `register_builder`
+
+
+def register_builder(name: str, families: Sequence[str] | None = None) -> Callable:
+    """Decorator: make a build function available to model configs as `builder: <name>`."""
+    def register(build: Callable[..., tuple]) -> Callable[..., tuple]:
+        BUILDERS[name] = Builder(name, build, None if families is None else tuple(families))
+        return build
+    return register
+
+
+@register_builder("hub")
 def _build_hub(hf_id: str, family: str = "llava", dtype: str = "bfloat16", attn_implementation: str = "sdpa",
-               chat_template: str = "hub", device_map: str | None = None, **_) -> tuple:
+               chat_template: str = "hub", device_map: str | None = None) -> tuple:
     """A hub-format checkpoint of `family`, checked against it before any weight is read
     (`Family.check_checkpoint`); `chat_template` other than "hub" replaces the processor's
     template with the family's named one (e.g. LLaVA-1.5's own conversation format)."""
@@ -358,7 +420,9 @@ def _build_hub(hf_id: str, family: str = "llava", dtype: str = "bfloat16", attn_
     return model, processor, weights_fingerprint(local_weights_dir(hf_id))
 
 
-def _build_smol_llava(dtype: str = "float32", attn_implementation: str = "sdpa", **_) -> tuple:
+@register_builder("embedded", families=("llava",))
+def _build_smol_llava(dtype: str = "float32", attn_implementation: str = "sdpa") -> tuple:
+    """The embedded default (`lsg.embedded`): SmolLM2-135M-Instruct with its small CLIP tower."""
     model, processor = embedded.load_embedded(dtype=getattr(torch, dtype))
     model.set_attn_implementation(attn_implementation)
     return model, processor, embedded.fingerprint()
@@ -389,10 +453,14 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+@register_builder("tiny", families=("llava",))
 def _build_tiny_random(
     num_layers: int = 4, hidden_size: int = 64, image_size: int = 32, patch_size: int = 8,
-    attn_implementation: str = "sdpa", seed: int = 0, dtype: str = "float32", **_,
+    attn_implementation: str = "sdpa", seed: int = 0, dtype: str = "float32",
 ) -> tuple:
+    """A random LLaVA of `num_layers` decoder layers of width `hidden_size`, a 2-layer CLIP tower
+    on `image_size` px images cut into `patch_size` px patches ((image_size / patch_size)^2
+    visual tokens), weights drawn from `seed`."""
     torch.manual_seed(seed)
     tokenizer = _tiny_tokenizer()
     vision = CLIPVisionConfig(
@@ -423,28 +491,64 @@ def _build_tiny_random(
     return model, processor, embedded.weights_digest(model.state_dict())
 
 
-# name -> builder(**config) -> (model, processor, fingerprint of the weights)
-BUILDERS: dict[str, Callable[..., tuple]] = {
-    "llava-1.5-7b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-7b-hf"), **kw),
-    "llava-1.5-13b": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-1.5-13b-hf"), **kw),
-    "llava-onevision": lambda **kw: _build_hub(kw.pop("hf_id", "llava-hf/llava-onevision-qwen2-7b-ov-hf"), **kw),
-    "qwen2-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2-VL-7B-Instruct"), **kw),
-    "qwen2.5-vl": lambda **kw: _build_hub(kw.pop("hf_id", "Qwen/Qwen2.5-VL-7B-Instruct"), **kw),
-    "smol-llava": _build_smol_llava,
-    "tiny-random": _build_tiny_random,
+# Keys of a model config the loader reads itself (or that another part of the project reads from
+# the `model=` group); every other key must be an argument of the config's builder.
+LOADER_KEYS = {
+    "name": "the backbone's name, written into checkpoints",
+    "builder": f"what builds the model: {', '.join(sorted(BUILDERS))}",
+    "family": "the family adapter in lsg/families/ (default llava)",
+    "sinks": "sink dims and thresholds (lsg.sinks.SinkConfig)",
+    "system_prompt": "the system turn (null = the chat template's default)",
+    "padding_side": "left or right",
+    "device": "auto, cpu, cuda or cuda:N",
+    "activation_checkpointing": "a training setting (train.yaml reads it from the model group)",
 }
+# Keys model configs used to carry, and where their setting lives now (added to the error).
+RETIRED_KEYS = {"lsg_grouping": "the LSG gate's grouping is gate.grouping; its default, auto, follows the "
+                                "backbone's sinks (Backbone.default_grouping)"}
 
 
+def check_model_config(cfg: dict) -> Builder:
+    """The builder of a model config, after checking every key is known.
+
+    Raises:
+        ValueError: no name or builder, an unknown builder or family, a family the builder cannot
+            build, a key neither the loader nor the builder reads (the message names it, the known
+            keys and how to fix it), or a builder argument without a default that is missing.
+    """
+    name = cfg.get("name")
+    if not name:
+        raise ValueError("A model config needs a `name:` (the backbone's name, written into checkpoints).")
+    if cfg.get("builder") not in BUILDERS:
+        raise ValueError(f"Model config '{name}' has builder={cfg.get('builder')!r}: give `builder:` one of "
+                         f"{', '.join(sorted(BUILDERS))} (hub: a hub-format checkpoint named by hf_id).")
+    builder = BUILDERS[cfg["builder"]]
+    family = get_family(cfg.get("family", "llava"))
+    if builder.families is not None and family.name not in builder.families:
+        raise ValueError(f"Model config '{name}': builder '{builder.name}' builds family "
+                         f"{' or '.join(builder.families)}, not '{family.name}'.")
+    known = sorted(set(LOADER_KEYS) | set(builder.arguments()))
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown key(s) in model config '{name}' (builder '{builder.name}'): {', '.join(unknown)}. "
+                         f"Known keys: {', '.join(known)}. Fix the spelling in conf/model/{name}.yaml or in the "
+                         f"override (model.<key>=... on the command line, <key>=... in load_backbone)."
+                         + "".join(f" {k}: {RETIRED_KEYS[k]}." for k in unknown if k in RETIRED_KEYS))
+    missing = [k for k in builder.required() if cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"Model config '{name}' (builder '{builder.name}') needs {', '.join(missing)}.")
+    return builder
 
 
 def backbone_config(name: str) -> dict:
-    """The `conf/model/<name>.yaml` of a registered backbone, as a plain dict.
+    """The `conf/model/<name>.yaml` of a shipped (or user-added) backbone, as a plain dict.
 
     Raises:
-        ValueError: unknown name; the message lists the known ones.
+        ValueError: no such config; the message lists the known ones.
     """
-    if name not in BUILDERS or not config_path("model", name).exists():
-        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(sorted(BUILDERS))}.")
+    if not config_path("model", name).exists():
+        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(known_configs('model'))} "
+                         f"(conf/model/<name>.yaml).")
     return load_config("model", name)
 
 
@@ -467,39 +571,57 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
 
 
 def backbone_from_config(model_cfg: dict, **overrides) -> Backbone:
-    """`load_backbone` for a `model=` config group: its `name` picks the backbone, its other
-    values and `overrides` (e.g. `device=`) override `conf/model/<name>.yaml`. `model_cfg` is
-    not modified. Raises as `load_backbone`."""
-    cfg = dict(model_cfg)
-    return load_backbone(cfg.pop("name"), **{**cfg, **overrides})
+    """Load a backbone from a model config (a `model=` group as a dict), `overrides` (e.g.
+    `device=`) winning over its values; in eval mode with every parameter frozen.
 
-
-def load_backbone(name: str, **overrides) -> Backbone:
-    """Load a registered backbone by name, in eval mode with every parameter frozen.
-
-    Defaults come from `conf/model/<name>.yaml` (the same file Hydra's `model=` uses);
-    keyword arguments override them (e.g. `attn_implementation="eager"`,
-    `padding_side="left"`, `sinks={...}`, `device="auto"`). `Backbone.fingerprint` is derived
-    from the weights themselves (`weights_fingerprint`), never from the name or hub id.
+    A config without `builder:` is completed from the config file of its `name`
+    (`conf/model/<name>.yaml`), so `{"name": "tiny-random", "num_layers": 2}` works; a config
+    with one needs no file, so a new name for a known builder and family loads as it is.
+    `model_cfg` is not modified. `Backbone.fingerprint` is derived from the weights themselves
+    (`weights_fingerprint`), never from the name or hub id.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones), bad padding side or device.
+        ValueError: see `check_model_config`; an unknown name without a builder, a bad padding
+            side, sinks setting or device.
     """
-    cfg = {**backbone_config(name), **overrides}
-    cfg.pop("name", None)
-    cfg.pop("lsg_grouping", None)
-    cfg.pop("activation_checkpointing", None)  # a training setting (train.yaml, sweep.yaml), not a loader one
-    sinks = cfg.pop("sinks", None) or {}
-    sinks = sinks if isinstance(sinks, SinkConfig) else SinkConfig(**sinks)
-    system_prompt = cfg.pop("system_prompt", None)
-    padding_side = cfg.pop("padding_side", "right")
+    cfg = {**model_cfg, **overrides}
+    if "builder" not in cfg:
+        if not config_path("model", str(cfg.get("name"))).exists():
+            raise ValueError(f"Model config '{cfg.get('name')}' has no `builder:` and there is no "
+                             f"conf/model/{cfg.get('name')}.yaml to complete it from: give `builder:` one of "
+                             f"{', '.join(sorted(BUILDERS))} (and `family:`).")
+        cfg = {**backbone_config(cfg["name"]), **cfg}
+    builder = check_model_config(cfg)
+    sinks = cfg.get("sinks") or {}
+    if not isinstance(sinks, SinkConfig):
+        unknown = sorted(set(sinks) - set(SinkConfig().to_dict()))
+        if unknown:
+            raise ValueError(f"Unknown key(s) in model config '{cfg['name']}' sinks: {', '.join(unknown)}. Known "
+                             f"keys: {', '.join(SinkConfig().to_dict())}.")
+        sinks = SinkConfig(**sinks)
+    cfg["sinks"] = sinks.to_dict()
+    padding_side = cfg.get("padding_side", "right")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    device = resolve_device(cfg.pop("device", "cpu"))
-    family = get_family(cfg.get("family", "llava"))
-    model, processor, fingerprint = BUILDERS[name](**cfg)
+    device = resolve_device(cfg.get("device", "cpu"))
+    model, processor, fingerprint = builder.build(**{k: cfg[k] for k in builder.arguments() if k in cfg})
     model.eval().requires_grad_(False)
     if not cfg.get("device_map"):  # with a device map, accelerate has placed the layers already
         model.to(device)
-    return Backbone(name=name, model=model, processor=processor, system_prompt=system_prompt,
-                    padding_side=padding_side, sinks=sinks, fingerprint=fingerprint, family=family)
+    return Backbone(name=cfg["name"], model=model, processor=processor, system_prompt=cfg.get("system_prompt"),
+                    padding_side=padding_side, sinks=sinks, fingerprint=fingerprint,
+                    family=get_family(cfg.get("family", "llava")), config=cfg)
+
+
+def load_backbone(name: str, **overrides) -> Backbone:
+    """Load the backbone of `conf/model/<name>.yaml` (shipped, or added there by the user), in
+    eval mode with every parameter frozen.
+
+    Keyword arguments override the file's values (e.g. `attn_implementation="eager"`,
+    `padding_side="left"`, `sinks={...}`, `device="auto"`, `hf_id=<folder>`).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones), an unknown key (say
+            `dtyp="bfloat16"`: the message names the known ones), bad padding side or device.
+    """
+    return backbone_from_config(backbone_config(name), **overrides)

@@ -8,9 +8,10 @@ prefix reuse (`lsg.evaluation.evaluate_many`) and stored.
 from __future__ import annotations
 
 import csv
+import functools
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -135,16 +136,29 @@ def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path | None:
     return path
 
 
-def compare(backbone: Backbone, backbone_cfg: dict, specs: Sequence[str], records: Sequence[VQARecord],
-            data_cfg: dict, split: str, out_dir: Path, batch_size: int = 32, timing_batches: int = 4,
-            timing_repeats: int = 2, allow_layer_move: bool = False, bootstrap_samples: int = BOOTSTRAP_SAMPLES,
-            ci_level: float = CI_LEVEL) -> tuple[list[dict], list[str]]:
+def _legacy_backbone_cfg(fn):
+    """Deprecated calls `fn(backbone, backbone_cfg, specs, ...)` pass the model config on as the
+    `backbone_cfg` keyword (remove once no caller gives it: the backbone carries its config)."""
+    @functools.wraps(fn)
+    def wrapped(backbone, *args, **kwargs):
+        if args and isinstance(args[0], Mapping):
+            kwargs["backbone_cfg"], args = args[0], args[1:]
+        return fn(backbone, *args, **kwargs)
+    return wrapped
+
+
+@_legacy_backbone_cfg
+def compare(backbone: Backbone, specs: Sequence[str], records: Sequence[VQARecord], data_cfg: dict, split: str,
+            out_dir: Path, batch_size: int = 32, timing_batches: int = 4, timing_repeats: int = 2,
+            allow_layer_move: bool = False, bootstrap_samples: int = BOOTSTRAP_SAMPLES, ci_level: float = CI_LEVEL,
+            backbone_cfg: dict | None = None) -> tuple[list[dict], list[str]]:
     """Evaluate every spec on the same records; returns table rows and sub-task names.
 
     Stacks not yet cached are evaluated together in one pass that computes the frozen
     prefix once per batch (`lsg.evaluation.evaluate_many`); each stack's answers are cached
     per (stack, split) under `out_dir/cache`, so a re-run reuses them.
     Overhead is measured in this run: prefill time per batch with the stack / without.
+    `backbone_cfg` is deprecated (see `lsg.specs.parse_stack`).
     """
     records = mc_records(records)
     stacks = parse_stacks(specs, backbone, backbone_cfg, allow_layer_move)  # the baseline row first

@@ -49,6 +49,9 @@ class ForwardContext:
         sink_phi: layer -> `(B, T_prefill)` sink value of the hidden state entering the layer.
         gate_state: (layer, gate index) -> whatever the gate computed at prefill.
         n_prefill: number of positions of the prefill call (decoded tokens come after).
+
+    `is_prefill` is the one definition of "this is the prefill call" that every hook, gate and
+    the attention function read.
     """
 
     segments: Segments
@@ -60,7 +63,14 @@ class ForwardContext:
 
     @property
     def total_len(self) -> int:
+        """Positions seen so far: the prompt's, plus one per decode step."""
         return self.segments.vis.shape[1]
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while the forward that sees the prompt runs (no decoded position yet): sink values
+        and gate state are computed then, and reused by every decode step."""
+        return self.n_prefill == self.total_len
 
     def require_vsinks(self) -> torch.Tensor:
         if self.vsink is None:
@@ -130,8 +140,8 @@ class RunState:
             taken by the context that forward builds.
         vit_flags: `(N_patches,)` V-sink flags read from the ViT before the forward that builds
             the context (`generate` encodes images first), taken by that context.
-        inputs: the multimodal model's call arguments of the current prefill (without the
-            KV cache, pixels and embeddings), for the family's patch -> token map.
+        inputs: the call arguments of the current prefill named in `Family.layout_inputs`
+            (e.g. `image_sizes`), for the family's patch -> token map.
         layout: arguments of `Family.layout_calls` since the last prefill.
     """
 
@@ -159,7 +169,7 @@ def run_state(model) -> RunState | None:
     return vars(model).get(RUN_ATTR)
 
 
-@dataclass
+@dataclass(init=False)
 class LayerView:
     """A gate's view of decoder layer `layer` during one attention call.
 
@@ -168,14 +178,30 @@ class LayerView:
         ctx: the forward context.
         q_start: absolute position of the first query row (0 at prefill).
         n_queries: query rows in this call (T_q); keys cover positions `[0, q_start + n_queries)`.
-        is_prefill: True on the call that sees the prompt.
+        is_prefill: (property) the context's `ForwardContext.is_prefill`.
     """
 
     layer: int
     ctx: ForwardContext
     q_start: int
     n_queries: int
-    is_prefill: bool
+
+    def __init__(self, layer: int, ctx: ForwardContext, q_start: int, n_queries: int,
+                 is_prefill: bool | None = None):
+        """`is_prefill` (deprecated, optional) is only checked against `ctx.is_prefill`.
+
+        Raises:
+            ValueError: `is_prefill` given and different from the context's.
+        """
+        self.layer, self.ctx, self.q_start, self.n_queries = layer, ctx, q_start, n_queries
+        if is_prefill is not None and bool(is_prefill) != ctx.is_prefill:
+            raise ValueError(f"LayerView(is_prefill={is_prefill}) but the context is "
+                             f"{'at' if ctx.is_prefill else 'past'} its prefill ({ctx.n_prefill} prefill positions, "
+                             f"{ctx.total_len} in all); drop the argument, the context decides.")
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.ctx.is_prefill
 
     @property
     def segments(self) -> Segments:
@@ -203,4 +229,4 @@ def scale_by_group(groups: torch.Tensor, coefficients: torch.Tensor, n_kv: int) 
 
 def rows_view(view: LayerView, first_row: int) -> LayerView:
     """The same layer view restricted to query rows `first_row:` of the call."""
-    return LayerView(view.layer, view.ctx, view.q_start + first_row, view.n_queries - first_row, view.is_prefill)
+    return LayerView(view.layer, view.ctx, view.q_start + first_row, view.n_queries - first_row)

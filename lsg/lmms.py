@@ -28,7 +28,7 @@ import torch
 from lmms_eval.api.model import lmms
 
 from lsg.attach import attach
-from lsg.backbones import backbone_config, load_backbone
+from lsg.backbones import load_backbone
 from lsg.scoring import decoder_hidden
 from lsg.segments import IGNORE_INDEX
 from lsg.specs import parse_stack
@@ -62,9 +62,8 @@ class LSGModel(lmms):
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, allow_layer_move: bool = False, **unused):
         super().__init__()
         overrides = {k: v for k, v in {"hf_id": hf_id, "dtype": dtype}.items() if v is not None}
-        self.backbone_cfg = {**backbone_config(backbone), **overrides}
         self.backbone = load_backbone(backbone, **overrides, device=device)
-        self.stack = parse_stack(str(gates), self.backbone, self.backbone_cfg, bool(allow_layer_move))
+        self.stack = parse_stack(str(gates), self.backbone, allow_layer_move=bool(allow_layer_move))
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 

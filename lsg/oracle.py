@@ -32,7 +32,7 @@ def spec(layer: int, alpha: float) -> str:
     return f"oracle@{layer}:{alpha:g}"
 
 
-def run_grid(backbone: Backbone, backbone_cfg: dict, records: Sequence[VQARecord], layers: Sequence[int],
+def run_grid(backbone: Backbone, records: Sequence[VQARecord], layers: Sequence[int],
              alphas: Sequence[float], data_cfg: dict, split: str, out_dir: Path, batch_size: int = 32,
              samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL, extra_specs: Sequence[str] = ()) -> dict:
     """Evaluate the grid (plus `extra_specs`) and return its table.
@@ -49,8 +49,8 @@ def run_grid(backbone: Backbone, backbone_cfg: dict, records: Sequence[VQARecord
     records = mc_records(records)
     stacks: list[GateStack] = [baseline_stack()]
     cells = [(backbone.check_layer(l), float(a)) for l in layers for a in alphas]
-    stacks += [parse_stack(spec(l, a), backbone, backbone_cfg) for l, a in cells]
-    stacks += [parse_stack(s, backbone, backbone_cfg) for s in extra_specs]
+    stacks += [parse_stack(spec(l, a), backbone) for l, a in cells]
+    stacks += [parse_stack(s, backbone) for s in extra_specs]
     cache = AnswerCache(Path(out_dir) / "cache", split_context(backbone, records, data_cfg, split))
     results, _ = cached_evaluate_many(stacks, backbone, records, cache, batch_size, progress="oracle grid")
     baseline = results[BASELINE]

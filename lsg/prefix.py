@@ -38,14 +38,13 @@ from safetensors.torch import save_file
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext
+from lsg.families import FAMILIES
 from lsg.files import atomic_target, read_json, write_json
 from lsg.gates.base import Gate
 from lsg.scoring import decoder_hidden
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "image_sizes", "image_grid_thw",
-                "mm_token_type_ids")
 PREFIX_CACHE_MB = 4096  # default budget of a PrefixCache, MiB (config: prefix_cache_mb)
 PREFIX_CACHE_KINDS = ("host", "disk")  # where a PrefixCache keeps its entries (config: prefix_cache)
 PREFIX_SHARD_MB = 256  # MiB of prefix entries per safetensors shard of a disk store
@@ -83,9 +82,14 @@ class Prefix:
                               n_prefill=self.hidden.shape[1])
 
 
-def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The entries of a batch the model reads (drops `records` and other metadata)."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+def model_inputs(batch: Mapping[str, Any], backbone: Backbone | None = None) -> dict[str, torch.Tensor]:
+    """The entries of a batch the model reads (drops `records` and other metadata):
+    `backbone.model_inputs(batch)`. Without a backbone (deprecated), the entries any registered
+    family's model reads."""
+    if backbone is not None:
+        return backbone.model_inputs(batch)
+    names = dict.fromkeys(name for family in FAMILIES.values() for name in family.model_inputs)
+    return {k: batch[k] for k in names if batch.get(k) is not None}
 
 
 @torch.no_grad()
@@ -111,7 +115,7 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
     """
     layers = sorted({backbone.check_layer(l) for l in layers})
     sinks = sinks if sinks is not None else backbone.sinks
-    inputs = backbone.on_device(model_inputs(batch))
+    inputs = backbone.on_device(backbone.model_inputs(batch))
     stop = max(layers, default=-1)
     entering: dict[int, torch.Tensor] = {}
 
@@ -353,7 +357,7 @@ class PrefixCache:
         Raises:
             ValueError: `keys` and the batch have different lengths.
         """
-        inputs = self.backbone.on_device(model_inputs(batch))
+        inputs = self.backbone.on_device(self.backbone.model_inputs(batch))
         mask = inputs["attention_mask"].bool()
         if len(keys) != mask.shape[0]:
             raise ValueError(f"PrefixCache.prefix got {len(keys)} keys for a batch of {mask.shape[0]} rows.")

@@ -13,7 +13,7 @@ A spec is `name[@layers][:arg]`; a stack joins specs with `+`.
     stack:runs/stack/smol-llava/stack-keep-all.json    a stack manifest written by stack.py
 
 A named gate's hyperparameters come from its config, `conf/gate/<name>.yaml`, resolved
-against the backbone's `model=` config; the gate class builds itself from it and from the
+against the backbone's own model config (`Backbone.config`); the gate class builds itself from it and from the
 spec's argument (`Gate.from_spec`), so adding a gate needs no branch here. A stack manifest
 (JSON: backbone, fingerprint, sinks, one entry per gate with its spec and, for checkpoints,
 their sha256) is written by `manifest`/`write_manifest` and expanded by `manifest_specs`.
@@ -103,15 +103,21 @@ def parse_sweep_layers(spec: str | int | Sequence[int], num_layers: int) -> list
     return sorted(set(parse_layers(spec, num_layers)))
 
 
-def gate_config(name: str, backbone_cfg: dict) -> dict:
-    """`conf/gate/<name>.yaml` resolved against the backbone's config (for `${model.*}`).
+def model_context(backbone: Backbone | dict, backbone_cfg: dict | None = None) -> dict:
+    """What a gate config's `${model.*}` reads: the backbone's model config (`Backbone.config`),
+    or a dict taken as that config, with `backbone_cfg` (deprecated) over it."""
+    return {**(backbone.config if isinstance(backbone, Backbone) else backbone), **(backbone_cfg or {})}
+
+
+def gate_config(name: str, backbone: Backbone | dict) -> dict:
+    """`conf/gate/<name>.yaml` resolved against the backbone's model config (`model_context`).
 
     Raises:
         ValueError: no such gate config; the message lists the known gates.
     """
     if not config_path("gate", name).exists():
         raise ValueError(f"Unknown gate {name!r}. Known gates: {BASELINE}, {', '.join(known_spec_names())}.")
-    return load_config("gate", name, model=backbone_cfg)
+    return load_config("gate", name, model=model_context(backbone))
 
 
 def known_spec_names() -> list[str]:
@@ -152,9 +158,9 @@ def _checkpoint_gate(element: str, path: Path, layer_text: str, backbone: Backbo
 
 
 def _named_gate(element: str, name: str, arg: str, layer_text: str, backbone: Backbone,
-                backbone_cfg: dict) -> tuple[Gate, list[int], dict]:
+                backbone_cfg: dict | None) -> tuple[Gate, list[int], dict]:
     cls = gate_registry.spec_class(name)  # ValueError listing the known names
-    cfg = gate_config(cls.name, backbone_cfg)
+    cfg = gate_config(cls.name, model_context(backbone, backbone_cfg))
     cfg.pop("name")
     default = cfg.pop("layers", "auto")
     gate = cls.from_spec(name, arg, backbone, cfg)
@@ -171,7 +177,8 @@ def _named_gate(element: str, name: str, arg: str, layer_text: str, backbone: Ba
     return gate, chosen, {"gate": cls.name, "config": gate.config(), "layers": chosen}
 
 
-def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_move: bool = False) -> GateStack:
+def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict | None = None,
+                allow_layer_move: bool = False) -> GateStack:
     """Build the gates of one spec (see the module docstring).
 
     A trained gate runs at the layer it was trained at; `ckpt@N:<path>` at another layer is
@@ -179,8 +186,9 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_m
 
     Args:
         spec: the spec (a stack joins specs with `+`).
-        backbone: the loaded backbone the gates are for.
-        backbone_cfg: its `model=` config (gate configs read `${model.*}` from it).
+        backbone: the loaded backbone the gates are for; gate configs read `${model.*}` from
+            its `Backbone.config`.
+        backbone_cfg: deprecated: values laid over `backbone.config` for `${model.*}`.
         allow_layer_move: let a trained gate run at another layer than it was trained at.
 
     Raises:
@@ -209,7 +217,7 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict, allow_layer_m
     return GateStack(spec, layers, {"spec": parts})
 
 
-def parse_stacks(specs: Sequence[str], backbone: Backbone, backbone_cfg: dict,
+def parse_stacks(specs: Sequence[str], backbone: Backbone, backbone_cfg: dict | None = None,
                  allow_layer_move: bool = False) -> list[GateStack]:
     """`parse_stack` of every spec, the baseline first (added when absent), then in the order given."""
     stacks = [parse_stack(s, backbone, backbone_cfg, allow_layer_move) for s in specs]
@@ -279,12 +287,10 @@ def load_manifest(path: Path, backbone: Backbone, backbone_cfg: dict | None = No
     """`{layer: [gates]}` of a manifest, ready for `lsg.attach(backbone, ...)`.
 
     Args:
-        backbone_cfg: the backbone's `model=` config (gate configs read `lsg_grouping` and
-            `${model.*}` from it); None = the shipped `conf/model/<backbone.name>.yaml`.
+        backbone_cfg: deprecated: values laid over `backbone.config` for the gate configs'
+            `${model.*}` (see `parse_stack`).
 
     Raises:
         see `manifest_specs` and `parse_stack`.
     """
-    if backbone_cfg is None:
-        backbone_cfg = load_config("model", backbone.name) if config_path("model", backbone.name).exists() else {}
     return parse_stack("+".join(manifest_specs(path, backbone)), backbone, backbone_cfg).layers

@@ -118,11 +118,13 @@ def main() -> None:
            clock(separate_eval(grid), dev), (1 + len(ALPHAS) * s[args.layer]) / len(ALPHAS))
 
     # 4. one-layer training: epoch 1 fills the prefix cache, epoch 2 reads it
-    module = GateTrainingModule(backbone, gates[args.layer], args.layer)
+    module = GateTrainingModule(backbone, {args.layer: gates[args.layer]}, identity={}, lr=1e-3,
+                                effective_batch_size=args.batch_size, batch_size=args.batch_size)
 
     def epoch():
         for batch, chunk in zip(train, chunks):
-            module({**batch, "records": chunk}).backward()
+            for _, loss in module.layer_losses({**batch, "records": chunk}):
+                loss.backward()
 
     first, second = clock(epoch, dev), clock(epoch, dev)
     report(f"one-layer training at layer {args.layer}, epoch 2 vs epoch 1", second, first,

@@ -56,6 +56,21 @@ def test_every_shipped_benchmark_config_builds_and_pins_a_revision():
         get_benchmark("pope", hf_id="x", mode="choice")
 
 
+def test_every_benchmark_module_registers_its_benchmarks_by_being_in_the_folder():
+    """Read from the folder (not the package's discovery): the `@register` classes of its modules
+    are exactly the registry."""
+    import ast
+
+    import lsg.benchmarks
+
+    defined = []
+    for path in sorted(Path(lsg.benchmarks.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        defined += [node.name for node in tree.body if isinstance(node, ast.ClassDef)
+                    and any(getattr(d, "id", None) == "register" for d in node.decorator_list)]
+    assert sorted(cls.__name__ for cls in REGISTRY.values()) == sorted(defined)
+
+
 def test_mmstar_reads_inline_options_and_the_letter_at_the_start(hub):
     items = load("mmstar", hub["mmstar"]).load()
     assert [it.answer_letter for it in items] == ["A", "B", "C", "D", "A", "B"]
@@ -147,7 +162,7 @@ def test_letter_reading_follows_the_official_start_of_answer_rule():
 def test_generation_answers_are_cached_by_weights_revision_and_gates(tiny, hub, tmp_path):
     bench = load("pope", hub["pope"], max_new_tokens=2)
     items = bench.load()
-    stacks = [baseline_stack(), parse_stack("var", tiny, {"name": "tiny-random"})]
+    stacks = [baseline_stack(), parse_stack("var", tiny)]
     first, hits = answer(tiny, bench, items, stacks, tmp_path, batch_size=4, progress=False)
     assert hits == set() and len(first["none"]) == len(items) == len(first["var"])
     # The baseline answers are the backbone's own greedy answers.
@@ -174,9 +189,10 @@ def test_generation_answers_are_cached_by_weights_revision_and_gates(tiny, hub, 
                items[0]], stacks[:1], None, progress=False)
 
 
+@pytest.mark.slow
 def test_evaluate_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(tiny, tmp_path):
     out = tmp_path / "eval"
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), "model=tiny-random", "logger=none", "benchmark.n=14",
+    cmd = [sys.executable, "-m", "lsg.cli.evaluate", "model=tiny-random", "logger=none", "benchmark.n=14",
            f"benchmark.root={tmp_path / 'shapes'}", f"out_dir={out}", "gates=[var,oracle@1:0.3+var]",
            "batch_size=4", "bootstrap_samples=200"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -191,7 +207,7 @@ def test_evaluate_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(ti
 
     records = load_records({"name": "shapes", "root": str(tmp_path / "shapes"), "n_val": 14}, "val")
     for spec in ("none", "oracle@1:0.3+var"):
-        stack = parse_stack(spec, tiny, {"name": "tiny-random", "lsg_grouping": "vsink-lsink-ordinary"})
+        stack = parse_stack(spec, tiny)
         plain = evaluate(tiny, records, stack.layers or None, batch_size=4)
         assert rows[spec]["accuracy"]["overall"] == pytest.approx(100 * plain.overall)
         assert [item[f"{spec}|parsed"] for item in report["items"]] == plain.predictions
@@ -201,7 +217,7 @@ def test_evaluate_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(ti
 
 def test_evaluate_benchmark_generates_on_a_hub_fixture(tiny, hub, tmp_path):
     bench = load("mmstar", hub["mmstar"], max_new_tokens=2)
-    report = evaluate_benchmark(tiny, {"name": "tiny-random"}, bench, ["var"], tmp_path, batch_size=3, samples=100)
+    report = evaluate_benchmark(tiny, bench, ["var"], tmp_path, batch_size=3, samples=100)
     assert [r["method"] for r in report["rows"]] == ["none", "var"]
     assert len(report["items"]) == 6 and (tmp_path / "results.md").exists()
     assert set(report["rows"][1]["paired"]) == {it.subtask for it in bench.load()} | {"overall"}

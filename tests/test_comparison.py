@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from lsg.backbones import backbone_config
 from lsg.comparison import compare, plot_deltas, split_context, write_table
 from lsg.specs import parse_layers, parse_stack
 from lsg.datamodule import load_records
@@ -24,30 +23,30 @@ def test_parse_layers():
 
 
 def test_parse_stack_builds_mixed_stacks(tmp_path, tiny):
-    cfg = backbone_config("tiny-random")
-    ckpt = LSGGate(tiny.hidden_size, cfg["lsg_grouping"]).save(
+    ckpt = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary").save(
         tmp_path / "g.safetensors", backbone="tiny-random", backbone_fingerprint=tiny.fingerprint, layer=2,
         sinks=tiny.sinks.to_dict())
-    stack = parse_stack(f"lsg:{ckpt}+vaf@1+oracle@3:0.25", tiny, cfg)
+    stack = parse_stack(f"lsg:{ckpt}+vaf@1+oracle@3:0.25", tiny)
     assert sorted(stack.layers) == [1, 2, 3]
     assert isinstance(stack.layers[2][0], LSGGate) and isinstance(stack.layers[1][0], VAFGate)
-    assert stack.layers[3][0].coefficients.tolist() == [0.25, 0.75, 0.75]
-    assert parse_stack("vaf", tiny, cfg).layers.keys() == set(VAFGate.default_layers(tiny.num_layers))
+    assert stack.layers[3][0].coefficients.tolist() == [0.25, 0.75]  # the default grouping: vsink-rest
+    three = parse_stack("oracle@3:0.25/0.75/0.75", tiny).layers[3][0]
+    assert three.grouping == "vsink-lsink-ordinary" and three.coefficients.tolist() == [0.25, 0.75, 0.75]
+    assert parse_stack("vaf", tiny).layers.keys() == set(VAFGate.default_layers(tiny.num_layers))
     with pytest.raises(ValueError, match="Unknown gate 'nope'"):
-        parse_stack("nope", tiny, cfg)
+        parse_stack("nope", tiny)
     with pytest.raises(ValueError, match="needs a layer and alpha"):
-        parse_stack("oracle", tiny, cfg)
+        parse_stack("oracle", tiny)
     other = LSGGate(tiny.hidden_size).save(tmp_path / "o.safetensors", backbone="smol-llava", layer=2)
     with pytest.raises(ValueError, match="backbone='smol-llava'"):
-        parse_stack(f"lsg:{other}", tiny, cfg)
+        parse_stack(f"lsg:{other}", tiny)
     retrained = LSGGate(tiny.hidden_size).save(tmp_path / "r.safetensors", backbone="tiny-random",
                                                backbone_fingerprint="other-weights", layer=2)
     with pytest.raises(ValueError, match="backbone_fingerprint='other-weights'"):
-        parse_stack(f"lsg:{retrained}", tiny, cfg)
+        parse_stack(f"lsg:{retrained}", tiny)
 
 
 def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monkeypatch):
-    cfg = backbone_config("tiny-random")
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
     records = load_records(data, "val")
     specs = ["none", "vaf@1", "oracle@2:0.0"]
@@ -61,7 +60,7 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
         return seconds[None if stack is None else stack.spec]
 
     monkeypatch.setattr(comparison, "time_forward", fake_time_forward)
-    rows, tasks = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
+    rows, tasks = compare(tiny, specs, records, data, "val", tmp_path / "out", batch_size=7,
                           timing_batches=1, timing_repeats=1)
     assert [r["method"] for r in rows] == ["baseline", "vaf@1", "oracle@2:0.0"]
     # Overhead = the stack's prefill time / the baseline's, both measured in this run.
@@ -81,7 +80,7 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
 
     # A re-run evaluates nothing: make evaluation fail if it is called.
     monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: pytest.fail("cache not used"))
-    rows2, _ = compare(tiny, cfg, specs, records, data, "val", tmp_path / "out", batch_size=7,
+    rows2, _ = compare(tiny, specs, records, data, "val", tmp_path / "out", batch_size=7,
                        timing_batches=1, timing_repeats=1)
     assert [r["overall"] for r in rows2] == [r["overall"] for r in rows]
     csv_path, md_path = write_table(rows, tasks, tmp_path / "out")
@@ -100,22 +99,20 @@ def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tm
     assert other.name == tiny.name and other.fingerprint != tiny.fingerprint
     rows, evaluated, records = compare_twice(tmp_path, tiny, other, monkeypatch)
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
-    cfg = backbone_config("tiny-random")
     assert evaluated == 1, "the other checkpoint's baseline must be evaluated, not read from the cache"
     assert rows[0]["overall"] == pytest.approx(100 * evaluate(other, records, batch_size=7).overall)
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 2
     # Another split of the same size is another key too.
     from lsg.answers import answer_key
 
-    stack = parse_stack("none", tiny, cfg)
+    stack = parse_stack("none", tiny)
     assert answer_key(stack.identity, split_context(tiny, records, data, "val")) != answer_key(
         stack.identity, split_context(tiny, records[::-1], data, "val"))
 
 
 def test_compare_with_only_the_baseline_writes_the_table_without_a_chart(tmp_path, tiny):
-    cfg = backbone_config("tiny-random")
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 7, "n_test": 0}
-    rows, tasks = compare(tiny, cfg, ["none"], load_records(data, "val"), data, "val", tmp_path / "out",
+    rows, tasks = compare(tiny, ["none"], load_records(data, "val"), data, "val", tmp_path / "out",
                           batch_size=7, timing_batches=1, timing_repeats=1)
     assert [r["method"] for r in rows] == ["baseline"]
     assert plot_deltas(rows, tasks, tmp_path / "out" / "c.png") is None
@@ -123,14 +120,13 @@ def test_compare_with_only_the_baseline_writes_the_table_without_a_chart(tmp_pat
 
 
 def test_a_trained_gate_is_not_moved_to_another_layer_unless_asked(tmp_path, tiny):
-    cfg = backbone_config("tiny-random")
-    ckpt = LSGGate(tiny.hidden_size, cfg["lsg_grouping"]).save(
+    ckpt = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary").save(
         tmp_path / "g.safetensors", backbone="tiny-random", backbone_fingerprint=tiny.fingerprint, layer=2,
         sinks=tiny.sinks.to_dict())
-    assert list(parse_stack(f"lsg@2:{ckpt}", tiny, cfg).layers) == [2]
+    assert list(parse_stack(f"lsg@2:{ckpt}", tiny).layers) == [2]
     with pytest.raises(ValueError, match="trained at layer 2.*allow_layer_move=true"):
-        parse_stack(f"lsg@3:{ckpt}", tiny, cfg)
-    assert list(parse_stack(f"lsg@3:{ckpt}", tiny, cfg, allow_layer_move=True).layers) == [3]
+        parse_stack(f"lsg@3:{ckpt}", tiny)
+    assert list(parse_stack(f"lsg@3:{ckpt}", tiny, allow_layer_move=True).layers) == [3]
 
 
 def test_hub_fingerprint_comes_from_the_weights_not_the_id(tmp_path, tiny_hub_dir):
@@ -226,8 +222,7 @@ def test_bad_device_and_weightless_folder_get_clear_errors(tmp_path):
 
 
 def test_spec_errors_name_the_spec_the_user_wrote(tiny):
-    cfg = backbone_config("tiny-random")
     with pytest.raises(ValueError, match=r"'oracle:0.3'.*e.g. oracle@10:0.3"):
-        parse_stack("oracle:0.3", tiny, cfg)
+        parse_stack("oracle:0.3", tiny)
     with pytest.raises(ValueError, match="give the trained gate's checkpoint, e.g. ckpt:"):
-        parse_stack("ckpt@2", tiny, cfg)
+        parse_stack("ckpt@2", tiny)

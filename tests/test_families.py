@@ -69,25 +69,17 @@ def test_a_device_map_load_gives_the_same_model(tiny_hub_dir):
         torch.testing.assert_close(mapped.model(**batch).logits, plain.model(**batch).logits)
 
 
+@pytest.mark.slow
 def test_llava_hub_checkpoint_runs_every_command_as_a_user_runs_them(tiny_hub_dir, tmp_path):
     """`model=llava-1.5-7b model.hf_id=<tiny hub-format LLaVA>` (sink dims of the tiny width):
     train, compare with every gate, evaluate, calibrate; generation and padding as the others."""
     from tests.hand import assert_spec_generates_as_recompute
-    from tests.test_qwen2_vl import CFG, SINKS, SPECS, check_evaluate, run
+    from tests.tiny_families import SINKS, SPECS, check_user_commands
 
-    export = tmp_path / "ck" / "lsg-L2.safetensors"
-    run("train.py", tmp_path, tiny_hub_dir, "llava-1.5-7b", "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}",
-        "data.n_train=16", "data.n_val=14", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
-        "effective_batch_size=8", "epochs=1", "export_epoch=1")
-    run("compare.py", tmp_path, tiny_hub_dir, "llava-1.5-7b", "logger=none", f"data.root={tmp_path / 'shapes'}",
-        "data.n_val=14", f"out_dir={tmp_path / 'compare'}", "batch_size=7", "timing_batches=1", "timing_repeats=1",
-        f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
-    check_evaluate(tmp_path, tiny_hub_dir, "llava-1.5-7b")
-    assert "sinks:" in run("calibrate.py", tmp_path, tiny_hub_dir, "llava-1.5-7b", f"data.root={tmp_path / 'shapes'}",
-                           "data.n_val=14", "n_samples=4").stdout
+    check_user_commands(tmp_path, tiny_hub_dir, "llava-1.5-7b")
     bb = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32", sinks=SINKS)
     for spec in SPECS + ["lsg@2"]:
-        assert_spec_generates_as_recompute(bb, spec, CFG)
+        assert_spec_generates_as_recompute(bb, spec, None)
 
 
 def test_backbone_from_config_takes_the_groups_name_and_overrides_without_changing_it():

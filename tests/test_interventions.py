@@ -12,9 +12,11 @@ import torch
 
 import lsg
 from lsg.context import ForwardContext, LayerView
+from lsg.gates.base import Gate, HookPoint
 from lsg.gates.interventions import KeyKnockoutGate, MeanValueGate, ZeroValueGate
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
+from tests.conftest import samples
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed  # noqa: F401
 
 LAYER = 2
@@ -89,7 +91,7 @@ def toy_view(T=8, prompt_len=6, layer=0, n_prefill=None):
     labels[0, prompt_len:] = 1
     seg = Segments.from_batch(ids, None, 7, labels)
     ctx = ForwardContext(seg, SinkConfig(llm_dims=[0], tau_llm=10.0), n_prefill=n_prefill or T)
-    return LayerView(layer, ctx, 0, T, is_prefill=True)
+    return LayerView(layer, ctx, 0, T)
 
 
 # --------------------------------------------------------------------------- tests
@@ -225,3 +227,36 @@ def test_two_gates_at_one_layer_compose_key_scales_multiply_value_edits_in_list_
         expected = attention_by_hand(bb, x, LAYER, causal_allowed(batch["attention_mask"]), edit_values=edit)
         got = attention_outputs(bb, batch, {LAYER: order}, [LAYER])[LAYER]
         torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+class PrefillProbe(Gate):
+    """Records what the attention path shows a key-only gate: `prepare` calls, and per attention
+    call `(is_prefill, q_start, n_queries)`; edits nothing."""
+
+    hook_points = frozenset({HookPoint.KEYS})
+
+    def __init__(self):
+        super().__init__()
+        self.prepared, self.calls = 0, []
+
+    def prepare(self, view, hidden):
+        self.prepared += 1
+        assert view.is_prefill
+
+    def key_scale(self, view, state):
+        self.calls.append((view.is_prefill, view.q_start, view.n_queries))
+        return None
+
+
+def test_prefill_is_the_call_that_sees_the_whole_prompt_and_only_that_one(tiny):
+    """Through `generate` with the KV cache: the gate prepares once, and the attention call it
+    sees as prefill is exactly the one whose queries are the whole prompt (q_start 0, T rows);
+    every decode step is one new row after it."""
+    images, questions, _ = samples(2)
+    batch = tiny.build_batch(images, questions, padding_side="left")
+    T, new = batch["input_ids"].shape[1], 3
+    probe = PrefillProbe()
+    with torch.no_grad(), lsg.attach(tiny, {1: probe}):
+        tiny.model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    assert probe.prepared == 1
+    assert probe.calls == [(True, 0, T)] + [(False, T + step, 1) for step in range(new - 1)]

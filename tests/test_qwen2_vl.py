@@ -6,9 +6,6 @@ calibrate as a user runs them."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,17 +19,8 @@ from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
-from tests.tiny_families import save_tiny_qwen2_vl
+from tests.tiny_families import SINKS, SPECS, check_user_commands, real, save_tiny_qwen2_vl
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout whose entry scripts run
-
-SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
-         "lsink_scope": "layer"}
-CFG = {"lsg_grouping": "vsink-lsink-ordinary"}
-SPECS = ["var", "vaf@1-2", "spear@2", "outro", "oracle@2:0.3", "knockout@1", "mean-v@3", "zero-v@2",
-         "var@2-3+oracle@1:0.2"]
-USER = ["model.dtype=float32", "model.sinks.vit_dims=[0,1]", "model.sinks.llm_dims=[0,1]", "model.sinks.tau_vit=1.5",
-        "model.sinks.tau_llm=1.2", "model.lsg_grouping=vsink-lsink-ordinary"]
 # model config -> (tiny checkpoint version, image px, merged tokens per side). Qwen2.5-VL gets 64 px
 # images so its 32 px attention windows reorder the ViT's patch groups.
 VARIANTS = {"qwen2-vl": ("2", 32, 2), "qwen2.5-vl": ("2.5", 64, 4)}
@@ -52,10 +40,6 @@ def qwen_dir(tmp_path_factory, variant):
 @pytest.fixture(scope="module")
 def qwen(qwen_dir, variant):
     return lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS)
-
-
-def real(hidden, batch):
-    return hidden[batch["attention_mask"].bool()]
 
 
 def test_the_checkpoint_loads_in_its_family_and_is_refused_by_the_others(qwen, qwen_dir, variant):
@@ -149,7 +133,7 @@ def test_key_scaling_commutes_with_mrope(qwen):
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen, variant):
     images, questions, answers = samples(3)
     questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
-    stack = parse_stack("oracle@2:0.3+var@1", qwen, CFG)
+    stack = parse_stack("oracle@2:0.3/0.5/0.9+var@1", qwen)
     losses = {}
     for side in ("left", "right"):
         batch = qwen.build_batch(images, questions, answers, padding_side=side)
@@ -162,14 +146,14 @@ def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen, variant):
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
 def test_every_gate_generates_through_the_kv_cache_as_full_recompute(qwen, spec):
-    assert_spec_generates_as_recompute(qwen, spec, CFG)
+    assert_spec_generates_as_recompute(qwen, spec, None)
 
 
-@pytest.mark.parametrize("spec", ["var", "outro", "oracle@2:0.3", "var@2-3+oracle@1:0.2"])
+@pytest.mark.parametrize("spec", ["var", "outro", "oracle@2:0.3/0.5/0.9", "var@2-3+oracle@1:0.2"])
 def test_suffix_from_a_prefix_equals_the_full_gated_forward(qwen, spec):
     images, questions, answers = samples(3)
     batch = qwen.build_batch(images, [q + " ?" * i for i, q in enumerate(questions)], answers, padding_side="left")
-    stack = parse_stack(spec, qwen, CFG)
+    stack = parse_stack(spec, qwen)
     with torch.no_grad():
         with lsg.attach(qwen, stack.layers):
             plain = decoder_hidden(qwen, batch)
@@ -191,43 +175,9 @@ def test_suffix_from_a_prefix_equals_the_full_gated_forward(qwen, spec):
                                    atol=2e-5, rtol=1e-4)
 
 
-def run(script: str, tmp_path: Path, qwen_dir: Path, variant: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO_ROOT / script), f"model={variant}", *USER, f"model.hf_id={qwen_dir}",
-           f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def check_evaluate(tmp_path: Path, folder: Path, variant: str) -> None:
-    """evaluate.py on the shapes benchmark, by option letters and by KV-cache generation; and
-    scripts/overhead.py (prefill and decode time per gate)."""
-    result = run("scripts/overhead.py", tmp_path, folder, variant, "batch=2", "new_tokens=2", "repeats=1",
-                 "specs=[none,var,oracle@1:0.3]")
-    assert "| var |" in result.stdout and "| oracle@1:0.3 |" in result.stdout
-    for mode in ("choice", "generate"):
-        out = tmp_path / f"evaluate-{mode}"
-        run("evaluate.py", tmp_path, folder, variant, "logger=none", f"benchmark.root={tmp_path / 'shapes'}",
-            "benchmark.n=14", f"benchmark.mode={mode}", "benchmark.max_new_tokens=2", f"out_dir={out}",
-            "gates=[var,oracle@2:0.3]", "batch_size=7", "bootstrap_samples=100")
-        rows = json.loads((out / "results.json").read_text())["rows"]
-        assert [r["method"] for r in rows] == ["none", "var", "oracle@2:0.3"]
-
-
-def test_train_compare_and_calibrate_run_as_a_user_runs_them(qwen_dir, variant, tmp_path):
-    export = tmp_path / "ck" / "lsg-L2.safetensors"
-    run("train.py", tmp_path, qwen_dir, variant, "logger=none", "layer=2", f"data.root={tmp_path / 'shapes'}", "data.n_train=16",
-        "data.n_val=14", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
-        "effective_batch_size=8", "epochs=1", "export_epoch=1")
-    assert json.loads(export.with_suffix(".json").read_text())["backbone"] == variant
-    result = run("compare.py", tmp_path, qwen_dir, variant, "logger=none", f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
-                 f"out_dir={tmp_path / 'compare'}", "batch_size=7", "timing_batches=1", "timing_repeats=1",
-                 f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
-    assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
-    check_evaluate(tmp_path, qwen_dir, variant)
-    result = run("calibrate.py", tmp_path, qwen_dir, variant, f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
-                 "n_samples=4")
-    assert "sinks:" in result.stdout
+@pytest.mark.slow
+def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(qwen_dir, variant, tmp_path):
+    check_user_commands(tmp_path, qwen_dir, variant)
 
 
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(qwen, qwen_dir, variant):
@@ -237,4 +187,13 @@ def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(qwen, qwe
                               attn_implementation="eager")
     images, questions, answers = samples(3)
     assert_eager_matches_sdpa(qwen, eager, lambda bb: bb.build_batch(images, questions, answers, padding_side="left"),
-                              CFG)
+                              None)
+
+def test_the_family_declares_the_inputs_its_batches_hold(qwen):
+    images, questions, answers = samples(2)
+    batch = qwen.build_batch(images, questions, answers)
+    assert set(batch) == set(qwen.family.model_inputs) == {"input_ids", "attention_mask", "labels", "pixel_values",
+                                                            "image_grid_thw", "mm_token_type_ids"}
+    with torch.no_grad(), lsg.attach(qwen, {}) as run:
+        qwen.model(**batch)
+        assert run.inputs == {}  # one patch group is one token: the map reads no call argument

@@ -111,3 +111,18 @@ def test_lsinks_follow_per_layer_thresholds_and_the_scope(scope):
         assert ctx.text_sinks(layer).tolist() == (expected & ~vis).tolist(), layer
     want = {"layer": [False, False, False, True, False, False], "upto": [False, True, True, True, False, False]}
     assert ctx.lsinks(3)[0].tolist() == want[scope]
+
+
+def test_the_context_is_at_prefill_until_a_decoded_position_is_added():
+    """`ForwardContext.is_prefill` is the one definition every hook, gate and the attention
+    function read; a `LayerView` reports its context's and refuses to be told otherwise."""
+    from lsg.context import ForwardContext, LayerView
+
+    ids = torch.tensor([[1, IMG, IMG, 3, 4]])
+    ctx = ForwardContext(Segments.from_batch(ids, None, IMG), SinkConfig(), n_prefill=5)
+    assert ctx.is_prefill and LayerView(0, ctx, 0, 5).is_prefill
+    ctx.segments = ctx.segments.extend(1)  # the first decode step
+    assert not ctx.is_prefill and not LayerView(0, ctx, 5, 1).is_prefill
+    assert LayerView(0, ctx, 5, 1, is_prefill=False).q_start == 5  # the older call form, checked
+    with pytest.raises(ValueError, match="is_prefill=True.*past its prefill"):
+        LayerView(0, ctx, 5, 1, is_prefill=True)

@@ -15,9 +15,6 @@ from lsg.evaluation import EvalResult, evaluate
 from lsg.gates import LSGGate
 from lsg.specs import manifest, manifest_specs, write_manifest
 from lsg.stacking import Candidate, greedy
-from tests.test_prefix import TINY_CFG
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class R:  # a record stub: sub-task and answer letter
@@ -60,12 +57,13 @@ def trained_gate(tiny, folder, layer, seed, **meta):
     return gate.save(folder / f"lsg-L{layer}" / "gate-epoch1.safetensors", **identity, epoch=1)
 
 
+@pytest.mark.slow
 def test_stack_py_end_to_end_manifest_loads_everywhere_and_is_refused_when_stale(tmp_path, tiny):
     sweep = tmp_path / "sweep"
     for layer, seed in ((1, 1), (2, 2)):
         trained_gate(tiny, sweep, layer, seed)
     out = tmp_path / "stack"
-    args = [sys.executable, str(ROOT / "stack.py"), "model=tiny-random", "logger=none", f"candidates_dir={sweep}",
+    args = [sys.executable, "-m", "lsg.cli.stack", "model=tiny-random", "logger=none", f"candidates_dir={sweep}",
             "free=[oracle@3:0.2]", "max_size=3", f"data.root={tmp_path / 'shapes'}", "data.n_val=14",
             "data.n_test=21", f"out_dir={out}", "bootstrap_samples=200", f"hydra.run.dir={tmp_path / 'h'}"]
     result_ = subprocess.run(args, capture_output=True, text=True, timeout=600)
@@ -77,7 +75,7 @@ def test_stack_py_end_to_end_manifest_loads_everywhere_and_is_refused_when_stale
     from lsg.datamodule import load_records
 
     test = load_records({"name": "shapes", "root": str(tmp_path / "shapes"), "n_test": 21}, "test")
-    layers = lsg.load_stack(out / "stack-keep-all.json", tiny, TINY_CFG)
+    layers = lsg.load_stack(out / "stack-keep-all.json", tiny)
     assert sorted(layers) == [1, 2, 3]
     final = [s for s in steps if s["policy"] == "keep-all"][-1]
     plain, base = evaluate(tiny, test, layers), evaluate(tiny, test)
@@ -85,7 +83,7 @@ def test_stack_py_end_to_end_manifest_loads_everywhere_and_is_refused_when_stale
     # compare.py reads the manifest as a gate spec.
     from lsg.specs import parse_stack
 
-    assert parse_stack(f"stack:{out / 'stack-keep-all.json'}", tiny, TINY_CFG).layers.keys() == layers.keys()
+    assert parse_stack(f"stack:{out / 'stack-keep-all.json'}", tiny).layers.keys() == layers.keys()
     # Another backbone's manifest, or a changed checkpoint, is refused.
     other = lsg.load_backbone("tiny-random", seed=1)
     with pytest.raises(ValueError, match="backbone_fingerprint"):
@@ -97,10 +95,11 @@ def test_stack_py_end_to_end_manifest_loads_everywhere_and_is_refused_when_stale
         manifest_specs(tmp_path / "m.json", tiny)
 
 
+@pytest.mark.slow
 def test_a_candidate_from_another_backbone_is_refused_before_evaluating(tmp_path, tiny):
     other = lsg.load_backbone("tiny-random", seed=1)
     trained_gate(other, tmp_path / "sweep", 1, 1)
-    args = [sys.executable, str(ROOT / "stack.py"), "model=tiny-random", "logger=none",
+    args = [sys.executable, "-m", "lsg.cli.stack", "model=tiny-random", "logger=none",
             f"candidates_dir={tmp_path / 'sweep'}", "free=[]", f"data.root={tmp_path / 'shapes'}", "data.n_val=7",
             "data.n_test=7", f"out_dir={tmp_path / 'o'}", f"hydra.run.dir={tmp_path / 'h'}"]
     bad = subprocess.run(args, capture_output=True, text=True, timeout=300)

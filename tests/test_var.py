@@ -65,7 +65,7 @@ def toy_case(seed=0):
     labels[:, 9] = 1
     seg = Segments.from_batch(ids, None, 5, labels)
     ctx = ForwardContext(seg, SinkConfig(llm_dims=[0], tau_llm=99.0, normalisation="rms"), n_prefill=T)
-    view = LayerView(LAYER, ctx, 0, T, is_prefill=True)
+    view = LayerView(LAYER, ctx, 0, T)
     hidden = torch.randn(B, T, D, generator=g)
     hidden[..., 0] = 0.0
     hidden[0, [0, 3, 9], 0] = 100.0
@@ -144,7 +144,7 @@ def test_var_decode_step_edits_the_new_out_row_with_prefill_sinks():
     state = gate.prepare(view, hidden)
     ctx = view.ctx
     ctx.segments = seg.extend(1)  # one decoded token at position 10
-    step = LayerView(LAYER, ctx, 10, 1, is_prefill=False)
+    step = LayerView(LAYER, ctx, 10, 1)
     row = torch.tensor([0.15, 0.05, 0.1, 0.2, 0.1, 0.05, 0.1, 0.05, 0.05, 0.05, 0.1]).expand(2, 3, 1, -1)
     got = gate.edit_weights(step, state, row)
     expected, selected = hand_var(row, ctx.segments.vis, torch.cat([sinks, torch.zeros(2, 1, dtype=torch.bool)], 1),

@@ -1,9 +1,13 @@
-"""Tiny random checkpoints of each family's real transformers classes, written in the hub's exact
-format (`save_pretrained` of model and processor, a tokenizer built offline), for loading through
-the user path `load_backbone(<family config>, hf_id=<folder>)`."""
+"""What the family tests share: tiny random checkpoints of each family's real transformers
+classes, written in the hub's exact format (`save_pretrained` of model and processor, a tokenizer
+built offline), for loading through the user path `load_backbone(<family config>, hf_id=<folder>)`;
+the sink setup and gate specs they run; and the entry points run as a user runs them."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +15,16 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lsg.backbones import TINY_VOCAB
+
+# Sink dims and thresholds of the tiny widths (random weights: low enough to flag some tokens).
+SINKS = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
+         "lsink_scope": "layer"}
+# Every kind of gate; `oracle@2:0.3/0.5/0.9` is the 3-group (V-sink / L-sink / ordinary) oracle.
+SPECS = ["var", "vaf@1-2", "spear@2", "outro", "oracle@2:0.3", "oracle@2:0.3/0.5/0.9", "knockout@1", "mean-v@3",
+         "zero-v@2", "var@2-3+oracle@1:0.2"]
+# The same sinks as Hydra overrides of a `model=` group.
+SINK_OVERRIDES = ["model.dtype=float32", "model.sinks.vit_dims=[0,1]", "model.sinks.llm_dims=[0,1]",
+                  "model.sinks.tau_vit=1.5", "model.sinks.tau_llm=1.2"]
 
 QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
 
@@ -114,3 +128,49 @@ def save_tiny_onevision(folder: Path, seed: int = 0, num_layers: int = 4) -> Pat
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
+
+
+def real(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """`(N_real, D)` hidden states of the real (unpadded) tokens of `(B, T, D)`."""
+    return hidden[batch["attention_mask"].bool()]
+
+
+def run_app(app: str, tmp_path: Path, folder: Path, model: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m lsg.cli.<app> model=<model> model.hf_id=<folder>` with the tiny sinks, run in
+    `tmp_path`; asserts it exits 0 (its stderr tail in the message).
+
+    Raises:
+        subprocess.TimeoutExpired: it ran over 10 minutes.
+    """
+    cmd = [sys.executable, "-m", f"lsg.cli.{app}", f"model={model}", *SINK_OVERRIDES, f"model.hf_id={folder}",
+           f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def check_user_commands(tmp_path: Path, folder: Path, model: str) -> None:
+    """train (a 3-group LSG gate at layer 2), compare with every gate, evaluate on the shapes
+    benchmark by option letters and by KV-cache generation, overhead, calibrate: each as a user
+    runs it, on the checkpoint in `folder` loaded through the `model` config."""
+    data = [f"data.root={tmp_path / 'shapes'}", "data.n_val=14"]
+    export = tmp_path / "ck" / "lsg-L2.safetensors"
+    run_app("train", tmp_path, folder, model, "logger=none", "layer=2", "gate.grouping=vsink-lsink-ordinary", *data,
+            "data.n_train=16", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
+            "effective_batch_size=8", "epochs=1", "export_epoch=1")
+    assert json.loads(export.with_suffix(".json").read_text())["backbone"] == model
+    result = run_app("compare", tmp_path, folder, model, "logger=none", *data, f"out_dir={tmp_path / 'compare'}",
+                     "batch_size=7", "timing_batches=1", "timing_repeats=1",
+                     f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
+    assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
+    result = run_app("overhead", tmp_path, folder, model, "batch=2", "new_tokens=2", "repeats=1",
+                     "specs=[none,var,oracle@1:0.3]")
+    assert "| var |" in result.stdout and "| oracle@1:0.3 |" in result.stdout
+    for mode in ("choice", "generate"):
+        out = tmp_path / f"evaluate-{mode}"
+        run_app("evaluate", tmp_path, folder, model, "logger=none", f"benchmark.root={tmp_path / 'shapes'}",
+                "benchmark.n=14", f"benchmark.mode={mode}", "benchmark.max_new_tokens=2", f"out_dir={out}",
+                "gates=[var,oracle@2:0.3]", "batch_size=7", "bootstrap_samples=100")
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert [r["method"] for r in rows] == ["none", "var", "oracle@2:0.3"]
+    assert "sinks:" in run_app("calibrate", tmp_path, folder, model, *data, "n_samples=4").stdout

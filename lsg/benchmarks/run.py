@@ -143,7 +143,7 @@ def markdown(rows: Sequence[dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_benchmark(backbone: Backbone, backbone_cfg: dict, benchmark: Benchmark, specs: Sequence[str],
+def evaluate_benchmark(backbone: Backbone, benchmark: Benchmark, specs: Sequence[str],
                        out_dir: Path, batch_size: int = 8, allow_layer_move: bool = False,
                        samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL) -> dict:
     """Answer and score every gate spec (`lsg.comparison` syntax: a gate, a `+` stack, a
@@ -155,7 +155,7 @@ def evaluate_benchmark(backbone: Backbone, backbone_cfg: dict, benchmark: Benchm
     Returns:
         {"benchmark": identity, "rows": score_table rows, "items": per-item records}.
     """
-    stacks = parse_stacks(specs, backbone, backbone_cfg, allow_layer_move)
+    stacks = parse_stacks(specs, backbone, allow_layer_move=allow_layer_move)
     items = benchmark.load()
     responses, hits = answer(backbone, benchmark, items, stacks, Path(out_dir) / "cache", batch_size)
     scores = {st.spec: benchmark.score(items, responses[st.spec]) for st in stacks}

@@ -21,11 +21,11 @@ from lsg.datamodule import load_records
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="compare")
 def main(cfg: DictConfig) -> list[dict]:
-    backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
+    backbone, _ = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)
     records = load_records(data_cfg, cfg.split)
     out_dir = Path(cfg.out_dir)
-    rows, tasks = compare(backbone, model_cfg, list(cfg.gates), records, data_cfg, cfg.split, out_dir,
+    rows, tasks = compare(backbone, list(cfg.gates), records, data_cfg, cfg.split, out_dir,
                           cfg.batch_size, cfg.timing_batches, cfg.timing_repeats, cfg.allow_layer_move,
                           cfg.bootstrap_samples, cfg.ci_level)
     csv_path, md_path = write_table(rows, tasks, out_dir)

@@ -24,10 +24,10 @@ from lsg.cli.common import load_backbone_of, log_results, plain
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
+    backbone, _ = load_backbone_of(cfg, device=cfg.device)
     bench_cfg = plain(cfg.benchmark)
     benchmark = get_benchmark(bench_cfg.pop("name"), **bench_cfg)
-    report = evaluate_benchmark(backbone, model_cfg, benchmark, list(cfg.gates), Path(cfg.out_dir), cfg.batch_size,
+    report = evaluate_benchmark(backbone, benchmark, list(cfg.gates), Path(cfg.out_dir), cfg.batch_size,
                                 cfg.allow_layer_move, cfg.bootstrap_samples, cfg.ci_level)
     print((Path(cfg.out_dir) / "results.md").read_text())
     print(f"Wrote {Path(cfg.out_dir) / 'results.json'}" + (f" ({len(report['cached'])} stacks from the cache)"

@@ -23,14 +23,14 @@ from lsg.specs import parse_sweep_layers
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="oracle")
 def main(cfg: DictConfig) -> dict:
-    backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
+    backbone, _ = load_backbone_of(cfg, device=cfg.device)
     layers = parse_sweep_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_list(cfg.layers) else cfg.layers,
                                 backbone.num_layers)
     data_cfg = plain(cfg.data)
     records = load_records(data_cfg, cfg.split)
     if cfg.max_questions:
         records = records[: cfg.max_questions]
-    args = (backbone, model_cfg, records, layers, list(cfg.alphas), data_cfg, cfg.split, Path(cfg.out_dir),
+    args = (backbone, records, layers, list(cfg.alphas), data_cfg, cfg.split, Path(cfg.out_dir),
             cfg.batch_size, cfg.bootstrap_samples, cfg.ci_level)
     table = run_grid(*args)
     if cfg.stage2:

@@ -76,11 +76,11 @@ def main(args: DictConfig) -> None:
     for spec in list(args.specs):
         spec = spec.format(mid=mid)
         if spec.startswith("lsg-fresh"):  # an untrained LSG gate: same cost as a trained one
-            stack = parse_stack(f"oracle{spec[len('lsg-fresh'):]}:1.0", bb, cfg)
-            gate = lsg.gates.LSGGate(bb.hidden_size, cfg["lsg_grouping"])
+            stack = parse_stack(f"oracle{spec[len('lsg-fresh'):]}:1.0", bb)
+            gate = lsg.gates.LSGGate(bb.hidden_size, bb.default_grouping)
             stack.layers = {layer: [gate] for layer in stack.layers}
         else:
-            stack = parse_stack(spec, bb, cfg)
+            stack = parse_stack(spec, bb)
         with torch.no_grad(), lsg.attach(bb, stack.layers) if stack.layers else torch.no_grad():
             bb.model(**batch)  # warm-up
             prefill = median_time(lambda: bb.model(**batch), args.repeats, bb.device)

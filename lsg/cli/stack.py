@@ -29,7 +29,7 @@ from lsg.stats import paired_by_subtask
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="stack")
 def main(cfg: DictConfig) -> list[dict]:
-    backbone, model_cfg = load_backbone_of(cfg, device=cfg.device)
+    backbone, _ = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)
     out_dir = Path(cfg.out_dir)
     splits = {"selection": (cfg.selection_split, records_for(load_records(data_cfg, cfg.selection_split),
@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> list[dict]:
 
     def run(which: str, specs: dict[str, str]) -> dict[str, EvalResult]:
         split, records = splits[which]
-        stacks = [parse_stack(s, backbone, model_cfg, cfg.allow_layer_move) for s in specs.values()]
+        stacks = [parse_stack(s, backbone, allow_layer_move=cfg.allow_layer_move) for s in specs.values()]
         cache = AnswerCache(out_dir / "cache", contexts[which])
         results, _ = cached_evaluate_many(stacks, backbone, records, cache, cfg.batch_size, progress=f"{which} ({split})")
         return {name: results[st.spec] for name, st in zip(specs, stacks)}
@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> list[dict]:
     if not candidates:
         raise ValueError("No candidate: give candidates_dir=<sweep dir> and/or free=[var,vaf,...].")
     for c in candidates:  # a candidate from another backbone or sink setup is refused here, before any evaluation
-        parse_stack(c.spec, backbone, model_cfg, cfg.allow_layer_move)
+        parse_stack(c.spec, backbone, allow_layer_move=cfg.allow_layer_move)
     sel_records = splits["selection"][1]
     known = {c.spec: answers_beside(c.checkpoint, sel_records) for c in candidates if c.checkpoint and not base}
     todo = {"none": "none", **{c.spec: "+".join(base + [c.spec]) for c in candidates if known.get(c.spec) is None}}

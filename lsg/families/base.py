@@ -6,10 +6,13 @@ A `Family` knows, for its transformers classes:
   (so a mismatched checkpoint is refused before any weight is read);
 - where the decoder layers and the vision tower live;
 - which ViT hidden state feeds the projector, and how its patches map to visual tokens;
-- which processor outputs the model needs, and the image token id(s).
+- which processor outputs the model needs (`image_inputs`), which of the multimodal model's call
+  arguments its patch -> token map reads (`layout_inputs`), and the image token id(s).
 
 `attach`, segments, sinks, gates, training and scoring call these methods and never test for
-a model class.
+a model class. A family registers itself with `@register_family`; every module in
+`lsg/families/` is imported by the package, so a new family is one new module (plus its
+`conf/model/<name>.yaml`), with no list to keep in step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+# Batch entries every family's model reads besides its `image_inputs` (labels only when training).
+TEXT_INPUTS = ("input_ids", "attention_mask", "labels")
+
 
 class Family:
     """One LVLM family. Subclasses set the class attributes and override what differs."""
@@ -28,6 +34,17 @@ class Family:
     model_types: ClassVar[tuple[str, ...]] = ()  # `model_type` values of config.json this family reads
     model_class: ClassVar[str] = ""  # the transformers class its checkpoints load into
     templates: ClassVar[dict[str, str]] = {}  # chat templates selectable by `chat_template: <name>`
+    # Batch entries besides `TEXT_INPUTS` that the model's forward reads: what `pixel_inputs`
+    # and `finish_batch` add to a batch (and nothing else does).
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # Call arguments of the multimodal model (or of a `layout_calls` method) that
+    # `patches_to_tokens` reads; `attach` keeps only these from a prefill call.
+    layout_inputs: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def model_inputs(self) -> tuple[str, ...]:
+        """Every batch entry this family's model reads (`TEXT_INPUTS` + `image_inputs`)."""
+        return TEXT_INPUTS + self.image_inputs
 
     # ---- loading -------------------------------------------------------------------------
     def check_checkpoint(self, hf_id: str) -> dict:
@@ -40,8 +57,6 @@ class Family:
         config = read_config(hf_id)
         model_type = config.get("model_type")
         if model_type not in self.model_types:
-            from lsg.families import family_for_model_type
-
             other = family_for_model_type(model_type)
             hint = (f"use a model config of family '{other.name}'" if other else
                     "this architecture is not supported")
@@ -109,13 +124,14 @@ class Family:
 
     def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """`(N_visual_tokens,)` V-sink flags of the visual tokens from `(N_patches,)` patch
-        flags (identity when one patch is one token). `inputs`: the multimodal model's call
-        arguments (e.g. `image_sizes`), for families whose layout depends on them."""
+        flags (identity when one patch is one token). `inputs`: the call arguments named in
+        `layout_inputs` (e.g. `image_sizes`), for families whose layout depends on them."""
         return patch_flags
 
     # ---- batches -------------------------------------------------------------------------
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The processor outputs the model needs besides `input_ids`, as batched tensors."""
+        """The processor outputs the model needs besides `input_ids`, as batched tensors (keys
+        among `image_inputs`)."""
         raise NotImplementedError
 
     def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -125,7 +141,8 @@ class Family:
         return (batch["attention_mask"].cumsum(1) - 1).clamp_min(0)
 
     def finish_batch(self, batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-        """Inputs derived from the padded `input_ids` (e.g. Qwen2-VL's `mm_token_type_ids`)."""
+        """Inputs derived from the padded `input_ids` (e.g. Qwen2-VL's `mm_token_type_ids`; keys
+        among `image_inputs`)."""
         return batch
 
 
@@ -146,7 +163,40 @@ def read_config(hf_id: str) -> dict:
     return json.loads(Path(hf_hub_download(hf_id, "config.json")).read_text())
 
 
-def supported_families() -> list[str]:
-    from lsg.families import FAMILIES
+FAMILIES: dict[str, Family] = {}  # name -> the family's adapter, filled by `register_family`
 
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator: make a family available by its `name` (one instance serves every backbone).
+
+    Raises:
+        ValueError: no name, or another class already registered under it.
+    """
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no `name`: set the name a model config's `family:` uses.")
+    if cls.name in FAMILIES and type(FAMILIES[cls.name]) is not cls:
+        raise ValueError(f"Family name {cls.name!r} is taken by {type(FAMILIES[cls.name]).__name__}.")
+    FAMILIES[cls.name] = cls()
+    return cls
+
+
+def get_family(name: str) -> Family:
+    """The registered family `name`.
+
+    Raises:
+        ValueError: unknown name; the message lists the supported families.
+    """
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown backbone family {name!r}. Supported families: {', '.join(supported_families())}. "
+                         f"A new family is a module in lsg/families/ with a @register_family class "
+                         f"(docs/extending.md).")
+    return FAMILIES[name]
+
+
+def family_for_model_type(model_type: str | None) -> Family | None:
+    """The family whose checkpoints have this `config.json` `model_type`, or None."""
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+def supported_families() -> list[str]:
     return sorted(FAMILIES)

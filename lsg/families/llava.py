@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lsg.families.base import Family
+from lsg.families.base import Family, register_family
 
 # LLaVA-1.5's own conversation template (`conv_vicuna_v1` in haotian-liu/LLaVA): the system
 # prompt, then "USER: <image>\n{question} ASSISTANT: {answer}</s>" per turn. The hub
@@ -31,6 +31,7 @@ LLAVA_15_TEMPLATE = (
 TEMPLATES = {"llava-1.5": LLAVA_15_TEMPLATE}
 
 
+@register_family
 class LlavaFamily(Family):
     name = "llava"
     model_types = ("llava",)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lsg.families.base import Family
+from lsg.families.base import Family, register_family
 
 NEWLINE_FLAG = -1.0  # what a newline token's "feature" is while mapping flags
 
@@ -43,10 +43,13 @@ def pil_processor_class():
     return PilOnevisionProcessor
 
 
+@register_family
 class LlavaOnevisionFamily(Family):
     name = "llava-onevision"
     model_types = ("llava_onevision",)
     model_class = "LlavaOnevisionForConditionalGeneration"
+    image_inputs = ("pixel_values", "image_sizes")
+    layout_inputs = ("image_sizes",)  # the crop grid of each image
 
     def load_processor(self, hf_id: str, model):
         from transformers.utils import is_torchvision_available

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lsg.families.base import Family
+from lsg.families.base import Family, register_family
 
 CHATML_TEMPLATE = (  # Qwen2-VL's chat format, one image per conversation
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -89,10 +89,12 @@ class PilQwenProcessor:
                    template or tokenizer.chat_template or CHATML_TEMPLATE)
 
 
+@register_family
 class Qwen2VLFamily(Family):
     name = "qwen2-vl"
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
+    image_inputs = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
     def load_processor(self, hf_id: str, model):
         from transformers.utils import is_torchvision_available
@@ -122,6 +124,7 @@ class Qwen2VLFamily(Family):
         return batch
 
 
+@register_family
 class Qwen25VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: Qwen2-VL's layout with windowed ViT attention. The ViT runs on patch groups
     (one group = one merged token) permuted by window (`window_index`), and the merged tokens
