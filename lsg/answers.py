@@ -6,7 +6,7 @@ answers here, in one format:
     {<info: spec, elapsed_s, epoch, ...>, "answers": {<question id>: <Answer fields>}}
 
 - `Answer` is the per-question record: id, sub-task, question, gold answer, prediction,
-  whether it was right, and the gate ratios where the gate has them (LSG, SPEC section 3).
+  whether it was right, and the gate ratios where the gate has them (LSG, docs/methods.md section 3).
 - `answer_context` + `answer_key` are the one cache key builder. The key covers everything
   that changes an answer besides the gate stack: the backbone (name, weights fingerprint,
   dtype, sinks), the processor (chat template, system prompt, vocabulary, image settings),

@@ -126,7 +126,7 @@ class GateHooks:
         ctx.vsink = vsink
 
     def record_vsinks(self, module, args, kwargs, output) -> None:
-        """Vision tower output: flag V-sink patches (SPEC section 2), now or at the next prefill."""
+        """Vision tower output: flag V-sink patches (docs/methods.md section 2), now or at the next prefill."""
         sinks = self.run.sinks
         feats = self.family.vit_features(self.model, args, kwargs, output)  # (N_patches, D_vit), token order
         flags = sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit

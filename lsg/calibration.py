@@ -1,4 +1,4 @@
-"""Sink calibration and statistics for a backbone (SPEC section 7).
+"""Sink calibration and statistics for a backbone (docs/methods.md section 7).
 
 - Massive-activation dimensions (Sun et al. 2024): (token, dim) with `|x| > min_abs` and
   `|x| > ratio * median |x|` of that hidden state; dims flagged in most middle layers.

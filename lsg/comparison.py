@@ -1,4 +1,4 @@
-"""Joint comparison of gates and gate stacks on one evaluation split (SPEC section 6).
+"""Joint comparison of gates and gate stacks on one evaluation split (docs/methods.md section 6).
 
 Gate specs (`lsg.specs`) name the stacks; every stack's answers go through the answer store
 (`lsg.answers`): cached ones are read, the others are computed together in one pass with
@@ -8,10 +8,9 @@ prefix reuse (`lsg.evaluation.evaluate_many`) and stored.
 from __future__ import annotations
 
 import csv
-import functools
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 
@@ -136,32 +135,19 @@ def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path | None:
     return path
 
 
-def _legacy_backbone_cfg(fn):
-    """Deprecated calls `fn(backbone, backbone_cfg, specs, ...)` pass the model config on as the
-    `backbone_cfg` keyword (remove once no caller gives it: the backbone carries its config)."""
-    @functools.wraps(fn)
-    def wrapped(backbone, *args, **kwargs):
-        if args and isinstance(args[0], Mapping):
-            kwargs["backbone_cfg"], args = args[0], args[1:]
-        return fn(backbone, *args, **kwargs)
-    return wrapped
-
-
-@_legacy_backbone_cfg
 def compare(backbone: Backbone, specs: Sequence[str], records: Sequence[VQARecord], data_cfg: dict, split: str,
             out_dir: Path, batch_size: int = 32, timing_batches: int = 4, timing_repeats: int = 2,
-            allow_layer_move: bool = False, bootstrap_samples: int = BOOTSTRAP_SAMPLES, ci_level: float = CI_LEVEL,
-            backbone_cfg: dict | None = None) -> tuple[list[dict], list[str]]:
+            allow_layer_move: bool = False, bootstrap_samples: int = BOOTSTRAP_SAMPLES,
+            ci_level: float = CI_LEVEL) -> tuple[list[dict], list[str]]:
     """Evaluate every spec on the same records; returns table rows and sub-task names.
 
     Stacks not yet cached are evaluated together in one pass that computes the frozen
     prefix once per batch (`lsg.evaluation.evaluate_many`); each stack's answers are cached
     per (stack, split) under `out_dir/cache`, so a re-run reuses them.
     Overhead is measured in this run: prefill time per batch with the stack / without.
-    `backbone_cfg` is deprecated (see `lsg.specs.parse_stack`).
     """
     records = mc_records(records)
-    stacks = parse_stacks(specs, backbone, backbone_cfg, allow_layer_move)  # the baseline row first
+    stacks = parse_stacks(specs, backbone, allow_layer_move)  # the baseline row first
     cache = AnswerCache(out_dir / "cache", split_context(backbone, records, data_cfg, split))
     results, hits = cached_evaluate_many(stacks, backbone, records, cache, batch_size)
     results = {stack.spec: results[stack.spec] for stack in stacks}  # table rows in the order asked

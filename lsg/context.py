@@ -31,7 +31,7 @@ def fit_columns(values: torch.Tensor, n: int, fill: bool | int = False) -> torch
 
 
 GROUPINGS = {
-    # name -> group names, in the order of the gate's ratio vector r (SPEC section 3)
+    # name -> group names, in the order of the gate's ratio vector r (docs/methods.md section 3)
     "vsink-rest": ("vsink", "rest"),
     "vsink-lsink-ordinary": ("vsink", "lsink", "ordinary"),
     "lsink-rest": ("lsink", "rest"),
@@ -77,7 +77,7 @@ class ForwardContext:
             raise ValueError(
                 "This gate needs V-sinks, but the backbone has no ViT sink dimension / threshold configured "
                 "(model.sinks.vit_dims, model.sinks.tau_vit). Use a grouping without V-sinks (e.g. "
-                "grouping=lsink-rest) or calibrate the ViT sink (SPEC section 7)."
+                "grouping=lsink-rest) or calibrate the ViT sink (docs/methods.md section 7)."
             )
         return fit_columns(self.vsink, self.total_len)
 
@@ -86,7 +86,7 @@ class ForwardContext:
         if not self.sinks.has_llm_sinks:
             raise ValueError(
                 "This gate needs LLM sinks, but the backbone has no LLM sink dims / tau_llm configured "
-                "(model.sinks.llm_dims, model.sinks.tau_llm): calibrate them (SPEC section 7)."
+                "(model.sinks.llm_dims, model.sinks.tau_llm): calibrate them (docs/methods.md section 7)."
             )
         layers = range(layer + 1) if self.sinks.lsink_scope == "upto" else [layer]
         masks = [self.sink_phi[l] >= self.sinks.tau_at(l) for l in layers if l in self.sink_phi]
@@ -95,7 +95,7 @@ class ForwardContext:
         return fit_columns(torch.stack(masks).any(0), self.total_len)
 
     def lsinks(self, layer: int) -> torch.Tensor:
-        """L-sinks at `layer`: visual, not V-sinks, flagged (SPEC section 2)."""
+        """L-sinks at `layer`: visual, not V-sinks, flagged (docs/methods.md section 2)."""
         vis = self.segments.vis
         vsink = fit_columns(self.vsink, self.total_len) if self.vsink is not None else torch.zeros_like(vis)
         return self.flagged(layer) & vis & ~vsink

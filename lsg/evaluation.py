@@ -1,4 +1,4 @@
-"""Multiple-choice evaluation of a backbone with or without gates (SPEC section 6)."""
+"""Multiple-choice evaluation of a backbone with or without gates (docs/methods.md section 6)."""
 
 from __future__ import annotations
 

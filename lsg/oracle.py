@@ -1,4 +1,4 @@
-"""The oracle grid (SPEC section 4; LSG paper Section 3.4, Figure 5 / S4).
+"""The oracle grid (docs/methods.md section 4; LSG paper Section 3.4, Figure 5 / S4).
 
 Stage 1: `KeyScaleGate` at one layer at a time, first-group keys x alpha and the rest
 x (1 - alpha), alpha in {0, 0.1, ..., 1}, scored per sub-task. Stage 2 (optional): the
@@ -24,7 +24,7 @@ from lsg.files import write_json
 from lsg.specs import BASELINE, GateStack, baseline_stack, parse_stack
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
 
-ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # SPEC section 4
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))  # docs/methods.md section 4
 STAGE2_OFFSETS = (-0.2, -0.1, 0.0, 0.1, 0.2)  # around 1 - alpha*, for the L-sink and ordinary coefficients
 
 

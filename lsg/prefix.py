@@ -38,7 +38,6 @@ from safetensors.torch import save_file
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.context import ForwardContext
-from lsg.families import FAMILIES
 from lsg.files import atomic_target, read_json, write_json
 from lsg.gates.base import Gate
 from lsg.scoring import decoder_hidden
@@ -80,16 +79,6 @@ class Prefix:
         """A fresh `ForwardContext` for a suffix forward (gates add their state to it)."""
         return ForwardContext(self.segments, self.sinks, self.vsink, dict(self.sink_phi),
                               n_prefill=self.hidden.shape[1])
-
-
-def model_inputs(batch: Mapping[str, Any], backbone: Backbone | None = None) -> dict[str, torch.Tensor]:
-    """The entries of a batch the model reads (drops `records` and other metadata):
-    `backbone.model_inputs(batch)`. Without a backbone (deprecated), the entries any registered
-    family's model reads."""
-    if backbone is not None:
-        return backbone.model_inputs(batch)
-    names = dict.fromkeys(name for family in FAMILIES.values() for name in family.model_inputs)
-    return {k: batch[k] for k in names if batch.get(k) is not None}
 
 
 @torch.no_grad()

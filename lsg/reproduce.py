@@ -1,5 +1,5 @@
 """The paper's workflow as one resumable plan: calibrate -> sweep -> summarize -> stack -> LoRA ->
-evaluate -> report (issue 19; SPEC sections 3, 6, 7).
+evaluate -> report (issue 19; docs/methods.md sections 3, 6, 7).
 
 A plan is a list of `Stage`s, each one command of this project (`python -m lsg.cli.<app> ...`)
 with its overrides, composed from an experiment config (`conf/experiment/*.yaml`). A stage
@@ -8,7 +8,7 @@ is skipped when the plan runs again; an interrupted stage resumes through its ow
 resume (training from its last optimizer step, evaluations from the answer store).
 
 The report puts our paired deltas (with their 95% CIs) beside the paper's reference numbers
-(`reference:` in the experiment; SPEC section 3 for LLaVA-1.5-7B).
+(`reference:` in the experiment; docs/methods.md section 3 for LLaVA-1.5-7B).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def write_report(exp: dict, out_dir: Path, record: dict) -> tuple[Path, Path]:
     rows = report_rows(exp, out_dir)
     lines = [f"# {exp['title']}", "", exp.get("note", "").strip(), "",
              "Overall accuracy delta vs the unmodified backbone, in points, with its 95% paired bootstrap CI over "
-             "the questions and McNemar's p; `*` = the CI excludes 0. Paper: SPEC section 3 (LLaVA-1.5-7B).", "",
+             "the questions and McNemar's p; `*` = the CI excludes 0. Paper: docs/methods.md section 3 (LLaVA-1.5-7B).", "",
              "| benchmark | method | ours: accuracy | ours: delta [95% CI] | p | paper: delta (benchmark, baseline) |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -3,7 +3,7 @@
 The LM head of a 7B LLaVA maps 4096 -> 32K; on a 600-token sequence that is the
 largest tensor of the forward. Training needs logits only at positions that predict
 an answer token, and multiple-choice evaluation only at the last prompt token, so
-both run the decoder without its head and project just those rows (SPEC section 3,
+both run the decoder without its head and project just those rows (docs/methods.md section 3,
 "next-token loss on answer tokens"; section 6, "score the option letter").
 """
 
@@ -60,7 +60,7 @@ def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torc
 def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: torch.Tensor,
                 answer_index: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Multiple-choice classification loss (scalar, nats): cross-entropy over the option
-    letters' logits at the last prompt token, the closed set `option_scores` reads (SPEC
+    letters' logits at the last prompt token, the closed set `option_scores` reads (docs/methods.md
     section 6 scores the option letter; this trains that reading directly).
 
     Unlike `answer_loss` it has no pull towards the letters as a class of tokens; all of
@@ -85,7 +85,7 @@ def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: t
 def option_cross_entropy(backbone: Backbone, hidden: torch.Tensor, n_options: torch.Tensor,
                          answer_index: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (scalar, nats) over the option letters' logits of N answer positions
-    (SPEC section 6's option-letter reading).
+    (docs/methods.md section 6's option-letter reading).
 
     The core of `option_loss`, for callers that know the positions themselves (e.g. one
     per question of a multi-turn conversation).

@@ -1,4 +1,4 @@
-"""Token segments of a multimodal sequence (SPEC section 1).
+"""Token segments of a multimodal sequence (docs/methods.md section 1).
 
 Every sample splits into four disjoint segments: `sys` (before the first image
 token), `vis` (image placeholder positions), `user` (prompt after the image, up to

@@ -1,4 +1,4 @@
-"""Sink dimensions, sink values and the V-sink / L-sink / text-sink sets (SPEC section 2)."""
+"""Sink dimensions, sink values and the V-sink / L-sink / text-sink sets (docs/methods.md section 2)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class SinkConfig:
     def tau_at(self, layer: int) -> float:
         """L-sink threshold at decoder layer `layer`."""
         if self.tau_llm is None:
-            raise ValueError("sinks.tau_llm is not set: calibrate it for this backbone (SPEC section 7).")
+            raise ValueError("sinks.tau_llm is not set: calibrate it for this backbone (docs/methods.md section 7).")
         return self.tau_llm[layer] if isinstance(self.tau_llm, list) else float(self.tau_llm)
 
     def to_dict(self) -> dict:
@@ -61,7 +61,7 @@ class SinkConfig:
 
 
 def sink_value(hidden: torch.Tensor, dims: Sequence[int], normalisation: str = "raw") -> torch.Tensor:
-    """`phi(x) = max_{d in dims} |x[d]|`, optionally divided by `rms(x)` (SPEC section 2).
+    """`phi(x) = max_{d in dims} |x[d]|`, optionally divided by `rms(x)` (docs/methods.md section 2).
 
     Args:
         hidden: `(..., D)` hidden states.

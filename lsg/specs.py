@@ -1,4 +1,4 @@
-"""Gate specs: the one syntax every entry point uses to name gates and gate stacks (SPEC section 6).
+"""Gate specs: the one syntax every entry point uses to name gates and gate stacks (docs/methods.md section 6).
 
 A spec is `name[@layers][:arg]`; a stack joins specs with `+`.
 
@@ -7,7 +7,7 @@ A spec is `name[@layers][:arg]`; a stack joins specs with `+`.
     vaf@8-13                    explicit layers ("8-13", "3,7,10" or "10")
     ckpt:checkpoints/smol-llava/lsg-L10.safetensors    a trained gate (LSG, LoRA...), at the layer it was
                                 trained at (its metadata); `lsg:<path>` is the same (kept alias)
-    oracle@10:0.3               KeyScaleGate's oracle, alpha = 0.3 at layer 10 (SPEC section 4)
+    oracle@10:0.3               KeyScaleGate's oracle, alpha = 0.3 at layer 10 (docs/methods.md section 4)
     oracle@10:0.3/0.5/0.9       V-sink / L-sink / ordinary keys x 0.3 / 0.5 / 0.9 (3-group oracle)
     ckpt:a+ckpt:b+var@2-5       a stack mixing trained and training-free gates
     stack:runs/stack/smol-llava/stack-keep-all.json    a stack manifest written by stack.py
@@ -31,6 +31,7 @@ from lsg.backbones import Backbone
 from lsg.configs import config_path, known_configs, load_config
 from lsg.files import sha256_file, write_json
 from lsg.gates.base import Gate
+from lsg.runs import parse_layer_dir
 
 CHECKPOINT_SPECS = ("ckpt", "lsg")  # `ckpt:<path>`, and `lsg:<path>` as it was first written
 MANIFEST_SPEC = "stack"
@@ -103,10 +104,10 @@ def parse_sweep_layers(spec: str | int | Sequence[int], num_layers: int) -> list
     return sorted(set(parse_layers(spec, num_layers)))
 
 
-def model_context(backbone: Backbone | dict, backbone_cfg: dict | None = None) -> dict:
+def model_context(backbone: Backbone | dict) -> dict:
     """What a gate config's `${model.*}` reads: the backbone's model config (`Backbone.config`),
-    or a dict taken as that config, with `backbone_cfg` (deprecated) over it."""
-    return {**(backbone.config if isinstance(backbone, Backbone) else backbone), **(backbone_cfg or {})}
+    or a dict taken as that config."""
+    return dict(backbone.config if isinstance(backbone, Backbone) else backbone)
 
 
 def gate_config(name: str, backbone: Backbone | dict) -> dict:
@@ -157,10 +158,10 @@ def _checkpoint_gate(element: str, path: Path, layer_text: str, backbone: Backbo
     return gate, chosen, {"gate": gate.name, "checkpoint": digest, "layers": chosen}
 
 
-def _named_gate(element: str, name: str, arg: str, layer_text: str, backbone: Backbone,
-                backbone_cfg: dict | None) -> tuple[Gate, list[int], dict]:
+def _named_gate(element: str, name: str, arg: str, layer_text: str, backbone: Backbone
+                ) -> tuple[Gate, list[int], dict]:
     cls = gate_registry.spec_class(name)  # ValueError listing the known names
-    cfg = gate_config(cls.name, model_context(backbone, backbone_cfg))
+    cfg = gate_config(cls.name, model_context(backbone))
     cfg.pop("name")
     default = cfg.pop("layers", "auto")
     gate = cls.from_spec(name, arg, backbone, cfg)
@@ -177,8 +178,7 @@ def _named_gate(element: str, name: str, arg: str, layer_text: str, backbone: Ba
     return gate, chosen, {"gate": cls.name, "config": gate.config(), "layers": chosen}
 
 
-def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict | None = None,
-                allow_layer_move: bool = False) -> GateStack:
+def parse_stack(spec: str, backbone: Backbone, allow_layer_move: bool = False) -> GateStack:
     """Build the gates of one spec (see the module docstring).
 
     A trained gate runs at the layer it was trained at; `ckpt@N:<path>` at another layer is
@@ -188,7 +188,6 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict | None = None,
         spec: the spec (a stack joins specs with `+`).
         backbone: the loaded backbone the gates are for; gate configs read `${model.*}` from
             its `Backbone.config`.
-        backbone_cfg: deprecated: values laid over `backbone.config` for `${model.*}`.
         allow_layer_move: let a trained gate run at another layer than it was trained at.
 
     Raises:
@@ -210,17 +209,16 @@ def parse_stack(spec: str, backbone: Backbone, backbone_cfg: dict | None = None,
         if path is not None:
             gate, chosen, ident = _checkpoint_gate(element, path, layer_text, backbone, allow_layer_move)
         else:
-            gate, chosen, ident = _named_gate(element, name, arg, layer_text, backbone, backbone_cfg)
+            gate, chosen, ident = _named_gate(element, name, arg, layer_text, backbone)
         for layer in chosen:
             layers.setdefault(layer, []).append(gate)
         parts.append(ident)
     return GateStack(spec, layers, {"spec": parts})
 
 
-def parse_stacks(specs: Sequence[str], backbone: Backbone, backbone_cfg: dict | None = None,
-                 allow_layer_move: bool = False) -> list[GateStack]:
+def parse_stacks(specs: Sequence[str], backbone: Backbone, allow_layer_move: bool = False) -> list[GateStack]:
     """`parse_stack` of every spec, the baseline first (added when absent), then in the order given."""
-    stacks = [parse_stack(s, backbone, backbone_cfg, allow_layer_move) for s in specs]
+    stacks = [parse_stack(s, backbone, allow_layer_move) for s in specs]
     if not any(st.spec == BASELINE for st in stacks):
         stacks.insert(0, baseline_stack())
     stacks.sort(key=lambda st: st.spec != BASELINE)
@@ -228,11 +226,12 @@ def parse_stacks(specs: Sequence[str], backbone: Backbone, backbone_cfg: dict | 
 
 
 def short_name(spec: str) -> str:
-    """`ckpt:.../lsg-L10/gate-epoch1.safetensors` -> `lsg-L10`; other specs unchanged."""
+    """`ckpt:.../lsg-L10/gate-epoch1.safetensors` -> `lsg-L10` (a run's `<gate>-L<l>` folder,
+    `lsg.runs`), `ckpt:.../lora-L10.safetensors` -> `lora-L10`; other specs unchanged."""
     path = checkpoint_path(spec)
     if path is None:
         return spec
-    return path.parent.name if path.parent.name.startswith("lsg-L") else path.stem
+    return path.parent.name if parse_layer_dir(path.parent.name) is not None else path.stem
 
 
 # ------------------------------------------------------------------ stack manifests
@@ -271,7 +270,7 @@ def manifest_specs(path: Path, backbone: Backbone) -> list[str]:
                       ("sinks", backbone.sinks.to_dict())):
         if data.get(key) != have:
             raise ValueError(f"Refusing stack {path}: it was built with {key}={data.get(key)!r}, but this backbone has "
-                             f"{key}={have!r}. Build the stack for this setup (python stack.py ...).")
+                             f"{key}={have!r}. Build the stack for this setup (lsg-stack ...).")
     for g in data["gates"]:
         if "sha256" in g:
             ckpt = checkpoint_path(g["spec"])
@@ -283,14 +282,10 @@ def manifest_specs(path: Path, backbone: Backbone) -> list[str]:
     return [g["spec"] for g in data["gates"]]
 
 
-def load_manifest(path: Path, backbone: Backbone, backbone_cfg: dict | None = None) -> dict[int, list[Gate]]:
+def load_manifest(path: Path, backbone: Backbone) -> dict[int, list[Gate]]:
     """`{layer: [gates]}` of a manifest, ready for `lsg.attach(backbone, ...)`.
-
-    Args:
-        backbone_cfg: deprecated: values laid over `backbone.config` for the gate configs'
-            `${model.*}` (see `parse_stack`).
 
     Raises:
         see `manifest_specs` and `parse_stack`.
     """
-    return parse_stack("+".join(manifest_specs(path, backbone)), backbone, backbone_cfg).layers
+    return parse_stack("+".join(manifest_specs(path, backbone)), backbone).layers

@@ -1,5 +1,5 @@
 """Greedy stacking of single-layer gates (LSG paper Section 5, Table 2), chosen on one split
-and reported on another (SPEC section 6).
+and reported on another (docs/methods.md section 6).
 
 1. Every candidate (trained checkpoints from a sweep, training-free gate specs) is scored
    alone on the selection split; its gain is its paired delta vs the baseline.
@@ -10,7 +10,7 @@ and reported on another (SPEC section 6).
 3. Every stack of both policies is then scored on the held-out split, with paired CIs.
 
 A stack is saved as a manifest (`lsg.specs.manifest`), loaded by `lsg.specs.load_manifest`, by
-every gate spec (`stack:<manifest>`) and by stack.py (`base=<manifest>`).
+every gate spec (`stack:<manifest>`) and by lsg-stack (`base=<manifest>`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Sequence
 from lsg.answers import answers_for, read_answers
 from lsg.data import VQARecord
 from lsg.evaluation import EvalResult, mc_records
+from lsg.runs import gate_file, layer_dirs, val_file_beside
 from lsg.specs import short_name
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
 
@@ -54,26 +55,28 @@ class Step:
         return "+".join(self.specs)
 
 
-def sweep_candidates(sweep_dir: Path, epoch: int = 1) -> list[Candidate]:
-    """`ckpt:<checkpoint>` candidates for every `lsg-L<l>/gate-epoch<epoch>.safetensors` under a
-    sweep directory (sweep.py's out_dir or train.py runs in one folder).
+def sweep_candidates(sweep_dir: Path, epoch: int = 1, gate: str = "lsg") -> list[Candidate]:
+    """`ckpt:<checkpoint>` candidates for every `<gate>-L<l>/gate-epoch<epoch>.safetensors` under a
+    sweep directory (the run_dir of `train.py layer=<many>`, or one-layer runs in one folder;
+    `lsg.runs`), by layer.
 
     Raises:
         FileNotFoundError: none found.
     """
-    paths = sorted(Path(sweep_dir).glob(f"lsg-L*/gate-epoch{epoch}.safetensors"),
-                   key=lambda p: int(p.parent.name.removeprefix("lsg-L")))
+    paths = [gate_file(folder, epoch) for folder in layer_dirs(sweep_dir, gate).values()]
+    paths = [p for p in paths if p.exists()]
     if not paths:
-        raise FileNotFoundError(f"No lsg-L<layer>/gate-epoch{epoch}.safetensors under {sweep_dir}; run sweep.py "
-                                f"first, or give candidates_dir=<its out_dir> and the epoch it exported.")
+        raise FileNotFoundError(f"No {gate}-L<layer>/gate-epoch{epoch}.safetensors under {sweep_dir}; train the "
+                                f"layers first (python train.py layer=all), or give candidates_dir=<its run_dir> and "
+                                f"the epoch it exported.")
     return [Candidate(f"ckpt:{p}", p) for p in paths]
 
 
 def answers_beside(checkpoint: Path, records: Sequence[VQARecord]) -> EvalResult | None:
     """The gate's answers on `records` from the `val-epoch<e>.json` its training wrote beside it
     (same questions, same scoring), or None when that file is absent or misses a question."""
-    epoch = checkpoint.stem.removeprefix("gate-epoch")
-    found = read_answers(checkpoint.parent / f"val-epoch{epoch}.json")
+    beside = val_file_beside(checkpoint)
+    found = read_answers(beside) if beside is not None else None
     answers = answers_for(records, found[1]) if found is not None else None
     if answers is None:
         return None

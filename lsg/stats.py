@@ -1,4 +1,4 @@
-"""Paired statistics for accuracy deltas (SPEC section 6).
+"""Paired statistics for accuracy deltas (docs/methods.md section 6).
 
 Every delta the project reports compares two methods on the same questions, so its
 uncertainty is paired: a percentile bootstrap over questions for the confidence interval,
@@ -20,7 +20,7 @@ def paired_delta(base: Sequence[bool], gated: Sequence[bool], samples: int = BOO
                  level: float = CI_LEVEL, seed: int = 0) -> tuple[float, float, float, float]:
     """Accuracy delta of `gated` over `base` on the same questions, in points, with its paired
     percentile-bootstrap CI (questions resampled with replacement, `samples` times) and the
-    two-sided exact McNemar p-value on the discordant pairs (SPEC section 6).
+    two-sided exact McNemar p-value on the discordant pairs (docs/methods.md section 6).
 
     Args:
         base, gated: per-question correctness, same questions in the same order.

@@ -1,6 +1,6 @@
 """Gate training with PyTorch Lightning: one gate per decoder layer, 1..N layers in one pass, backbone frozen.
 
-SPEC section 3: Adam, constant learning rate, next-token loss on answer tokens only,
+docs/methods.md section 3: Adam, constant learning rate, next-token loss on answer tokens only,
 only gate parameters optimised. Lightning's own checkpoints are written as
 safetensors (tensors) plus a JSON header (everything else) by `SafetensorsCheckpointIO`,
 never as pickles, atomically after every optimizer step, so a run killed at any point
@@ -27,7 +27,7 @@ from lsg.backbones import Backbone
 from lsg.context import GROUPINGS
 from lsg.files import atomic_target
 from lsg.gates.base import Gate
-from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, compute_prefixes, model_inputs, run_suffix
+from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, compute_prefixes, run_suffix
 from lsg.runs import gate_file, layer_dir, val_file
 from lsg.scoring import answer_loss, predicted_letters
 
@@ -38,7 +38,7 @@ RATIO_DECIMALS = 6  # decimals of the gate ratios kept in validation answer file
 # ----------------------------------------------------------------- checkpoint format
 def accumulation_steps(effective_batch_size: int, batch_size: int, world_size: int) -> int:
     """Gradient-accumulation steps that make `batch_size` x steps x `world_size` equal
-    `effective_batch_size` (SPEC section 3: 128), for any number of devices.
+    `effective_batch_size` (docs/methods.md section 3: 128), for any number of devices.
 
     Raises:
         ValueError: the effective batch is not a multiple of `batch_size * world_size`; the
@@ -126,7 +126,7 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
 
     Returns:
         (answer loss, record id -> `lsg.answers.Answer` of every multiple-choice record, with
-        the gate's group-ratio vector (LSG, SPEC section 3; None for gates without one) and,
+        the gate's group-ratio vector (LSG, docs/methods.md section 3; None for gates without one) and,
         when `baseline` is given, the baseline's letter).
     """
     records = batch["records"]
@@ -229,7 +229,7 @@ class GateTrainingModule(L.LightningModule):
     Adam over every gate's parameters is exactly independent Adams (Adam's update of a parameter
     reads only that parameter's gradient and state), so gate l ends as a one-layer run of l ends:
     same init (`build_gate`), same data order (`lsg.datamodule.EpochSampler`), same effective batch
-    (SPEC section 3: Adam, constant lr, next-token loss on answer tokens, only gates optimised).
+    (docs/methods.md section 3: Adam, constant lr, next-token loss on answer tokens, only gates optimised).
 
     The backbone is held outside the module's parameters (never saved in checkpoints, never given
     gradients) and moved to the training device at fit start. Checkpoints carry `identity`, so a
@@ -320,7 +320,7 @@ class GateTrainingModule(L.LightningModule):
         prefix cache (one layer; keyed per sample by split, record id and image, the tokens
         checked too) or one shared ungated forward (`compute_prefixes`)."""
         if self.prefix_cache is None:
-            return compute_prefixes(self.backbone, model_inputs(batch), self.layers, to_end=to_end)
+            return compute_prefixes(self.backbone, self.backbone.model_inputs(batch), self.layers, to_end=to_end)
         keys = [f"{split}/{r.id}/{getattr(r, 'image_path', None) or ''}" for r in batch["records"]]
         prefix = self.prefix_cache.prefix(batch, keys)
         return {self.layers[0]: prefix}, (run_suffix(self.backbone, prefix) if to_end else None)
@@ -376,7 +376,7 @@ class GateTrainingModule(L.LightningModule):
         """`(layer, answer loss)` of each gate on a batch, one layer at a time (a generator: the
         caller back-propagates one suffix graph before the next is built). The layers below each
         gate come from the prefix (cache or shared forward)."""
-        inputs = model_inputs(batch)
+        inputs = self.backbone.model_inputs(batch)
         prefixes, _ = self.prefixes(batch, split)
         for layer in self.layers:
             hidden = run_suffix(self.backbone, prefixes[layer], {layer: self.gate(layer)},

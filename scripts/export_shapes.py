@@ -3,7 +3,7 @@
     python scripts/export_shapes.py --out data/shapes-hf --split val --n 350
 
 Columns: id, question (with its options and the answer instruction), options, answer (letter),
-subtask, image (PNG bytes). `python evaluate.py benchmark=shapes benchmark.hf_id=data/shapes-hf`
+subtask, image (PNG bytes). `python eval.py benchmark=shapes benchmark.hf_id=data/shapes-hf`
 gives the same items as the generated split; lmms-eval reads it with the task files in
 lsg/lmms_eval/tasks (`--include_path`).
 """

@@ -73,7 +73,7 @@ def vsinks_with_planted_patch(bb, batch, plant):
         handle.remove()
 
 
-def assert_eager_matches_sdpa(sdpa, eager, make_batch, backbone_cfg: dict,
+def assert_eager_matches_sdpa(sdpa, eager, make_batch,
                               spec: str = "var@1-2+vaf@2+knockout@3+oracle@1:0.3"):
     """Under a stack with key-only gates (oracle) and gates that need the attention matrix (VAR,
     VAF, knockout), the same backbone loaded with SDPA and with eager attention gives the same
@@ -84,14 +84,14 @@ def assert_eager_matches_sdpa(sdpa, eager, make_batch, backbone_cfg: dict,
 
     losses = []
     for bb in (sdpa, eager):
-        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb, backbone_cfg).layers):
+        with torch.no_grad(), lsg.attach(bb, parse_stack(spec, bb).layers):
             losses.append(answer_loss(bb, make_batch(bb)))
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        assert_cache_matches_recompute(eager, parse_stack(spec, eager, backbone_cfg).layers, new_tokens=3)
+        assert_cache_matches_recompute(eager, parse_stack(spec, eager).layers, new_tokens=3)
 
 
-def assert_spec_generates_as_recompute(bb, spec: str, backbone_cfg: dict, new_tokens: int = 4):
+def assert_spec_generates_as_recompute(bb, spec: str, new_tokens: int = 4):
     """`assert_cache_matches_recompute` for a gate spec (`lsg@L` = a random LSG gate at layer L),
     with a key scale at layer 0 added so that the stack surely moves the logits (the helper
     asserts it; some gates leave a tiny random model unchanged)."""
@@ -104,7 +104,7 @@ def assert_spec_generates_as_recompute(bb, spec: str, backbone_cfg: dict, new_to
         torch.nn.init.normal_(gate.fc2.weight, std=0.5)
         layers = {int(spec[4:]): [gate]}
     else:
-        layers = parse_stack(spec, bb, backbone_cfg).layers
+        layers = parse_stack(spec, bb).layers
     layers = {**layers, 0: [*layers.get(0, []), KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
     with torch.no_grad():
         assert_cache_matches_recompute(bb, layers, new_tokens=new_tokens)
@@ -161,19 +161,17 @@ def compare_twice(tmp_path, first, second, monkeypatch):
     """compare.py's baseline on `first`, then on `second` with the same cache folder; returns
     the second run's rows and how many times it evaluated (0 = served from the cache)."""
     import lsg.comparison as comparison
-    from lsg.backbones import backbone_config
     from lsg.comparison import compare
     from lsg.datamodule import load_records
     from lsg.evaluation import evaluate_many
 
-    cfg = backbone_config("tiny-random")
     data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
     records = load_records(data, "val")
-    compare(first, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
+    compare(first, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
             timing_repeats=1)
     calls = []
     monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: calls.append(1) or evaluate_many(*a, **k))
-    rows, _ = compare(second, cfg, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
+    rows, _ = compare(second, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
                       timing_batches=1, timing_repeats=1)
     return rows, len(calls), records
 

@@ -41,11 +41,9 @@ def test_a_ckpt_spec_loads_any_trained_gate_and_lsg_is_its_alias(tmp_path, tiny)
     with the same cache identity; a trainable gate named without a checkpoint is refused."""
     import torch
 
-    from lsg.backbones import backbone_config
     from lsg.gates import LoRAGate
     from lsg.specs import parse_stack
 
-    cfg = backbone_config("tiny-random")
     torch.manual_seed(0)
     lora = LoRAGate.build(tiny, rank=2)
     with torch.no_grad():
@@ -53,15 +51,15 @@ def test_a_ckpt_spec_loads_any_trained_gate_and_lsg_is_its_alias(tmp_path, tiny)
             p.normal_()
     path = lora.save(tmp_path / "lora-L1.safetensors", backbone=tiny.name, backbone_fingerprint=tiny.fingerprint,
                      layer=1, sinks=tiny.sinks.to_dict())
-    by_ckpt, by_lsg = parse_stack(f"ckpt:{path}", tiny, cfg), parse_stack(f"lsg:{path}", tiny, cfg)
+    by_ckpt, by_lsg = parse_stack(f"ckpt:{path}", tiny), parse_stack(f"lsg:{path}", tiny)
     assert list(by_ckpt.layers) == [1] and isinstance(by_ckpt.layers[1][0], LoRAGate)
     assert by_ckpt.identity == by_lsg.identity and by_ckpt.identity["spec"][0]["gate"] == "lora"
     state = by_ckpt.layers[1][0].state_dict()
     assert all(torch.equal(state[k], v) for k, v in lora.state_dict().items())
     with pytest.raises(ValueError, match="give the trained gate's checkpoint, e.g. ckpt:"):
-        parse_stack("lora@1", tiny, cfg)
+        parse_stack("lora@1", tiny)
     with pytest.raises(ValueError, match="takes no ':' argument"):
-        parse_stack("var@1:0.5", tiny, cfg)
+        parse_stack("var@1:0.5", tiny)
 
 
 def test_answer_files_of_the_earlier_format_are_read_but_never_trusted(tmp_path):

@@ -79,7 +79,7 @@ def test_llava_hub_checkpoint_runs_every_command_as_a_user_runs_them(tiny_hub_di
     check_user_commands(tmp_path, tiny_hub_dir, "llava-1.5-7b")
     bb = lsg.load_backbone("llava-1.5-7b", hf_id=str(tiny_hub_dir), dtype="float32", sinks=SINKS)
     for spec in SPECS + ["lsg@2"]:
-        assert_spec_generates_as_recompute(bb, spec, None)
+        assert_spec_generates_as_recompute(bb, spec)
 
 
 def test_backbone_from_config_takes_the_groups_name_and_overrides_without_changing_it():

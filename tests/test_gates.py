@@ -233,7 +233,7 @@ def test_lsg_ratios_of_a_prepared_state_are_the_softmax_of_its_mlp_at_the_last_p
             p.add_(torch.randn(p.shape, generator=g) * PARAM_STD)
     hidden = torch.randn(B, T, D, generator=g) * 3 + 1
     with torch.no_grad():
-        got = gate.ratios(gate.prepare(LayerView(LAYER, ctx, 0, T, is_prefill=True), hidden))
+        got = gate.ratios(gate.prepare(LayerView(LAYER, ctx, 0, T), hidden))
 
     w = {k: v.double() for k, v in gate.state_dict().items()}
     x = torch.stack([hidden[b, last_prompt[b]] for b in range(B)]).double()  # (B, D)

@@ -94,7 +94,7 @@ def test_left_and_right_padding_give_the_same_loss_under_a_gate(ov):
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
 def test_every_gate_generates_through_the_kv_cache_as_full_recompute(ov, spec):
-    assert_spec_generates_as_recompute(ov, spec, None)
+    assert_spec_generates_as_recompute(ov, spec)
 
 
 @pytest.mark.parametrize("spec", ["var", "outro", "var@2-3+oracle@1:0.2"])
@@ -118,7 +118,7 @@ def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(ov_dir, tm
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(ov, ov_dir):
     eager = lsg.load_backbone("llava-onevision", hf_id=str(ov_dir), dtype="float32", sinks=SINKS,
                               attn_implementation="eager")
-    assert_eager_matches_sdpa(ov, eager, batch_of, None)
+    assert_eager_matches_sdpa(ov, eager, batch_of)
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(ov, ov_dir, tmp_path):

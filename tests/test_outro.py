@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import lsg
-from lsg.backbones import backbone_config
-from lsg.specs import gate_config, parse_stack
+from lsg.specs import parse_stack
 from lsg.context import ForwardContext, LayerView
 from lsg.gates.outro import OutRoGate, OutRoState, massive_activation_sinks
 from lsg.segments import Segments
@@ -157,7 +156,7 @@ def run_prepare(gate, ctx, hidden_by_layer):
     """Call `prepare` layer by layer as `lsg.attach` does; returns `{layer: OutRoState}`."""
     T = hidden_by_layer[min(hidden_by_layer)].shape[1]
     for layer, hidden in sorted(hidden_by_layer.items()):
-        ctx.gate_state[(layer, 0)] = gate.prepare(LayerView(layer, ctx, 0, T, is_prefill=True), hidden)
+        ctx.gate_state[(layer, 0)] = gate.prepare(LayerView(layer, ctx, 0, T), hidden)
     return {layer: ctx.gate_state[(layer, 0)] for layer in hidden_by_layer}
 
 
@@ -203,7 +202,7 @@ def test_each_forward_reads_its_own_previous_layer_and_the_gate_keeps_nothing_af
     first, second = (toy_context(torch.ones(1, T, dtype=torch.long), labels, T) for _ in range(2))
     a = run_prepare(gate, first, {0: planted(T, [1]), 1: planted(T, [3])})
     b = run_prepare(gate, second, {0: planted(T, [5]), 1: planted(T, [6])})
-    a[2] = gate.prepare(LayerView(2, first, 0, T, is_prefill=True), planted(T, [4]))
+    a[2] = gate.prepare(LayerView(2, first, 0, T), planted(T, [4]))
     assert as_lists([a[2].seen]) == [[1, 3, 4]], "layer 2 of the first forward continues its own layer 1"
     assert as_lists([b[1].seen]) == [[5, 6]]
     for record, states in ((gate.states_of(first).layers, a), (gate.states_of(second).layers, b)):
@@ -227,7 +226,7 @@ def test_rotation_matches_the_formula_with_gqa_and_skips_sinks_padding_and_sinkl
     mask[1, 0] = 0  # left padding in sample 1
     labels = torch.full((B, T), -100)
     labels[:, 6:] = 1
-    view = LayerView(1, toy_context(mask, labels, T), 0, T, is_prefill=True)
+    view = LayerView(1, toy_context(mask, labels, T), 0, T)
     outputs = torch.randn(B, T, H, d, generator=g)
     outputs[2] *= 1e-3  # small outputs: even a rescale by |o| / (|o| + 1e-8) would show
     value = torch.randn(B, H_kv, T, d, generator=g)
@@ -256,7 +255,7 @@ def test_decoded_tokens_are_rotated_with_the_prefill_sink_value():
     labels = torch.full((1, T), -100)
     ctx = toy_context(torch.ones(1, T, dtype=torch.long), labels, T)
     ctx.segments = ctx.segments.extend(2)  # two decode steps later
-    view = LayerView(1, ctx, T + 1, 1, is_prefill=False)
+    view = LayerView(1, ctx, T + 1, 1)
     outputs, value = torch.randn(1, 1, H, d, generator=g), torch.randn(1, H_kv, T + 2, d, generator=g)
     sinks = torch.zeros(1, T, dtype=torch.bool)
     sinks[0, [1, 5]] = True
@@ -334,16 +333,10 @@ def test_sdpa_and_eager_backbones_give_equal_logits(tiny, tiny_eager, batch):
 # --------------------------------------------------------------------------- config
 
 
-def test_config_file_gives_the_released_defaults_and_the_window(tiny):
-    cfg = backbone_config("tiny-random")
-    built = gate_config("outro", cfg)
-    assert built.pop("name") == "outro" and built.pop("layers") == "auto"
-    gate = OutRoGate(**{**built, "num_layers": 32})
-    assert gate.config() == {"num_layers": 32, "start": 0, "end": 30, "relax": True, "rotate": True,
-                             "apply_once": True, "abs_thr": 100.0, "med_mul": 1000.0, "gamma": 3.0, "temp": 0.1,
-                             "rescale": True, "enhance_interval": 4}
-    assert OutRoGate(**gate.config()).config() == gate.config()
-    stack = parse_stack("outro", tiny, cfg)
+def test_the_outro_spec_covers_its_window_with_one_shared_gate(tiny):
+    """`outro` without layers spans the released window 0 .. L-3 with one gate object (its
+    defaults agree with conf/gate/outro.yaml: tests/test_gate_registry.py)."""
+    stack = parse_stack("outro", tiny)
     assert sorted(stack.layers) == list(range(tiny.num_layers - 2))
     assert len({id(g) for gates in stack.layers.values() for g in gates}) == 1, "one gate shared by its window"
 

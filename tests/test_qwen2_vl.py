@@ -146,7 +146,7 @@ def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen, variant):
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
 def test_every_gate_generates_through_the_kv_cache_as_full_recompute(qwen, spec):
-    assert_spec_generates_as_recompute(qwen, spec, None)
+    assert_spec_generates_as_recompute(qwen, spec)
 
 
 @pytest.mark.parametrize("spec", ["var", "outro", "oracle@2:0.3/0.5/0.9", "var@2-3+oracle@1:0.2"])
@@ -186,8 +186,7 @@ def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(qwen, qwe
     eager = lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS,
                               attn_implementation="eager")
     images, questions, answers = samples(3)
-    assert_eager_matches_sdpa(qwen, eager, lambda bb: bb.build_batch(images, questions, answers, padding_side="left"),
-                              None)
+    assert_eager_matches_sdpa(qwen, eager, lambda bb: bb.build_batch(images, questions, answers, padding_side="left"))
 
 def test_the_family_declares_the_inputs_its_batches_hold(qwen):
     images, questions, answers = samples(2)

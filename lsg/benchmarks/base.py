@@ -4,7 +4,7 @@ A benchmark is one module in `lsg/benchmarks/` plus one config file in `conf/ben
 its class says where the data lives (a pinned hub dataset id and revision, or a local
 folder in the same format), how a dataset row becomes a `VQARecord` (image, prompt, reference
 answer, sub-task) and how model answers are scored by the benchmark's official protocol.
-`lsg.benchmarks.run` evaluates gate stacks on any of them (SPEC section 6).
+`lsg.benchmarks.run` evaluates gate stacks on any of them (docs/methods.md section 6).
 """
 
 from __future__ import annotations

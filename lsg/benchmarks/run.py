@@ -4,7 +4,7 @@
     report = evaluate_benchmark(backbone, benchmark, specs, out_dir)
 
 `generate` mode decodes greedily through the KV cache with the stack attached (left-padded
-batches; the gate state set at prefill stays in the cache, SPEC section 3). `choice` mode
+batches; the gate state set at prefill stays in the cache, docs/methods.md section 3). `choice` mode
 reads the option letters' logits at the last prompt token for every stack in one pass with
 prefix reuse (`lsg.evaluation.evaluate_many`). Answers are cached per stack under
 `out_dir/cache` through the answer store (`lsg.answers`), keyed by the backbone (weights

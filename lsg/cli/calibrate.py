@@ -1,4 +1,4 @@
-"""Measure a backbone's sinks and suggest a sink config (SPEC section 7).
+"""Measure a backbone's sinks and suggest a sink config (docs/methods.md section 7).
 
     lsg-calibrate                                 # embedded default, 32 validation prompts
     lsg-calibrate model=tiny-random n_samples=8   # or python -m lsg.cli.calibrate ...
@@ -38,7 +38,7 @@ class PromptBatches:
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     # eager: attention weights for the share statistic
-    backbone, _ = load_backbone_of(cfg, attn_implementation="eager", device=cfg.device)
+    backbone = load_backbone_of(cfg, attn_implementation="eager", device=cfg.device)
     records = load_records(plain(cfg.data), cfg.split)[: cfg.n_samples]
     report = calibrate(backbone, PromptBatches(backbone, records, cfg.batch_size), cfg.tau, cfg.min_abs, cfg.ratio,
                        cfg.top_fraction, cfg.phi_bins_per_decade, tuple(cfg.phi_log10_range))

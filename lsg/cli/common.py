@@ -18,11 +18,10 @@ def plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def load_backbone_of(cfg: DictConfig, **overrides) -> tuple[Backbone, dict]:
-    """`(backbone, model config)` of an app's `model=` group (`lsg.backbone_from_config`);
-    `overrides` (e.g. `device=cfg.device`) win over the group's values."""
-    model_cfg = plain(cfg.model)
-    return backbone_from_config(model_cfg, **overrides), model_cfg
+def load_backbone_of(cfg: DictConfig, **overrides) -> Backbone:
+    """The backbone of an app's `model=` group (`lsg.backbone_from_config`; its config is
+    `Backbone.config`); `overrides` (e.g. `device=cfg.device`) win over the group's values."""
+    return backbone_from_config(plain(cfg.model), **overrides)
 
 
 def log_results(cfg: DictConfig, run_name: str, tables: dict[str, tuple[Sequence[str], Sequence[Sequence]]] = (),

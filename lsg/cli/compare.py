@@ -1,7 +1,7 @@
 """Compare gates and gate stacks on one evaluation split, in one table.
 
-    python compare.py gates=[none,var,vaf,spear,outro,lsg:checkpoints/smol-llava/lsg-L10.safetensors]
-    python compare.py 'gates=[lsg:checkpoints/smol-llava/lsg-L10.safetensors+var@2-5]'
+    lsg-compare gates=[none,var,vaf,spear,outro,lsg:checkpoints/smol-llava/lsg-L10.safetensors]
+    lsg-compare 'gates=[lsg:checkpoints/smol-llava/lsg-L10.safetensors+var@2-5]'
 
 Writes comparison.csv, comparison.md and comparison.png under `out_dir`, logs them to
 W&B, and caches each gate's answers so a re-run (or an interrupted one) reuses them.
@@ -21,7 +21,7 @@ from lsg.datamodule import load_records
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="compare")
 def main(cfg: DictConfig) -> list[dict]:
-    backbone, _ = load_backbone_of(cfg, device=cfg.device)
+    backbone = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)
     records = load_records(data_cfg, cfg.split)
     out_dir = Path(cfg.out_dir)

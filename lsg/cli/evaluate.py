@@ -1,9 +1,9 @@
 """Evaluate gates and gate stacks on a benchmark, scored by its official protocol.
 
-    python evaluate.py                                    # shapes (offline), baseline only
-    python evaluate.py benchmark=mmstar 'gates=[lsg:checkpoints/smol-llava/lsg-L10.safetensors]'
-    python evaluate.py benchmark=pope 'gates=[var,stack:runs/stack/smol-llava/stack-keep-all.json]'
-    python evaluate.py benchmark=mmstar benchmark.hf_id=/data/MMStar    # a local copy in the hub layout
+    python eval.py                                    # shapes (offline), baseline only
+    python eval.py benchmark=mmstar 'gates=[lsg:checkpoints/smol-llava/lsg-L10.safetensors]'
+    python eval.py benchmark=pope 'gates=[var,stack:runs/stack/smol-llava/stack-keep-all.json]'
+    python eval.py benchmark=mmstar benchmark.hf_id=/data/MMStar    # a local copy in the hub layout
 
 Writes results.json (metrics, per-sub-task accuracy with paired deltas, every answer) and
 results.md under `out_dir`; answers are cached per stack (weights fingerprint + benchmark
@@ -24,7 +24,7 @@ from lsg.cli.common import load_backbone_of, log_results, plain
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    backbone, _ = load_backbone_of(cfg, device=cfg.device)
+    backbone = load_backbone_of(cfg, device=cfg.device)
     bench_cfg = plain(cfg.benchmark)
     benchmark = get_benchmark(bench_cfg.pop("name"), **bench_cfg)
     report = evaluate_benchmark(backbone, benchmark, list(cfg.gates), Path(cfg.out_dir), cfg.batch_size,

@@ -1,10 +1,10 @@
-"""The oracle grid: fixed key scales at each layer x alpha, scored per sub-task (SPEC section 4).
+"""The oracle grid: fixed key scales at each layer x alpha, scored per sub-task (docs/methods.md section 4).
 
-    python oracle.py layers=[6,12,18,24]                 # 11 alphas each, on the val split
-    python oracle.py layers=every:3 stage2=true          # + the 3-group re-sweep around each optimum
+    lsg-oracle layers=[6,12,18,24]                 # 11 alphas each, on the val split
+    lsg-oracle layers=every:3 stage2=true          # + the 3-group re-sweep around each optimum
 
 Writes grid.json, best.md (best alpha per layer and sub-task, paired CIs) and grid.png under
-`out_dir`, logs them to W&B; `python summarize.py sweep_dir=<sweep dir> oracle=<out_dir>` puts the
+`out_dir`, logs them to W&B; `lsg-summarize sweep_dir=<sweep dir> oracle=<out_dir>` puts the
 per-layer oracle beside Table 1.
 """
 
@@ -23,7 +23,7 @@ from lsg.specs import parse_sweep_layers
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="oracle")
 def main(cfg: DictConfig) -> dict:
-    backbone, _ = load_backbone_of(cfg, device=cfg.device)
+    backbone = load_backbone_of(cfg, device=cfg.device)
     layers = parse_sweep_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_list(cfg.layers) else cfg.layers,
                                 backbone.num_layers)
     data_cfg = plain(cfg.data)

@@ -1,7 +1,7 @@
 """Reproduce the paper's workflow in one command, resumable per stage (lsg.reproduce).
 
-    python reproduce.py experiment=smol_paper                 # offline, the embedded backbone, small sizes
-    python reproduce.py experiment=lsg_paper dry_run=true     # print the paper's plan (GPUs and the hub to run it)
+    lsg-reproduce experiment=smol_paper                 # offline, the embedded backbone, small sizes
+    lsg-reproduce experiment=lsg_paper dry_run=true     # print the paper's plan (GPUs and the hub to run it)
 
 Writes `<out_dir>/report.md` and `report.png` (our paired deltas with CIs beside the paper's reference
 numbers) and logs them to W&B; every stage's own outputs stay under `<out_dir>`.

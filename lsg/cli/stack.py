@@ -1,7 +1,7 @@
 """Greedy stacking of single-layer gates, chosen on one split, reported on another (Table 2).
 
-    python stack.py candidates_dir=runs/smol-llava/sweep free=[var,vaf,spear] max_size=4
-    python compare.py 'gates=[none,stack:runs/stack/smol-llava/stack-keep-all.json]' split=test
+    lsg-stack candidates_dir=runs/smol-llava/lsg-Lall free=[var,vaf,spear] max_size=4
+    lsg-compare 'gates=[none,stack:runs/stack/smol-llava/stack-keep-all.json]' split=test
 
 Writes table2.md, table2.png, steps.json and one manifest per policy (stack-<policy>.json)
 under `out_dir`, logs them to W&B.
@@ -29,7 +29,7 @@ from lsg.stats import paired_by_subtask
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="stack")
 def main(cfg: DictConfig) -> list[dict]:
-    backbone, _ = load_backbone_of(cfg, device=cfg.device)
+    backbone = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)
     out_dir = Path(cfg.out_dir)
     splits = {"selection": (cfg.selection_split, records_for(load_records(data_cfg, cfg.selection_split),
@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> list[dict]:
         return {name: results[st.spec] for name, st in zip(specs, stacks)}
 
     base = manifest_specs(Path(cfg.base), backbone) if cfg.base else []
-    candidates = (sweep_candidates(Path(cfg.candidates_dir), cfg.epoch) if cfg.candidates_dir else [])
+    candidates = (sweep_candidates(Path(cfg.candidates_dir), cfg.epoch, cfg.candidates_gate) if cfg.candidates_dir else [])
     candidates += [Candidate(s) for s in cfg.free]
     if not candidates:
         raise ValueError("No candidate: give candidates_dir=<sweep dir> and/or free=[var,vaf,...].")

@@ -61,7 +61,7 @@ def check_devices(trainer_cfg: dict) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
-    backbone, _ = load_backbone_of(cfg)
+    backbone = load_backbone_of(cfg)
     layers = parse_sweep_layers(cfg.layer, backbone.num_layers)
     gate_cfg = plain(cfg.gate)
     gates = {l: build_gate(gate_cfg, backbone, cfg.seed) for l in layers}  # each from the seed alone

@@ -2,7 +2,7 @@
 feeds a Qwen2 decoder with multimodal RoPE.
 
 - An image becomes `<|vision_start|>` + `<|image_pad|>` x (t h w / 4) + `<|vision_end|>`; the
-  `<|image_pad|>` run is the image's visual tokens (SPEC section 1 `vis`).
+  `<|image_pad|>` run is the image's visual tokens (docs/methods.md section 1 `vis`).
 - The ViT hidden state the merger reads is the last block's output (`visual(...).last_hidden_state`,
   `(N_patches, D)`); the image processor orders patches so that each merged token is 4
   consecutive patches. A merged token is a V-sink if any of its four patches is.

@@ -1,4 +1,4 @@
-"""Causal interventions on sink tokens (SPEC section 5, from SPEAR section 4): key knockout,
+"""Causal interventions on sink tokens (docs/methods.md section 5, from SPEAR section 4): key knockout,
 zeroed sink values, mean-value substitution. Analysis tools, not methods: no default layers.
 
 Token sets (`keys=` / `tokens=`), all restricted to real prompt tokens (sys, vis, user) and,
@@ -9,7 +9,7 @@ except V-sinks, found from the hidden state entering the layer by the backbone's
 - "text_sinks": flagged sys and user tokens;
 - "sys_sinks": flagged sys tokens (SPEAR's sink tokens: BOS and the first `.` of the system prompt);
 - "visual_sinks": flagged visual tokens (VAR's visual sink tokens, Kang et al. App. D.3 Eq. 7);
-- "vsinks": V-sinks (from the ViT; fixed over layers, SPEC section 2);
+- "vsinks": V-sinks (from the ViT; fixed over layers, docs/methods.md section 2);
 - "lsinks": L-sinks (flagged visual tokens that are not V-sinks).
 
 Decoded / answer tokens are never in a set, so a teacher-forced forward or a full recompute

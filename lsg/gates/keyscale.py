@@ -1,4 +1,4 @@
-"""Fixed per-group key scales: the oracle sweep of SPEC section 4."""
+"""Fixed per-group key scales: the oracle sweep of docs/methods.md section 4."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class KeyScaleGate(Gate):
 
     @classmethod
     def oracle(cls, alpha: float, grouping: str = "vsink-rest") -> "KeyScaleGate":
-        """SPEC section 4: first-group keys x alpha, the rest x (1 - alpha)."""
+        """docs/methods.md section 4: first-group keys x alpha, the rest x (1 - alpha)."""
         return cls([alpha] + [1.0 - alpha] * (len(GROUPINGS[grouping]) - 1), grouping)
 
     @classmethod
@@ -52,7 +52,7 @@ class KeyScaleGate(Gate):
         """`oracle@L:0.3` = the oracle of alpha 0.3 in the config's grouping (first group x 0.3,
         the rest x 0.7); `oracle@L:0.3/0.5/0.9` = one coefficient per group of the 3-group
         split (V-sinks / L-sinks / ordinary, the paper's stage 2) or of the config's grouping;
-        `keyscale@L` = the config's coefficients (SPEC section 4). The config's grouping "auto"
+        `keyscale@L` = the config's coefficients (docs/methods.md section 4). The config's grouping "auto"
         is the backbone's `default_grouping`.
 
         Raises:

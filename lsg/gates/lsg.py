@@ -1,4 +1,4 @@
-"""LSG: Layer-wise Sink Gating, the trainable gate (SPEC section 3)."""
+"""LSG: Layer-wise Sink Gating, the trainable gate (docs/methods.md section 3)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class LSGState(NamedTuple):
 @register
 class LSGGate(Gate):
     """`r = softmax(W2 act(W1 LayerNorm(x_last) + b1) + b2)`; visual key j of group g is
-    scaled by `c_g = gain * r_g` in this layer (SPEC section 3, LSG paper Eq. 3-4).
+    scaled by `c_g = gain * r_g` in this layer (docs/methods.md section 3, LSG paper Eq. 3-4).
 
     Args:
         hidden_size: D of the LLM (576 for SmolLM2-135M, 4096 for LLaMA-2-7B).

@@ -1,6 +1,6 @@
-"""OutRo (Yoo, Jang, Chung 2026): sink enhancement and output rotation, SPEC section 5 "OutRo".
+"""OutRo (Yoo, Jang, Chung 2026): sink enhancement and output rotation, docs/methods.md section 5 "OutRo".
 
-The SPEC follows the authors' released code (kaistmm/OutRo, `model/outro.py`); the
+docs/methods.md follows the authors' released code (kaistmm/OutRo, `model/outro.py`); the
 abstract in `papers/` is background only. Both parts act on the per-head attention
 output `o` (before `o_proj`) of the layers of a window, enhancement first, then rotation.
 """
@@ -22,7 +22,7 @@ from lsg.gates.base import Gate, HookPoint, register
 def massive_activation_sinks(hidden: torch.Tensor, prompt: torch.Tensor, abs_thr: float,
                              med_mul: float) -> torch.Tensor:
     """Sinks `(B, T)`: prompt tokens whose largest `|x|` over all channels reaches
-    `max(abs_thr, med_mul * median|x|)` (SPEC section 5 "OutRo", the Sun et al. rule).
+    `max(abs_thr, med_mul * median|x|)` (docs/methods.md section 5 "OutRo", the Sun et al. rule).
 
     The median runs over every channel of the sample's prompt tokens (padding and `out`
     tokens excluded), one per sample; it is the lower median, as `torch.median` in the
@@ -44,7 +44,7 @@ def massive_activation_sinks(hidden: torch.Tensor, prompt: torch.Tensor, abs_thr
 
 def rotate_toward_sink(outputs: torch.Tensor, vbar: torch.Tensor, gamma: float, temp: float,
                        rescale: bool) -> torch.Tensor:
-    """OutRo's output rotation (SPEC section 5 "OutRo"), elementwise over the leading dims:
+    """OutRo's output rotation (docs/methods.md section 5 "OutRo"), elementwise over the leading dims:
     `c = cos(o, v̄)`, `m = tanh(relu(c) / temp)`,
     `o' = o + gamma * m * (|o·v̄| / (|v̄|² + 1e-8)) * v̄`, and with `rescale`
     `o'' = o' * |o| / (|o'| + 1e-8)`. A zero `v̄` leaves `o` unchanged.
@@ -97,7 +97,7 @@ class OutRoForward:
 
 @register
 class OutRoGate(Gate):
-    """OutRo as released by its authors (SPEC section 5 "OutRo"), both parts switchable.
+    """OutRo as released by its authors (docs/methods.md section 5 "OutRo"), both parts switchable.
 
     The gate sits at every layer of its window `start <= l < end` (`default_layers`).
     At prefill, entering each window layer `l`, it finds the sinks of `l`
@@ -199,7 +199,7 @@ class OutRoGate(Gate):
         return list(range(self.start, self.end))
 
     def is_enhancement_layer(self, layer: int) -> bool:
-        """Window layers with `layer % enhance_interval == 0` (SPEC section 5 "OutRo")."""
+        """Window layers with `layer % enhance_interval == 0` (docs/methods.md section 5 "OutRo")."""
         return self.start <= layer < self.end and layer % self.enhance_interval == 0
 
     def states_of(self, ctx: ForwardContext) -> OutRoForward:

@@ -1,4 +1,4 @@
-"""VAF (ClearSight, CVPR 2025) and SPEAR: column-wise logit scaling for text queries (SPEC section 5).
+"""VAF (ClearSight, CVPR 2025) and SPEAR: column-wise logit scaling for text queries (docs/methods.md section 5).
 
 Pre-softmax logits of text queries (`user`, `out` rows) are multiplied column-wise:
 image columns by `alpha_enh`, suppressed columns by `beta_sup`, the rest unchanged.
@@ -32,7 +32,7 @@ class _TextRowColumnScale(Gate):
 
     @staticmethod
     def default_layers(num_layers: int) -> list[int]:
-        """Layers 9-14 of a 32-layer model, scaled to `num_layers` (SPEC section 5)."""
+        """Layers 9-14 of a 32-layer model, scaled to `num_layers` (docs/methods.md section 5)."""
         lo, hi = (round(b * num_layers / REFERENCE_DEPTH) for b in REFERENCE_LAYERS)
         return list(range(lo, hi + 1))
 

@@ -1,4 +1,4 @@
-"""VAR: Visual Attention Redistribution (Kang et al., ICLR 2025), SPEC section 5."""
+"""VAR: Visual Attention Redistribution (Kang et al., ICLR 2025), docs/methods.md section 5."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def llm_sinks(view: LayerView, hidden: torch.Tensor, tau: float | None, normalis
     else:
         if not cfg.llm_dims:
             raise ValueError("This gate needs LLM sink dimensions, but the backbone has none configured "
-                             "(model.sinks.llm_dims): calibrate them (SPEC section 7).")
+                             "(model.sinks.llm_dims): calibrate them (docs/methods.md section 7).")
         flagged = sink_value(hidden, cfg.llm_dims, normalisation or cfg.normalisation) >= tau
     flagged = flagged.to(view.segments.vis.device)
     return fit_columns(flagged, hidden.shape[1]) & fit_columns(view.segments.prompt, hidden.shape[1])
@@ -39,7 +39,7 @@ def llm_sinks(view: LayerView, hidden: torch.Tensor, tau: float | None, normalis
 @register
 class VARGate(Gate):
     """Recycle attention from sink tokens into the visual non-sink tokens of image-centric
-    (head, query) pairs (Kang et al. 2025, Sec. 5; SPEC section 5 "VAR").
+    (head, query) pairs (Kang et al. 2025, Sec. 5; docs/methods.md section 5 "VAR").
 
     At the layer it is attached to (default layers 2..L-2: the last layer is skipped, Sec. 6.1):
 
@@ -84,7 +84,7 @@ class VARGate(Gate):
         tau: sink threshold on `phi` (20 with rms normalisation, Sec. 4.1 / 6.1);
             None = the backbone's own sink config (`model.sinks`).
         normalisation: "rms" (VAR) or "raw"; used only when `tau` is given.
-        reading: "paper" (SPEC default) or "code".
+        reading: "paper" (docs/methods.md default) or "code".
     """
 
     name = "var"
@@ -106,7 +106,7 @@ class VARGate(Gate):
     @staticmethod
     def default_layers(num_layers: int) -> list[int]:
         """Layers 2..L-2: from where massive activations emerge (App. A.2) to the
-        penultimate layer (the last layer is skipped, Sec. 6.1 / SPEC)."""
+        penultimate layer (the last layer is skipped, Sec. 6.1 / docs/methods.md)."""
         return list(range(2, num_layers - 1))
 
     def config(self) -> dict[str, Any]:
