@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from contextlib import nullcontext
 import sys
 from pathlib import Path
 
@@ -195,3 +196,61 @@ def run_app(app: str, *overrides: str, cwd: Path, check: bool = True, timeout: f
     if check and result.returncode != 0:
         raise AssertionError(f"{app} {' '.join(overrides)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+# --------------------------------------------------------------------------- gate tests' helpers
+def hand_segments(bb, batch):
+    """(vis, prompt, real) `(B, T)` from the raw batch, independent of lsg.segments: prompt =
+    real tokens without a label, vis = image placeholders."""
+    real = batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    prompt = real if labels is None else real & (labels == -100)
+    return (batch["input_ids"] == bb.image_token_id) & real, prompt, real
+
+
+def hand_sinks(bb, x, prompt, tau=None):
+    """Prompt tokens with `phi_rms(x) >= tau` over the backbone's llm_dims (tau: the backbone's)."""
+    cfg = bb.sinks
+    phi = x[..., cfg.llm_dims].abs().amax(-1) / x.pow(2).mean(-1).sqrt()
+    return (phi >= (cfg.tau_llm if tau is None else tau)) & prompt
+
+
+def layer_input(bb, batch, layer):
+    """Hidden state `(B, T, D)` entering `layer` in the unmodified backbone."""
+    with torch.no_grad():
+        out = bb.model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+    return out.hidden_states[layer]
+
+
+def sink_case(bb, batch, layer):
+    """(vis, prompt, real, x, sinks): hand segments, the hidden state entering `layer` and
+    its hand-flagged sinks (asserted non-empty, or the test would prove nothing)."""
+    vis, prompt, real = hand_segments(bb, batch)
+    x = layer_input(bb, batch, layer)
+    sinks = hand_sinks(bb, x, prompt)
+    assert sinks.any(), "the test batch needs at least one sink"
+    return vis, prompt, real, x, sinks
+
+
+@torch.no_grad()
+def attention_outputs(bb, batch, gates, layers, with_hidden: bool = False):
+    """Self-attention outputs `{layer: (B, T, D)}` of a forward with `gates` attached (labels
+    passed, so answers are `out`); with `with_hidden`, also the hidden states entering each layer."""
+    captured, handles = {}, []
+    for layer in layers:
+        def keep(module, args, output, layer=layer):
+            captured[layer] = output[0]
+        handles.append(bb.decoder_layers[layer].self_attn.register_forward_hook(keep))
+    try:
+        with lsg.attach(bb, gates) if gates else nullcontext():
+            hidden = bb.model(**batch, output_hidden_states=with_hidden).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (captured, hidden) if with_hidden else captured
+
+
+@torch.no_grad()
+def logits_with(bb, batch, gates):
+    with lsg.attach(bb, gates):
+        return bb.model(**batch).logits

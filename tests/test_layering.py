@@ -104,3 +104,16 @@ def test_the_layers_run_one_way():
 def test_a_module_imports_alone_in_a_fresh_interpreter(group):
     result = subprocess.run([sys.executable, "-c", f"import {group}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_no_test_module_imports_another():
+    """Helpers live in tests/hand.py, conftest fixtures or helper modules (not `test_*.py`), so a
+    test module runs alone and never runs another's tests by import."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name} imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert not offenders, offenders

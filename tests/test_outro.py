@@ -15,7 +15,7 @@ from lsg.gates.outro import OutRoGate, OutRoState, massive_activation_sinks
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
-from tests.test_interventions import attention_outputs, hand_segments, logits_with
+from tests.hand import attention_outputs, hand_segments, logits_with
 
 # The tiny random backbone has no massive activations (max |x| is ~6x the median, never
 # 100), so the model tests use test-time thresholds: with these, layers 1 and 2 of the

@@ -8,8 +8,9 @@ import torch
 import lsg
 from lsg.gates import SPEARGate, VAFGate
 from tests.hand import assert_cache_matches_recompute, attention_by_hand, causal_allowed
-from tests.test_gates import LAYER
-from tests.test_interventions import attention_outputs, hand_segments
+from tests.hand import attention_outputs, hand_segments
+
+LAYER = 2
 
 ALPHA, BETA = 1.3, 0.8  # far from 1 so a wrong column or row shows
 

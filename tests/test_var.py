@@ -12,7 +12,7 @@ from lsg.context import ForwardContext, LayerView
 from lsg.gates.var import VARGate
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
-from tests.test_interventions import (assert_cache_matches_recompute, hand_segments, hand_sinks, layer_input,
+from tests.hand import (assert_cache_matches_recompute, hand_segments, hand_sinks, layer_input,
                                       logits_with)
 
 LAYER = 2
