@@ -3,6 +3,7 @@ whose every answer carries the loss."""
 
 from __future__ import annotations
 
+import pytest
 import json
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from lsg.segments import IGNORE_INDEX
 from lsg.data import load_llava_json
 from lsg.data.cambrian import category_of
 from tests.conftest import samples
+
+pytestmark = pytest.mark.slow  # every test here starts a process
 
 ROOT = Path(__file__).resolve().parents[1]
 

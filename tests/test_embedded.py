@@ -49,6 +49,7 @@ def test_embedded_fingerprint_is_the_one_the_committed_gate_was_trained_on():
     assert meta["backbone_fingerprint"] == embedded.fingerprint()
 
 
+@pytest.mark.slow
 def test_committed_weights_are_package_data_and_the_env_overrides_them(tmp_path):
     """The loader finds the vision side inside the package (so a non-editable install has it),
     never through the checkout; `$LSG_EMBEDDED_DIR` points it elsewhere."""

@@ -324,6 +324,7 @@ BASE_SOURCE = Path(lsg.gates.base.__file__).read_text()
 LSG_PYPROJECT = '[project]\nname = "lsg"\nversion = "0"\n'
 
 
+@pytest.mark.slow
 def test_git_commit_of_an_installed_copy_inside_another_checkout_is_none(tmp_path):
     """`pip install --target` / site-packages inside some other git checkout: its HEAD is not
     the package's commit."""
@@ -337,6 +338,7 @@ def test_git_commit_of_an_installed_copy_inside_another_checkout_is_none(tmp_pat
     assert git_commit(tmp_path / "bare" / "lsg/gates/base.py") is None
 
 
+@pytest.mark.slow
 def test_git_commit_of_a_checkout_of_this_project_is_its_head(tmp_path):
     head = fresh_repo(tmp_path / "clone", {"pyproject.toml": LSG_PYPROJECT, "lsg/gates/base.py": BASE_SOURCE})
     assert git_commit(tmp_path / "clone" / "lsg/gates/base.py") == head

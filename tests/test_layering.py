@@ -99,6 +99,7 @@ def test_the_layers_run_one_way():
     assert upward == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["lsg.context", "lsg.attach", "lsg.prefix", "lsg.specs", "lsg.comparison",
                                    "lsg.benchmarks.run", "lsg.cli.train", "lsg.cli.summarize"])
 def test_a_module_imports_alone_in_a_fresh_interpreter(group):

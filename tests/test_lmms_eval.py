@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts a process
+
 pytest.importorskip("lmms_eval")
 
 ROOT = Path(__file__).resolve().parents[1]

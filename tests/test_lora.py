@@ -59,6 +59,7 @@ def test_auto_rank_matches_the_lsg_gates_parameter_count(tiny):
         LoRAGate.build(tiny, targets=["w_proj"])
 
 
+@pytest.mark.slow
 def test_train_py_gate_lora_trains_and_saves_a_loadable_checkpoint(tmp_path):
     args = [sys.executable, str(ROOT / "train.py"), "model=tiny-random", "gate=lora", "layer=2", "logger=none",
             f"data.root={tmp_path / 'shapes'}", "data.n_train=16", "data.n_val=7", "batch_size=4",

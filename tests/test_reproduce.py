@@ -12,6 +12,8 @@ import pytest
 from lsg.configs import load_config
 from lsg.reproduce import done_path, plan, run_plan
 
+pytestmark = pytest.mark.slow  # every test here starts a process
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

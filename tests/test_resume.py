@@ -56,6 +56,7 @@ def kill_when(proc: subprocess.Popen, log: Path, epoch: int, batch: int, timeout
     raise AssertionError(f"the run ended or stalled before epoch {epoch} batch {batch}: {proc.returncode}")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_same_command_resumes_with_same_data_order_and_gate(tmp_path):
     data = tmp_path / "shapes"
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -106,6 +107,7 @@ class PoisonAt(L.Callback):
                 pl_module.gate(2).fc2.bias.fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_the_step_and_never_writes_a_nan_gate(tmp_path, tiny):
     from lsg.training import EpochGateExport, SafetensorsModelCheckpoint
 

@@ -218,6 +218,7 @@ def test_scene_dialogues_give_up_when_no_scene_poses_the_subtasks(monkeypatch):
         recipe.scene_dialogues(0, 2, ["relation"])
 
 
+@pytest.mark.slow
 def test_overhead_takes_the_model_group_and_reports_ratios_to_the_baseline(tmp_path):
     """`scripts/overhead.py model=...` (Hydra, like train.py and compare.py): every row's ratio
     is its own time over the unmodified backbone's, measured in the same run."""

@@ -106,6 +106,7 @@ def run_train(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess
     return result
 
 
+@pytest.mark.slow
 def test_train_py_fast_dev_run_on_tiny_random(tmp_path):
     """One training and one validation batch, then stop: a finite loss, four validation
     answers, one logged batch, and nothing written that a real run would resume from."""
@@ -121,6 +122,7 @@ def test_train_py_fast_dev_run_on_tiny_random(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "ck").exists()
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):
     # An interrupted run: stop after 2 optimizer steps (of 8 in 2 epochs).
     run_train(tmp_path, "+trainer.max_steps=2")
@@ -153,6 +155,7 @@ def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):
     assert bad.returncode != 0 and "different gate_config" in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("layer=99", "Layers [99] are out of range for a backbone with 4 decoder layers"),
     ("layer=[1,7]", "Layers [7] are out of range"),
