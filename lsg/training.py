@@ -11,6 +11,7 @@ never as pickles, atomically after every optimizer step, so a run killed at any 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -107,6 +108,13 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint writing `.safetensors` files (through `SafetensorsCheckpointIO`)."""
 
     FILE_EXTENSION = ".safetensors"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        # The gates step inside training_step (manual optimization); the state after the step is
+        # the one to resume from, so Lightning's warning about pre-step states does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning 2.6 writes `last` here even under fast_dev_run, which checkpoints nothing
