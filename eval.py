@@ -1,6 +1,6 @@
-"""`python eval.py ...`: the `lsg-eval` command run from a checkout (`lsg.cli.evaluate`)."""
+"""`python eval.py ...`: the `lsg-eval` command run from a checkout (`lsg.cli.eval`)."""
 
-from lsg.cli.evaluate import main
+from lsg.cli.eval import main
 
 if __name__ == "__main__":
     main()

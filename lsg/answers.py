@@ -1,7 +1,7 @@
 """The answer store: every evaluation's per-question answers, one cache key, atomic files.
 
-compare.py, evaluate.py, oracle.py, stack.py, sweep and train.py validation all keep their
-answers here, in one format:
+The answer pipeline (`lsg.evaluation.answer_stacks`: eval.py, oracle, stack, train.py's closing
+comparison) and training's validation keep their answers here, in one format:
 
     {<info: spec, elapsed_s, epoch, ...>, "answers": {<question id>: <Answer fields>}}
 
@@ -40,7 +40,8 @@ class Answer:
         question: the question text the model read (after the chat template's user turn).
         gold: the reference answer (the option letter for multiple choice).
         prediction: the method's answer (an option letter, or generated text).
-        correct: whether `prediction` is right (None: scored later, e.g. by a benchmark's parser).
+        correct: whether `prediction` is right: the official score (1.0 / 0.0, or partial) where the
+            pipeline stored it, a bool in training's validation files, None when not scored.
         ratios: the gate's group ratios for this question (LSG), else None.
         baseline: the unmodified backbone's prediction (validation files), else None.
     """
@@ -50,7 +51,7 @@ class Answer:
     question: str
     gold: Any
     prediction: str
-    correct: bool | None = None
+    correct: float | bool | None = None
     ratios: list[float] | None = None
     baseline: str | None = None
 
@@ -97,8 +98,8 @@ def answer_context(backbone: Backbone, records: Sequence[VQARecord], **source) -
     """Everything but the gate stack that identifies a method's answers to `records`.
 
     Computed once per evaluation (it reads the processor). `source` names where the questions
-    come from: `data=<data config>, split=...` (compare, oracle, stack) or
-    `benchmark=<identity>, data=<files digest>` (evaluate)."""
+    come from (`Benchmark.answer_source`): `data=<data config>, split=...` for a data split,
+    `benchmark=<identity>, data=<files digest>` for a benchmark."""
     return {"backbone": backbone.name, "fingerprint": backbone.fingerprint, "dtype": str(backbone.model.dtype),
             "sinks": backbone.sinks.to_dict(), "processor": backbone.processor_digest(),
             "questions": questions_digest(records), "source": source}

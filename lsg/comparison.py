@@ -1,123 +1,119 @@
-"""Joint comparison of gates and gate stacks on one evaluation split (docs/methods.md section 6).
+"""Gate stacks beside the baseline on the same questions: paired rows, tables, the delta heatmap,
+and the prefill overhead measured in the same run (docs/methods.md section 6).
 
-Gate specs (`lsg.specs`) name the stacks; every stack's answers go through the answer store
-(`lsg.answers`): cached ones are read, the others are computed together in one pass with
-prefix reuse (`lsg.evaluation.evaluate_many`) and stored.
+Every delta is paired: the same questions answered with and without the stack
+(`lsg.stats.paired_by_subtask`: percentile-bootstrap CI, McNemar p); tables mark with `*` a CI
+that excludes zero. The answers themselves come from `lsg.evaluation.answer_stacks`.
 """
 
 from __future__ import annotations
 
-import csv
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from lsg.answers import AnswerCache, answer_context, answers_of
 from lsg.attach import attach
 from lsg.backbones import Backbone
 from lsg.data import VQARecord
-from lsg.evaluation import (BOOTSTRAP_SAMPLES, CI_LEVEL, EvalResult, comparison_rows, delta_cell, evaluate_many,
-                            images_and_questions, mc_records)
-from lsg.specs import BASELINE, GateStack, parse_stacks
+from lsg.evaluation import Result, images_and_questions
+from lsg.specs import BASELINE, GateStack
+from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
 
 
-def split_context(backbone: Backbone, records: Sequence[VQARecord], data_cfg: dict, split: str) -> dict:
-    """The answer-store context of a data split (`lsg.answers.answer_context`): backbone,
-    processor, questions, data config and split."""
-    return answer_context(backbone, records, data=data_cfg, split=split)
+def paired_rows(results: Mapping[str, Result], baseline: str = BASELINE, samples: int = BOOTSTRAP_SAMPLES,
+                level: float = CI_LEVEL) -> list[dict]:
+    """One row per method, in `results` order: `method`, `metrics` (official, the benchmark's
+    units), `acc_pct` and `counts` per sub-task and `overall`, `elapsed_s`, `cached`; every method
+    but `baseline` also has `paired`: sub-task -> {delta, ci_low, ci_high (points), p, n,
+    significant} against `baseline` on the same questions (right = official score >= 0.5).
 
-
-def cached_evaluate_many(stacks: Sequence[GateStack], backbone: Backbone, records: Sequence[VQARecord],
-                         cache: AnswerCache, batch_size: int,
-                         progress: str | None = "evaluating") -> tuple[dict[str, EvalResult], set[str]]:
-    """Answers of every stack: cached ones read from `cache`, the others computed together
-    in one pass with prefix reuse (`lsg.evaluation.evaluate_many`) and stored.
-
-    Returns:
-        (spec -> result, the specs that were read from the cache).
+    Raises:
+        KeyError: `baseline` is not among `results`.
     """
-    results, hits = {}, set()
-    todo = {}
-    for stack in stacks:
-        found = cache.get(stack.identity, records)
-        if found is not None:
-            answers, info = found
-            results[stack.spec] = EvalResult.from_predictions(records, [a.prediction for a in answers],
-                                                              info.get("elapsed_s", 0.0))
-            hits.add(stack.spec)
-        else:
-            todo[stack.spec] = stack
-    if todo:
-        fresh = evaluate_many(backbone, records, {spec: st.layers for spec, st in todo.items()}, batch_size,
-                              progress=f"{progress} ({len(todo)} in one pass)" if progress else None)
-        for spec, stack in todo.items():
-            cache.put(stack.identity, answers_of(records, fresh[spec].predictions), spec=spec,
-                      elapsed_s=fresh[spec].elapsed_s, accuracy=fresh[spec].accuracy)
-            results[spec] = fresh[spec]
-    return results, hits
+    base = results[baseline]
+    rows = []
+    for name, res in results.items():
+        row = {"method": name, "metrics": dict(res.metrics), "acc_pct": res.acc_pct, "counts": res.counts,
+               "elapsed_s": res.elapsed_s, "cached": res.cached}
+        if name != baseline:
+            row["paired"] = paired_by_subtask([c >= 0.5 for c in base.correct], [c >= 0.5 for c in res.correct],
+                                              base.subtasks, samples, level)
+        rows.append(row)
+    return rows
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA kernels run asynchronously), so wall-clock timings
-    measure the work, not its launch; nothing to wait for on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def delta_cell(row: dict, task: str) -> str:
+    """`acc` for the baseline; `acc (+delta [low, high])` for another row, `*` when the CI excludes zero."""
+    acc = f"{row['acc_pct'].get(task, float('nan')):.1f}"
+    if "paired" not in row:
+        return acc
+    p = row["paired"][task]
+    return f"{acc} ({p['delta']:+.1f} [{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]{'*' if p['significant'] else ''})"
 
 
-@torch.no_grad()
-def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack | None, repeats: int = 1) -> float:
-    """Seconds per prefill forward over `batches` (mean of `repeats` passes, after one warm-up)."""
-    from contextlib import nullcontext
-
-    with attach(backbone, stack.layers) if stack and stack.layers else nullcontext():
-        backbone.family.multimodal_model(backbone.model)(**batches[0])  # warm-up on the path that is timed
-        synchronize(backbone.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for batch in batches:
-                backbone.family.multimodal_model(backbone.model)(**batch)
-        synchronize(backbone.device)
-        return (time.perf_counter() - start) / (repeats * len(batches))
+def tasks_of(rows: Sequence[dict]) -> list[str]:
+    """The sub-tasks of the rows (sorted), then `overall`."""
+    return list(rows[0]["acc_pct"])
 
 
-def columns(rows: list[dict]) -> list[str]:
-    """Every key of the rows, in first-seen order (gated rows add CI and p columns)."""
-    return list(dict.fromkeys(k for r in rows for k in r))
-
-
-def write_table(rows: list[dict], tasks: list[str], out_dir: Path) -> tuple[Path, Path]:
-    """Write `comparison.csv` and `comparison.md` (accuracy %, paired delta in points with its
-    bootstrap CI, `*` where the CI excludes zero; the CSV also holds McNemar p per cell)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "comparison.csv", out_dir / "comparison.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    cols = tasks + ["overall"]
-    lines = ["| gate | " + " | ".join(cols) + " | wall s | overhead x |", "|---" * (len(cols) + 3) + "|"]
+def markdown(rows: Sequence[dict], title: str = "", level: float = CI_LEVEL) -> str:
+    """`paired_rows` as markdown: the official metrics (method x metric), accuracy (%) per sub-task
+    (sub-task x method, each cell with its paired delta and CI), then wall time, and prefill
+    overhead where the rows carry it (`measure_overhead`)."""
+    lines = [f"### {title}", ""] if title else []
+    metric_names = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    if metric_names:
+        lines += ["| method | " + " | ".join(metric_names) + " |", "|---" * (len(metric_names) + 1) + "|"]
+        lines += [f"| {r['method']} | " + " | ".join(f"{r['metrics'].get(m, float('nan')):.2f}" for m in metric_names)
+                  + " |" for r in rows]
+        lines.append("")
+    lines += [f"Accuracy (%), paired delta vs {rows[0]['method']} in points [{level:.0%} bootstrap CI], "
+              f"* = CI excludes 0.", "",
+              "| sub-task | n | " + " | ".join(r["method"] for r in rows) + " |", "|---" * (len(rows) + 2) + "|"]
+    lines += [f"| {t} | {rows[0]['counts'][t]} | " + " | ".join(delta_cell(r, t) for r in rows) + " |"
+              for t in tasks_of(rows)]
+    timed = "overhead" in rows[0]
+    lines += ["", "| method | wall s |" + (" prefill ms/batch | overhead x |" if timed else ""),
+              "|---|---|" + ("---|---|" if timed else "")]
     for r in rows:
-        cells = [delta_cell(r, t) for t in cols]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {r['elapsed_s']:.1f} | {r['overhead']:.2f} |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+        wall = "cached" if r["cached"] else f"{r['elapsed_s']:.1f}"
+        lines.append(f"| {r['method']} | {wall} |"
+                     + (f" {r['prefill_ms_per_batch']:.1f} | {r['overhead']:.2f} |" if timed else ""))
+    return "\n".join(lines) + "\n"
 
 
-def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path | None:
-    """Heatmap of accuracy delta (points) vs baseline: gates x sub-tasks. None (and no file)
-    when there is no gated row, e.g. `gates=[none]`."""
-    if not any(r["method"] != "baseline" for r in rows):
+def flat_rows(rows: Sequence[dict]) -> tuple[list[str], list[list]]:
+    """`paired_rows` as one flat table (columns, values) for W&B: per sub-task `<t>` (accuracy %),
+    `<t>_delta`, `<t>_ci_low`, `<t>_ci_high`, `<t>_p`; the official metrics; time and overhead."""
+    flat = []
+    for r in rows:
+        row = {"method": r["method"], **r["acc_pct"]}
+        for t, p in r.get("paired", {}).items():
+            row.update({f"{t}_delta": p["delta"], f"{t}_ci_low": p["ci_low"], f"{t}_ci_high": p["ci_high"],
+                        f"{t}_p": p["p"]})
+        row.update({f"metric/{k}": v for k, v in r["metrics"].items()})
+        row.update({k: r[k] for k in ("elapsed_s", "overhead", "prefill_ms_per_batch") if k in r})
+        flat.append(row)
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    return columns, [[r.get(c) for c in columns] for r in flat]
+
+
+def plot_deltas(rows: Sequence[dict], path: Path) -> Path | None:
+    """Heatmap of the paired accuracy delta (points) vs the baseline: methods x sub-tasks. None
+    (and no file) when there is no row but the baseline, e.g. `gates=[none]`."""
+    gated = [r for r in rows if "paired" in r]
+    if not gated:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = tasks + ["overall"]
-    gated = [r for r in rows if r["method"] != "baseline"]
-    data = [[r[f"{t}_delta"] for t in cols] for r in gated]
+    cols = tasks_of(rows)
+    data = [[r["paired"][t]["delta"] for t in cols] for r in gated]
     fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.5 * len(gated) + 1.8))
     vmax = max(1.0, max((abs(v) for row in data for v in row), default=1.0))
     im = ax.imshow(data, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
@@ -130,37 +126,67 @@ def plot_deltas(rows: list[dict], tasks: list[str], path: Path) -> Path | None:
     fig.colorbar(im, ax=ax, label="accuracy delta vs baseline (points)")
     ax.set_title("Gate effect per sub-task")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
-def compare(backbone: Backbone, specs: Sequence[str], records: Sequence[VQARecord], data_cfg: dict, split: str,
-            out_dir: Path, batch_size: int = 32, timing_batches: int = 4, timing_repeats: int = 2,
-            allow_layer_move: bool = False, bootstrap_samples: int = BOOTSTRAP_SAMPLES,
-            ci_level: float = CI_LEVEL) -> tuple[list[dict], list[str]]:
-    """Evaluate every spec on the same records; returns table rows and sub-task names.
+def print_comparison(baseline: Result, results: Mapping[str, Result], samples: int = BOOTSTRAP_SAMPLES,
+                     level: float = CI_LEVEL) -> None:
+    """Print accuracy (%) per sub-task (rows) and method (columns) as a rich table, each gated
+    cell with its paired delta vs the baseline in points and its `level` bootstrap CI over
+    `samples` resamples of the questions; `*` marks a CI that excludes zero."""
+    from rich.console import Console
+    from rich.table import Table
 
-    Stacks not yet cached are evaluated together in one pass that computes the frozen
-    prefix once per batch (`lsg.evaluation.evaluate_many`); each stack's answers are cached
-    per (stack, split) under `out_dir/cache`, so a re-run reuses them.
-    Overhead is measured in this run: prefill time per batch with the stack / without.
+    rows = paired_rows({"baseline": baseline, **results}, "baseline", samples, level)
+    table = Table(title=f"Validation accuracy (%), paired delta vs baseline in points [{level:.0%} bootstrap CI], "
+                        f"* = CI excludes 0")
+    table.add_column("sub-task")
+    table.add_column("n", justify="right")
+    for row in rows:
+        table.add_column(row["method"], justify="right")
+    for t in tasks_of(rows):
+        table.add_row(t, str(baseline.counts[t]), *[delta_cell(r, t) for r in rows])
+    Console().print(table)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so wall-clock timings
+    measure the work, not its launch; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack | None, repeats: int = 1) -> float:
+    """Seconds per prefill forward over `batches` (mean of `repeats` passes, after one warm-up)."""
+    with attach(backbone, stack.layers) if stack and stack.layers else nullcontext():
+        backbone.family.multimodal_model(backbone.model)(**batches[0])  # warm-up on the path that is timed
+        synchronize(backbone.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for batch in batches:
+                backbone.family.multimodal_model(backbone.model)(**batch)
+        synchronize(backbone.device)
+        return (time.perf_counter() - start) / (repeats * len(batches))
+
+
+def measure_overhead(backbone: Backbone, items: Sequence[VQARecord], stacks: Sequence[GateStack], batch_size: int,
+                     timing_batches: int = 4, repeats: int = 2) -> dict[str, dict[str, float]]:
+    """Prefill time per batch with each stack and its ratio to the unmodified backbone's, both
+    measured in this run on the same first `timing_batches` batches of `items`.
+
+    Returns:
+        spec -> {"prefill_ms_per_batch": ms, "overhead": ratio (1.0 for the baseline)}.
     """
-    records = mc_records(records)
-    stacks = parse_stacks(specs, backbone, allow_layer_move)  # the baseline row first
-    cache = AnswerCache(out_dir / "cache", split_context(backbone, records, data_cfg, split))
-    results, hits = cached_evaluate_many(stacks, backbone, records, cache, batch_size)
-    results = {stack.spec: results[stack.spec] for stack in stacks}  # table rows in the order asked
-    for stack in stacks:
-        res = results[stack.spec]
-        print(f"{stack.spec}: overall {100 * res.overall:.1f}%"
-              f" ({'cached' if stack.spec in hits else f'{res.elapsed_s:.1f} s'})", flush=True)
-    timing = [backbone.on_device(backbone.build_batch(*images_and_questions(records[i * batch_size:(i + 1) * batch_size])))
-              for i in range(min(timing_batches, max(1, len(records) // batch_size)))]
-    base_s = time_forward(backbone, timing, None, timing_repeats)
-    baseline = results.pop(BASELINE)
-    rows = comparison_rows(baseline, results, bootstrap_samples, ci_level)
-    for row, stack in zip(rows, stacks):
-        row["overhead"] = 1.0 if stack.spec == BASELINE else time_forward(backbone, timing, stack, timing_repeats) / base_s
-        row["prefill_ms_per_batch"] = 1000 * base_s * row["overhead"]
-    return rows, sorted(baseline.counts)
+    n = min(timing_batches, max(1, len(items) // batch_size))
+    batches = [backbone.on_device(backbone.build_batch(*images_and_questions(items[i * batch_size:(i + 1) * batch_size])))
+               for i in range(n)]
+    base_s = time_forward(backbone, batches, None, repeats)
+    out = {}
+    for st in stacks:
+        seconds = time_forward(backbone, batches, st, repeats) if st.layers else base_s
+        out[st.spec] = {"prefill_ms_per_batch": 1000 * seconds, "overhead": seconds / base_s}
+    return out

@@ -8,7 +8,7 @@ Registered through lmms-eval's entry-point group `lmms_eval.models` (lmms-eval >
 `+` for stacks and `3-7` for layer ranges, never commas):
 
     backbone   registered backbone name (conf/model/<name>.yaml)              [smol-llava]
-    gates      gate spec as in compare.py: none, var, lsg:<ckpt>, a "+" stack, stack:<manifest>  [none]
+    gates      gate spec (lsg.specs) as eval.py takes it: none, var, lsg:<ckpt>, a "+" stack, stack:<manifest>  [none]
     hf_id      local checkpoint folder or hub id for a hub backbone          [the config's]
     dtype      float32 / bfloat16 / float16                                  [the config's]
     device     auto / cpu / cuda / cuda:N                                    [auto]
@@ -29,6 +29,8 @@ from lmms_eval.api.model import lmms
 
 from lsg.attach import attach
 from lsg.backbones import load_backbone
+from lsg.data import VQARecord
+from lsg.evaluation import generate_answers
 from lsg.scoring import decoder_hidden
 from lsg.segments import IGNORE_INDEX
 from lsg.specs import parse_stack
@@ -78,28 +80,31 @@ class LSGModel(lmms):
     def _gated(self):
         return attach(self.backbone, self.stack.layers) if self.stack.layers else nullcontext()
 
-    @torch.no_grad()
+    def _record(self, request, index: int) -> VQARecord:
+        """The request as a question of the answer pipeline (its image read when answered)."""
+        return VQARecord(id=str(index), question=request.args[0], answer="",
+                         image_loader=lambda: self._image(request)[0])
+
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers through the KV cache with the stack attached, cut at the task's `until`
-        strings; batches of `batch_size` consecutive requests with the same generation settings."""
+        """Greedy answers through the KV cache with the stack attached, as eval.py's generate mode
+        answers (`lsg.evaluation.generate_answers`: left-padded batches of `batch_size`), cut at the
+        task's `until` strings; consecutive requests with the same generation settings go together."""
         out: list[str] = []
         i = 0
-        with self._gated():
-            while i < len(requests):
-                gen = requests[i].args[1]
-                chunk = [requests[i]]
-                while (len(chunk) < self.batch_size_per_gpu and i + len(chunk) < len(requests)
-                       and requests[i + len(chunk)].args[1] == gen):
-                    chunk.append(requests[i + len(chunk)])
-                images, contexts = zip(*(self._image(r) for r in chunk))
-                batch = self.backbone.build_batch(list(images), list(contexts), padding_side="left")
-                texts = self.backbone.generate(batch, int(gen.get("max_new_tokens", self.max_new_tokens)))
-                until = gen.get("until") or []
-                for text in texts:
-                    for stop in [until] if isinstance(until, str) else until:
-                        text = text.split(stop)[0] if stop else text
-                    out.append(text.strip())
-                i += len(chunk)
+        while i < len(requests):
+            gen = requests[i].args[1]
+            j = i + 1
+            while j < len(requests) and requests[j].args[1] == gen:
+                j += 1
+            records = [self._record(r, k) for k, r in enumerate(requests[i:j], i)]
+            texts = generate_answers(self.backbone, records, self.stack.layers,
+                                     int(gen.get("max_new_tokens", self.max_new_tokens)), self.batch_size_per_gpu)
+            until = gen.get("until") or []
+            for text in texts:
+                for stop in [until] if isinstance(until, str) else until:
+                    text = text.split(stop)[0] if stop else text
+                out.append(text.strip())
+            i = j
         return out
 
     @torch.no_grad()

@@ -6,8 +6,8 @@ V-sink coefficient fixed at a cell's stage-1 optimum, the rest split into L-sink
 ordinary tokens whose coefficients are re-swept around 1 - alpha* (paper Appendix C.3).
 
 Every cell of a layer reuses the baseline's hidden state entering that layer (one shared
-forward per batch for the whole grid, `lsg.evaluation.evaluate_many`); answers are cached
-per cell like compare.py's, so an interrupted grid resumes.
+forward per batch for the whole grid, `lsg.evaluation.answer_stacks` in choice mode); answers
+are kept per cell in the answer store, so an interrupted grid resumes.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lsg.backbones import Backbone
-from lsg.answers import AnswerCache
-from lsg.comparison import cached_evaluate_many, split_context
-from lsg.data import VQARecord
-from lsg.evaluation import EvalResult, mc_records
+from lsg.benchmarks.base import Benchmark
+from lsg.evaluation import Result, answer_stacks
 from lsg.files import write_json
 from lsg.specs import BASELINE, GateStack, baseline_stack, parse_stack
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
@@ -32,13 +30,15 @@ def spec(layer: int, alpha: float) -> str:
     return f"oracle@{layer}:{alpha:g}"
 
 
-def run_grid(backbone: Backbone, records: Sequence[VQARecord], layers: Sequence[int],
-             alphas: Sequence[float], data_cfg: dict, split: str, out_dir: Path, batch_size: int = 32,
-             samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL, extra_specs: Sequence[str] = ()) -> dict:
-    """Evaluate the grid (plus `extra_specs`) and return its table.
+def run_grid(backbone: Backbone, benchmark: Benchmark, layers: Sequence[int], alphas: Sequence[float], out_dir: Path,
+             batch_size: int = 32, samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL,
+             extra_specs: Sequence[str] = ()) -> dict:
+    """Evaluate the grid (plus `extra_specs`) on a multiple-choice benchmark in choice mode (a data
+    split: `lsg.benchmarks.base.DataSplit`) and return its table; answers are stored under
+    `out_dir/cache`.
 
     Returns:
-        {"split", "n", "baseline": {task: acc %}, "cells": [{layer, alpha, spec, acc, stats}],
+        {"split", "n", "baseline": {task: acc %}, "cells": [{layer, alpha, spec, acc (%), stats}],
          "best": {layer: {task: {alpha, delta, ci_low, ci_high, p, significant}}}} where `stats`
         is `lsg.stats.paired_by_subtask` of the cell against the baseline (points); among
         equal best deltas the alpha nearest 0.5 is reported.
@@ -46,24 +46,20 @@ def run_grid(backbone: Backbone, records: Sequence[VQARecord], layers: Sequence[
     Raises:
         ValueError: no multiple-choice record, a bad layer.
     """
-    records = mc_records(records)
     stacks: list[GateStack] = [baseline_stack()]
     cells = [(backbone.check_layer(l), float(a)) for l in layers for a in alphas]
     stacks += [parse_stack(spec(l, a), backbone) for l, a in cells]
     stacks += [parse_stack(s, backbone) for s in extra_specs]
-    cache = AnswerCache(Path(out_dir) / "cache", split_context(backbone, records, data_cfg, split))
-    results, _ = cached_evaluate_many(stacks, backbone, records, cache, batch_size, progress="oracle grid")
+    results = answer_stacks(backbone, benchmark, stacks, cache_dir=Path(out_dir) / "cache", batch_size=batch_size,
+                            progress="oracle grid")
     baseline = results[BASELINE]
-    table = {"split": split, "n": len(records), "layers": list(layers), "alphas": list(alphas),
-             "baseline": {**{t: 100 * a for t, a in baseline.accuracy.items()}, "overall": 100 * baseline.overall},
-             "cells": [], "best": {}}
+    table = {"split": benchmark.split, "n": len(baseline.correct), "layers": list(layers), "alphas": list(alphas),
+             "baseline": baseline.acc_pct, "cells": [], "best": {}}
 
     def row(st: GateStack, layer: int, alpha: float | None) -> dict:
-        res: EvalResult = results[st.spec]
+        res: Result = results[st.spec]
         stats = paired_by_subtask(baseline.correct, res.correct, baseline.subtasks, samples, level)
-        return {"layer": layer, "alpha": alpha, "spec": st.spec,
-                "acc": {**{t: 100 * a for t, a in res.accuracy.items()}, "overall": 100 * res.overall},
-                "stats": stats}
+        return {"layer": layer, "alpha": alpha, "spec": st.spec, "acc": res.acc_pct, "stats": stats}
 
     for st, (l, a) in zip(stacks[1:], cells):
         table["cells"].append(row(st, l, a))

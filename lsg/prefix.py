@@ -9,9 +9,9 @@ attached and returns the final hidden states, equal to a plain `attach` forward 
 float rounding (tests/test_prefix.py compares answers and gate weights after training).
 
 Three consumers:
-- `compute_prefixes` gives, from one ungated forward, the prefixes of many layers (the
-  shared-prefix sweep, `lsg.sweep`) and the baseline's final hidden state (evaluations of
-  many gates and stacks in one pass, `lsg.evaluation.evaluate_many`);
+- `compute_prefixes` gives, from one ungated forward, the prefixes of many layers (a layer
+  sweep, `lsg.training.GateTrainingModule`) and the baseline's final hidden state (evaluations
+  of many gates and stacks in one pass, `lsg.evaluation.choice_letters`);
 - `PrefixCache` keeps per-sample prefixes of one layer in host memory, within a budget, so
   epoch 2 of a one-layer run and its repeated validations run layers l..L-1 only
   (`lsg.training.GateTrainingModule`).

@@ -1,5 +1,5 @@
 """The paper's workflow as one resumable plan: calibrate -> sweep -> summarize -> stack -> LoRA ->
-evaluate -> report (issue 19; docs/methods.md sections 3, 6, 7).
+eval -> report (issue 19; docs/methods.md sections 3, 6, 7).
 
 A plan is a list of `Stage`s, each one command of this project (`python -m lsg.cli.<app> ...`)
 with its overrides, composed from an experiment config (`conf/experiment/*.yaml`). A stage
@@ -26,7 +26,7 @@ from lsg.runs import gate_file, layer_dir_name
 from lsg.specs import parse_sweep_layers
 from lsg.stats import cell
 
-STAGES = ("calibrate", "sweep", "summarize", "stack", "lora", "evaluate", "report")
+STAGES = ("calibrate", "sweep", "summarize", "stack", "lora", "eval", "report")
 LAYER_BOUND = 10 ** 6  # layer lists are checked for syntax only here; the sweep checks them against the backbone
 
 
@@ -36,7 +36,7 @@ class Stage:
     sweep stage is the trainer (`train`) over many layers.
 
     Attributes:
-        name: the stage's name (unique in a plan; `evaluate-<benchmark>` per benchmark).
+        name: the stage's name (unique in a plan; `eval-<benchmark>` per benchmark).
         app: the `lsg.cli` module that runs it, or None for the report.
         overrides: Hydra overrides, `key=value`.
         outputs: files whose presence the stage promises (checked after it runs).
@@ -61,7 +61,7 @@ def _list(values: Sequence[str]) -> str:
 
 
 def gate_specs(exp: dict, out: Path) -> dict[str, str]:
-    """Report row name -> gate spec of every method the evaluate stage scores."""
+    """Report row name -> gate spec of every method the eval stage scores."""
     sweep, lsg_layer, skip = out / "sweep", exp["lsg_layer"], set(exp.get("skip", []))
     specs = {} if "sweep" in skip else {
         f"LSG L{lsg_layer}": f"ckpt:{gate_file(sweep / layer_dir_name('lsg', lsg_layer), exp['export_epoch'])}"}
@@ -117,10 +117,10 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
     specs = gate_specs(exp, out)
     for bench in exp["benchmarks"]:
         name = bench["name"]
-        stages.append(Stage(f"evaluate-{name}", "evaluate", [
+        stages.append(Stage(f"eval-{name}", "eval", [
             *common, f"benchmark={name}", *bench.get("overrides", []), f"gates={_list(list(specs.values()))}",
-            f"out_dir={out / 'evaluate' / name}", f"hydra.run.dir={out / 'hydra' / f'evaluate-{name}'}"],
-            [str(out / "evaluate" / name / "results.json")]))
+            f"out_dir={out / 'eval' / name}", f"hydra.run.dir={out / 'hydra' / f'eval-{name}'}"],
+            [str(out / "eval" / name / "results.json")]))
     stages.append(Stage("report", None, [], [str(out / "report.md"), str(out / "report.png")]))
     unknown = [s for s in exp.get("skip", []) if s not in STAGES]
     if unknown:
@@ -131,7 +131,7 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
             raise ValueError(f"lsg_layer={exp['lsg_layer']} is not among the swept layers {swept}: the report's "
                              f"LSG row reads that layer's gate from the sweep.")
     skip = set(exp.get("skip", []))
-    if "evaluate" in skip:
+    if "eval" in skip:
         skip.add("report")  # the report reads the evaluations
     return [s for s in stages if s.name.split("-")[0] not in skip]
 
@@ -185,14 +185,14 @@ def report_rows(exp: dict, out_dir: Path) -> list[dict]:
     out_dir, specs = Path(out_dir), gate_specs(exp, Path(out_dir))
     rows = []
     for bench in exp["benchmarks"]:
-        results = json.loads((out_dir / "evaluate" / bench["name"] / "results.json").read_text())
+        results = json.loads((out_dir / "eval" / bench["name"] / "results.json").read_text())
         by_spec = {r["method"]: r for r in results["rows"]}
-        base = by_spec["none"]["accuracy"]["overall"]
+        base = by_spec["none"]["acc_pct"]["overall"]
         reference = exp.get("reference", {}).get(bench.get("reference_as", bench["name"]), {})
         for method, spec in specs.items():
             paired = by_spec[spec]["paired"]["overall"]
             rows.append({"benchmark": bench["name"], "method": method, "spec": spec, "baseline": base,
-                         "accuracy": by_spec[spec]["accuracy"]["overall"], **paired,
+                         "accuracy": by_spec[spec]["acc_pct"]["overall"], **paired,
                          "paper": reference.get(method.split()[0]), "paper_baseline": reference.get("baseline"),
                          "paper_benchmark": bench.get("reference_as", bench["name"]) if reference else None})
     return rows

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 from lsg.answers import answers_for, read_answers
+from lsg.benchmarks.base import Benchmark
 from lsg.data import VQARecord
-from lsg.evaluation import EvalResult, mc_records
+from lsg.evaluation import Result, scored
 from lsg.runs import gate_file, layer_dirs, val_file_beside
 from lsg.specs import short_name
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
@@ -72,25 +73,26 @@ def sweep_candidates(sweep_dir: Path, epoch: int = 1, gate: str = "lsg") -> list
     return [Candidate(f"ckpt:{p}", p) for p in paths]
 
 
-def answers_beside(checkpoint: Path, records: Sequence[VQARecord]) -> EvalResult | None:
-    """The gate's answers on `records` from the `val-epoch<e>.json` its training wrote beside it
-    (same questions, same scoring), or None when that file is absent or misses a question."""
+def answers_beside(checkpoint: Path, benchmark: Benchmark, items: Sequence[VQARecord], spec: str = "") -> Result | None:
+    """The gate's answers to `items` (a data split's questions) from the `val-epoch<e>.json` its
+    training wrote beside it, scored by `benchmark`, or None when that file is absent or misses a
+    question."""
     beside = val_file_beside(checkpoint)
     found = read_answers(beside) if beside is not None else None
-    answers = answers_for(records, found[1]) if found is not None else None
+    answers = answers_for(items, found[1]) if found is not None else None
     if answers is None:
         return None
-    return EvalResult.from_predictions(records, [a.prediction for a in answers])
+    return scored(benchmark, items, [a.prediction for a in answers], spec, cached=True)
 
 
-def greedy(candidates: Sequence[Candidate], evaluate, baseline: EvalResult, max_size: int,
+def greedy(candidates: Sequence[Candidate], evaluate, baseline: Result, max_size: int,
            policies: Sequence[str] = POLICIES, samples: int = BOOTSTRAP_SAMPLES, level: float = CI_LEVEL,
            base: Sequence[str] = ()) -> list[Step]:
     """Greedy stacking on the selection split.
 
     Args:
         candidates: with `gain` set (single-candidate overall delta, points).
-        evaluate: `{spec: [specs]} -> {spec: EvalResult}` on the selection split (one pass).
+        evaluate: `{spec: [specs]} -> {spec: Result}` on the selection split (one pass).
         baseline: the unmodified backbone's selection answers.
         max_size: largest stack (gates from `base` excluded).
         base: specs every stack starts from (a loaded manifest).
@@ -162,8 +164,3 @@ def plot_table2(steps: Sequence[Step], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def records_for(records: Sequence[VQARecord], limit: int | None) -> list[VQARecord]:
-    records = mc_records(records)
-    return records[:limit] if limit else records

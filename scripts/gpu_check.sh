@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA checks on a GPU machine, on tiny hub-format checkpoints of every family the tests build
 # (no download): gated generation in bf16 through the KV cache, train.py (one GPU, and the
-# ddp trainer config), lsg-compare, lsg-calibrate, overhead.py, and the workflow (train.py layer=[1,2],
+# ddp trainer config), eval.py overhead=true, lsg-calibrate, overhead.py, and the workflow (train.py layer=[1,2],
 # lsg-summarize, lsg-oracle, lsg-stack, train.py gate=lora) on the accelerator.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # needs torch with CUDA and the project's packages
@@ -71,8 +71,9 @@ python3 train.py "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 layer=2 logger=
     "run_dir=$WORK/run2" "export_path=$WORK/ck2/lsg-L2.safetensors" "hydra.run.dir=$WORK/h2" 2>&1 | tail -16
 test -f "$WORK/ck2/lsg-L2.safetensors"
 
-echo "== lsg-compare on the GPU (device=auto)"
-python3 -m lsg.cli.compare "${MODEL[@]}" "${DATA[@]}" model.dtype=bfloat16 logger=none "out_dir=$WORK/compare" \
+echo "== eval.py with the overhead column on the GPU (device=auto)"
+python3 eval.py "${MODEL[@]}" "benchmark.root=$WORK/shapes" benchmark.split=val benchmark.n=28 overhead=true model.dtype=bfloat16 \
+    logger=none "out_dir=$WORK/compare" \
     "gates=[none,var,vaf,spear,outro,oracle@2:0.3,ckpt:$WORK/ck/lsg-L2.safetensors]" batch_size=14 \
     "hydra.run.dir=$WORK/h3" 2>&1 | tail -14
 

@@ -159,22 +159,20 @@ def assert_cache_matches_recompute(bb, gates, new_tokens=6):
 
 
 def compare_twice(tmp_path, first, second, monkeypatch):
-    """compare.py's baseline on `first`, then on `second` with the same cache folder; returns
-    the second run's rows and how many times it evaluated (0 = served from the cache)."""
-    import lsg.comparison as comparison
-    from lsg.comparison import compare
-    from lsg.datamodule import load_records
-    from lsg.evaluation import evaluate_many
+    """eval.py's baseline on a shapes data split with backbone `first`, then with `second` and the
+    same answer store; returns the second run's rows, how many times it answered (0 = served from
+    the store) and the split's questions."""
+    import lsg.evaluation as evaluation
+    from lsg.benchmarks.base import DataSplit
+    from lsg.benchmarks.run import evaluate_benchmark
 
-    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
-    records = load_records(data, "val")
-    compare(first, ["none"], records, data, "val", tmp_path / "out", batch_size=7, timing_batches=1,
-            timing_repeats=1)
+    split = DataSplit({"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0})
+    evaluate_benchmark(first, split, ["none"], tmp_path / "out", batch_size=7)
     calls = []
-    monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: calls.append(1) or evaluate_many(*a, **k))
-    rows, _ = compare(second, ["none"], records, data, "val", tmp_path / "out", batch_size=7,
-                      timing_batches=1, timing_repeats=1)
-    return rows, len(calls), records
+    answer = evaluation.choice_letters
+    monkeypatch.setattr(evaluation, "choice_letters", lambda *a, **k: calls.append(1) or answer(*a, **k))
+    report = evaluate_benchmark(second, split, ["none"], tmp_path / "out", batch_size=7)
+    return report["rows"], len(calls), split.load()
 
 
 ROOT = Path(__file__).resolve().parents[1]

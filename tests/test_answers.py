@@ -8,7 +8,7 @@ import lsg
 from tests.hand import compare_twice
 
 
-def test_compare_cache_never_serves_the_answers_of_another_system_prompt(tmp_path, tiny, monkeypatch):
+def test_eval_cache_never_serves_the_answers_of_another_system_prompt(tmp_path, tiny, monkeypatch):
     """Same weights, same data, another system prompt: the prompts the model reads differ, so
     the cached answers of the first prompt must not be served (the stale-cache bug of issue 18)."""
     from lsg.evaluation import evaluate
@@ -17,11 +17,11 @@ def test_compare_cache_never_serves_the_answers_of_another_system_prompt(tmp_pat
     assert other.fingerprint == tiny.fingerprint and other.system_prompt != tiny.system_prompt
     rows, evaluated, records = compare_twice(tmp_path, tiny, other, monkeypatch)
     assert evaluated == 1, "another system prompt must be evaluated, not read from the cache"
-    assert rows[0]["overall"] == pytest.approx(100 * evaluate(other, records, batch_size=7).overall)
+    assert rows[0]["acc_pct"]["overall"] == pytest.approx(evaluate(other, records, batch_size=7).acc_pct["overall"])
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 2
 
 
-def test_compare_cache_never_serves_the_answers_of_another_chat_template(tmp_path, tiny, monkeypatch):
+def test_eval_cache_never_serves_the_answers_of_another_chat_template(tmp_path, tiny, monkeypatch):
     other = lsg.load_backbone("tiny-random")
     other.processor.chat_template = other.processor.chat_template.replace("assistant", "Assistant")
     assert other.processor.chat_template != tiny.processor.chat_template
@@ -29,7 +29,7 @@ def test_compare_cache_never_serves_the_answers_of_another_chat_template(tmp_pat
     assert evaluated == 1, "another chat template must be evaluated, not read from the cache"
 
 
-def test_compare_cache_is_reused_for_the_same_backbone_and_prompt(tmp_path, tiny, monkeypatch):
+def test_eval_cache_is_reused_for_the_same_backbone_and_prompt(tmp_path, tiny, monkeypatch):
     """The control: an identical setup is served from the cache (the key is not random)."""
     same = lsg.load_backbone("tiny-random")
     _, evaluated, _ = compare_twice(tmp_path, tiny, same, monkeypatch)

@@ -1,12 +1,10 @@
 """Benchmarks: each loader reads its hub layout, each scorer gives the scores computed by hand
-(malformed answers included), and evaluate.py runs gate stacks with cached answers."""
+(malformed answers included), and eval.py runs gate stacks with cached answers."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,12 @@ from omegaconf import OmegaConf
 import lsg
 from lsg.benchmarks import REGISTRY, get_benchmark
 from lsg.benchmarks.parsing import extract_letter, mathvista_normalize
-from lsg.answers import answer_key
-from lsg.benchmarks.run import answer, benchmark_context, evaluate_benchmark
+from lsg.answers import answer_context, answer_key
+from lsg.benchmarks.run import evaluate_benchmark
+from lsg.evaluation import answer_cache, answer_stacks
 from lsg.specs import baseline_stack, parse_stack
 from tests import benchmark_fixtures as fixtures
+from tests.hand import run_app
 from lsg.configs import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_mmstar_reads_inline_options_and_the_letter_at_the_start(hub):
     assert score.parsed == ["A", "B", "C", "D", "I", ""]
     assert score.correct == [1, 1, 1, 1, 0, 0]
     assert score.metrics == approx({"accuracy": 400 / 6})
-    assert score.by_subtask["math"] == 0 and score.by_subtask["logical reasoning"] == 100
+    assert score.acc_pct["math"] == 0 and score.acc_pct["logical reasoning"] == 100
 
 
 def test_cvbench_combined_score_averages_2d_sources_then_2d_and_3d(hub):
@@ -154,6 +154,24 @@ def test_mathvista_extracts_by_rules_normalises_and_matches_strings(hub):
     assert mathvista_normalize("10", ["97", "102", "107"], "multi_choice", "text", None) == "102"
 
 
+def test_a_data_split_is_a_benchmark_of_its_multiple_choice_questions_scored_by_letter(tmp_path):
+    from lsg.benchmarks.base import DataSplit
+    from lsg.datamodule import load_records
+
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_val": 14}
+    split = DataSplit(data, "val", limit=4)
+    items = split.load()
+    assert [it.id for it in items] == [r.id for r in load_records(data, "val")[:4]]
+    right = items[0].answer_letter
+    wrong = next(l for l in "ABCD" if l != items[1].answer_letter)
+    score = split.score(items, [right, f"({wrong.lower()}) no", "", items[3].answer_letter])
+    assert score.parsed == [right, wrong, "", items[3].answer_letter] and score.correct == [1, 0, 0, 1]
+    # Percent, per sub-task (sorted) then overall; counts have the same keys.
+    assert score.metrics == {"accuracy": 50.0} and score.acc_pct["overall"] == 50.0
+    assert list(score.acc_pct) == sorted({it.subtask for it in items}) + ["overall"] == list(score.counts)
+    assert score.counts["overall"] == 4 and split.answer_source() == {"data": data, "split": "val"}
+
+
 def test_letter_reading_follows_the_official_start_of_answer_rule():
     assert [extract_letter(r, 4) for r in ["B", "b) blue", "(C)", "option d", "the answer is a", "E", "", "  \n"]] == \
         ["B", "B", "C", "D", "A", "", "", ""]
@@ -163,16 +181,22 @@ def test_generation_answers_are_cached_by_weights_revision_and_gates(tiny, hub, 
     bench = load("pope", hub["pope"], max_new_tokens=2)
     items = bench.load()
     stacks = [baseline_stack(), parse_stack("var", tiny)]
-    first, hits = answer(tiny, bench, items, stacks, tmp_path, batch_size=4, progress=False)
-    assert hits == set() and len(first["none"]) == len(items) == len(first["var"])
-    # The baseline answers are the backbone's own greedy answers.
+    first = answer_stacks(tiny, bench, stacks, items, tmp_path, batch_size=4, progress=None)
+    assert not any(r.cached for r in first.values())
+    assert len(first["none"].predictions) == len(items) == len(first["var"].predictions)
+    # The baseline answers are the backbone's own greedy answers, scored by POPE's scorer.
     batch = tiny.build_batch([it.load_image() for it in items], [it.question for it in items], padding_side="left")
-    assert first["none"] == [t.strip() for t in tiny.generate(batch, 2)]
-    again, hits = answer(tiny, bench, items, stacks, tmp_path, batch_size=4, progress=False)
-    assert hits == {"none", "var"} and again == first
+    assert first["none"].predictions == [t.strip() for t in tiny.generate(batch, 2)]
+    assert first["none"].correct == bench.score(items, first["none"].predictions).correct
+    again = answer_stacks(tiny, bench, stacks, items, tmp_path, batch_size=4, progress=None)
+    assert all(r.cached for r in again.values())
+    assert {s: r.predictions for s, r in again.items()} == {s: r.predictions for s, r in first.items()}
+    # A benchmark is keyed as it always was (its identity and files), so earlier answers stay valid.
+    assert answer_cache(tiny, bench, items, None).context == answer_context(
+        tiny, items, benchmark=bench.identity(), data=bench.data_digest())
     other_revision = load("pope", hub["pope"], max_new_tokens=2, revision="0" * 40)
     other_weights = lsg.load_backbone("tiny-random", seed=1)
-    answers_key = lambda ident, bb, bench, its: answer_key(ident, benchmark_context(bb, bench, its))  # noqa: E731
+    answers_key = lambda ident, bb, bench, its: answer_key(ident, answer_cache(bb, bench, its, None).context)  # noqa: E731
     keys = {answers_key(stacks[1].identity, tiny, bench, items), answers_key(stacks[0].identity, tiny, bench, items),
             answers_key(stacks[1].identity, tiny, other_revision, items),
             answers_key(stacks[1].identity, other_weights, bench, items),
@@ -185,22 +209,22 @@ def test_generation_answers_are_cached_by_weights_revision_and_gates(tiny, hub, 
         tiny.processor.chat_template = template
     assert len(keys) == 6
     with pytest.raises(ValueError, match="mode=choice needs options.*Use benchmark.mode=generate"):
-        answer(tiny, load("mmstar", hub["mmstar"], mode="choice"), [*load("mmstar", hub["mmstar"]).load()[:1],
-               items[0]], stacks[:1], None, progress=False)
+        answer_stacks(tiny, load("mmstar", hub["mmstar"], mode="choice"), stacks[:1],
+                      [*load("mmstar", hub["mmstar"]).load()[:1], items[0]], progress=None)
 
 
 @pytest.mark.slow
-def test_evaluate_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(tiny, tmp_path):
+def test_eval_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(tiny, tmp_path):
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "lsg.cli.evaluate", "model=tiny-random", "logger=none", "benchmark.n=14",
-           f"benchmark.root={tmp_path / 'shapes'}", f"out_dir={out}", "gates=[var,oracle@1:0.3+var]",
-           "batch_size=4", "bootstrap_samples=200"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = ["model=tiny-random", "logger=none", "benchmark.n=14", f"benchmark.root={tmp_path / 'shapes'}",
+            f"out_dir={out}", "gates=[var,oracle@1:0.3+var]", "batch_size=4", "bootstrap_samples=200",
+            f"hydra.run.dir={tmp_path / 'h'}"]
+    run_app("eval", *args, cwd=ROOT)
     report = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"none", "var", "oracle@1:0.3+var"}
     assert set(rows["var"]["paired"]["overall"]) >= {"delta", "ci_low", "ci_high", "p"}
+    assert (out / "results.md").exists() and (out / "deltas.png").stat().st_size > 1000
     # Independent: the plain evaluation path (one full forward per stack) on the same records.
     from lsg.datamodule import load_records
     from lsg.evaluation import evaluate
@@ -209,10 +233,10 @@ def test_evaluate_py_runs_a_gate_stack_on_shapes_and_matches_plain_evaluation(ti
     for spec in ("none", "oracle@1:0.3+var"):
         stack = parse_stack(spec, tiny)
         plain = evaluate(tiny, records, stack.layers or None, batch_size=4)
-        assert rows[spec]["accuracy"]["overall"] == pytest.approx(100 * plain.overall)
+        assert rows[spec]["acc_pct"]["overall"] == pytest.approx(plain.acc_pct["overall"])
         assert [item[f"{spec}|parsed"] for item in report["items"]] == plain.predictions
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0 and "3 stacks from the cache" in again.stdout
+    again = run_app("eval", *args, cwd=ROOT)
+    assert "3 stacks from the cache" in again.stdout
 
 
 def test_evaluate_benchmark_generates_on_a_hub_fixture(tiny, hub, tmp_path):

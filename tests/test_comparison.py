@@ -1,4 +1,5 @@
-"""compare.py machinery: spec parsing, caching, tables, chart."""
+"""Gate stacks beside the baseline (eval.py on a data split): spec parsing, the answer store,
+paired tables, overhead, chart."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 
 import pytest
 
-from lsg.comparison import compare, plot_deltas, split_context, write_table
+from lsg.benchmarks.base import DataSplit
+from lsg.benchmarks.run import evaluate_benchmark
+from lsg.comparison import markdown, paired_rows, plot_deltas
 from lsg.specs import parse_layers, parse_stack
-from lsg.datamodule import load_records
 from lsg.gates import LSGGate, VAFGate
 
 
@@ -46,11 +48,17 @@ def test_parse_stack_builds_mixed_stacks(tmp_path, tiny):
         parse_stack(f"lsg:{retrained}", tiny)
 
 
-def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monkeypatch):
-    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
-    records = load_records(data, "val")
+def shapes_split(tmp_path, n_val: int = 14) -> DataSplit:
+    """The shapes val split of `n_val` questions under `tmp_path` as a benchmark."""
+    return DataSplit({"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": n_val, "n_test": 0})
+
+
+def test_eval_caches_answers_measures_overhead_and_writes_table_and_chart(tmp_path, tiny, monkeypatch):
+    split = shapes_split(tmp_path)
+    records = split.load()
     specs = ["none", "vaf@1", "oracle@2:0.0"]
     import lsg.comparison as comparison
+    import lsg.evaluation as evaluation
 
     seconds = {None: 0.5, "vaf@1": 0.75, "oracle@2:0.0": 0.625}  # prefill seconds per batch, by stack
     timed = []
@@ -60,9 +68,10 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
         return seconds[None if stack is None else stack.spec]
 
     monkeypatch.setattr(comparison, "time_forward", fake_time_forward)
-    rows, tasks = compare(tiny, specs, records, data, "val", tmp_path / "out", batch_size=7,
-                          timing_batches=1, timing_repeats=1)
-    assert [r["method"] for r in rows] == ["baseline", "vaf@1", "oracle@2:0.0"]
+    report = evaluate_benchmark(tiny, split, specs, tmp_path / "out", batch_size=7, overhead=True, timing_batches=1,
+                                timing_repeats=1)
+    rows = report["rows"]
+    assert [r["method"] for r in rows] == ["none", "vaf@1", "oracle@2:0.0"]
     # Overhead = the stack's prefill time / the baseline's, both measured in this run.
     assert [r["overhead"] for r in rows] == [1.0, 1.5, 1.25]
     assert [r["prefill_ms_per_batch"] for r in rows] == [500.0, 750.0, 625.0]
@@ -75,48 +84,48 @@ def test_compare_caches_results_and_writes_table_and_chart(tmp_path, tiny, monke
         d = json.loads(path.read_text())
         predictions = [d["answers"][r.id]["prediction"] for r in records]  # the answer store's format
         hits = sum(p == r.answer_letter for p, r in zip(predictions, records))
-        row = next(r for r in rows if r["method"] == ("baseline" if d["spec"] == "none" else d["spec"]))
-        assert row["overall"] == pytest.approx(100 * hits / len(records))
+        row = next(r for r in rows if r["method"] == d["spec"])
+        assert row["acc_pct"]["overall"] == pytest.approx(100 * hits / len(records))
 
-    # A re-run evaluates nothing: make evaluation fail if it is called.
-    monkeypatch.setattr(comparison, "evaluate_many", lambda *a, **k: pytest.fail("cache not used"))
-    rows2, _ = compare(tiny, specs, records, data, "val", tmp_path / "out", batch_size=7,
-                       timing_batches=1, timing_repeats=1)
-    assert [r["overall"] for r in rows2] == [r["overall"] for r in rows]
-    csv_path, md_path = write_table(rows, tasks, tmp_path / "out")
-    assert md_path.read_text().count("\n") == len(rows) + 2
-    assert plot_deltas(rows, tasks, tmp_path / "out" / "c.png").stat().st_size > 1000
+    md = report["files"]["md"].read_text()
+    assert "| vaf@1 | " in md and "| 750.0 | 1.50 |" in md  # the overhead table
+    assert report["files"]["png"].stat().st_size > 1000
+
+    # A re-run answers nothing: make answering fail if it is called.
+    monkeypatch.setattr(evaluation, "choice_letters", lambda *a, **k: pytest.fail("cache not used"))
+    again = evaluate_benchmark(tiny, split, specs, tmp_path / "out", batch_size=7)
+    assert [r["acc_pct"] for r in again["rows"]] == [r["acc_pct"] for r in rows] and again["cached"] == specs
 
 
-def test_compare_never_serves_another_checkpoints_answers_under_the_same_name(tmp_path, tiny, monkeypatch):
+def test_eval_never_serves_another_checkpoints_answers_under_the_same_name(tmp_path, tiny, monkeypatch):
     """Two checkpoints with one name (another seed = a fine-tune, a 13B...) get separate cache
     entries: the second's baseline is evaluated, and equals a direct evaluation."""
     import lsg
-    from lsg.evaluation import evaluate
+    from lsg.answers import answer_context, answer_key
+    from lsg.evaluation import answer_cache, evaluate
     from tests.hand import compare_twice
 
     other = lsg.load_backbone("tiny-random", seed=1)
     assert other.name == tiny.name and other.fingerprint != tiny.fingerprint
     rows, evaluated, records = compare_twice(tmp_path, tiny, other, monkeypatch)
-    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
     assert evaluated == 1, "the other checkpoint's baseline must be evaluated, not read from the cache"
-    assert rows[0]["overall"] == pytest.approx(100 * evaluate(other, records, batch_size=7).overall)
+    assert rows[0]["acc_pct"]["overall"] == pytest.approx(evaluate(other, records, batch_size=7).acc_pct["overall"])
     assert len(list((tmp_path / "out" / "cache").glob("*.json"))) == 2
+    # A data split is keyed as it always was (data config and split), so earlier answers stay valid.
+    split = shapes_split(tmp_path)
+    assert answer_cache(tiny, split, records, None).context == answer_context(tiny, records, data=split.data,
+                                                                               split="val")
     # Another split of the same size is another key too.
-    from lsg.answers import answer_key
-
     stack = parse_stack("none", tiny)
-    assert answer_key(stack.identity, split_context(tiny, records, data, "val")) != answer_key(
-        stack.identity, split_context(tiny, records[::-1], data, "val"))
+    assert answer_key(stack.identity, answer_cache(tiny, split, records, None).context) != answer_key(
+        stack.identity, answer_cache(tiny, split, records[::-1], None).context)
 
 
-def test_compare_with_only_the_baseline_writes_the_table_without_a_chart(tmp_path, tiny):
-    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 7, "n_test": 0}
-    rows, tasks = compare(tiny, ["none"], load_records(data, "val"), data, "val", tmp_path / "out",
-                          batch_size=7, timing_batches=1, timing_repeats=1)
-    assert [r["method"] for r in rows] == ["baseline"]
-    assert plot_deltas(rows, tasks, tmp_path / "out" / "c.png") is None
-    assert not (tmp_path / "out" / "c.png").exists()
+def test_eval_with_only_the_baseline_writes_the_table_without_a_chart(tmp_path, tiny):
+    report = evaluate_benchmark(tiny, shapes_split(tmp_path, 7), ["none"], tmp_path / "out", batch_size=7)
+    assert [r["method"] for r in report["rows"]] == ["none"]
+    assert report["files"]["png"] is None and not (tmp_path / "out" / "deltas.png").exists()
+    assert plot_deltas(report["rows"], tmp_path / "out" / "c.png") is None
 
 
 def test_a_trained_gate_is_not_moved_to_another_layer_unless_asked(tmp_path, tiny):
@@ -164,7 +173,7 @@ def test_hub_fingerprint_comes_from_the_weights_not_the_id(tmp_path, tiny_hub_di
 
 
 def test_paired_delta_gives_the_exact_mcnemar_p_and_a_bootstrap_ci_around_the_delta():
-    from lsg.evaluation import paired_delta
+    from lsg.stats import paired_delta
 
     # 100 questions: 1 lost, 4 won, the rest agree. McNemar exact: n = 5 discordant, k = 1,
     # p = 2 * (C(5,0) + C(5,1)) / 2**5 = 0.375.
@@ -185,23 +194,24 @@ def test_paired_delta_gives_the_exact_mcnemar_p_and_a_bootstrap_ci_around_the_de
         paired_delta([True], [True, False])
 
 
-def test_comparison_rows_carry_a_paired_ci_per_sub_task(tmp_path, tiny):
-    from lsg.evaluation import comparison_rows, evaluate, paired_delta
+def test_paired_rows_carry_a_paired_ci_per_sub_task(tmp_path, tiny):
+    from lsg.evaluation import evaluate
+    from lsg.stats import paired_delta
 
-    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 0, "n_val": 14, "n_test": 0}
-    records = load_records(data, "val")
+    records = shapes_split(tmp_path).load()
     base = evaluate(tiny, records, batch_size=7)
     gated = evaluate(tiny, records, {2: LSGGate(tiny.hidden_size, "vsink-lsink-ordinary", gain=1.0)}, batch_size=7)
-    rows = comparison_rows(base, {"lsg": gated}, samples=500)
-    assert "overall_ci_low" not in rows[0]
-    for task in sorted(base.counts):
+    rows = paired_rows({"none": base, "lsg": gated}, samples=500)
+    assert "paired" not in rows[0]
+    tasks = [t for t in base.counts if t != "overall"]
+    for task in tasks:
         mine = [i for i, r in enumerate(records) if r.subtask == task]
         want = paired_delta([base.correct[i] for i in mine], [gated.correct[i] for i in mine], 500)
-        assert (rows[1][f"{task}_ci_low"], rows[1][f"{task}_ci_high"], rows[1][f"{task}_p"]) == want[1:]
-    for row in rows:
-        row["overhead"] = 1.0
-    md = write_table(rows, sorted(base.counts), tmp_path / "out")[1].read_text()
-    assert md.count("[") == len(base.counts) + 1  # every delta of the gated row has its CI
+        p = rows[1]["paired"][task]
+        assert (p["ci_low"], p["ci_high"], p["p"]) == want[1:]
+    md = markdown(rows)
+    cells = [line for line in md.splitlines() if line.startswith("| ") and "[" in line]
+    assert len(cells) == len(tasks) + 1  # every delta of the gated row has its CI, overall included
 
 
 def test_bad_device_and_weightless_folder_get_clear_errors(tmp_path):

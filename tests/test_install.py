@@ -39,7 +39,8 @@ def test_the_wheel_holds_the_configs_and_the_embedded_weights(installed):
     packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "lsg").rglob("__init__.py")}
     assert {f"{p}/__init__.py" for p in packages} <= names, "a package is missing from pyproject's `packages`"
     assert {"lsg/embedded/weights/vision.safetensors", "lsg/embedded/weights/embedded.json"} <= names
-    assert {f"bin/lsg-{c}" for c in ("train", "eval", "compare", "summarize", "stack", "oracle", "calibrate")} <= names
+    assert {f"bin/lsg-{c}" for c in ("train", "eval", "summarize", "stack", "oracle", "calibrate")} <= names
+    assert "bin/lsg-compare" not in names  # one app: lsg-eval
     assert {"lsg/lmms_tasks/lsg_shapes/lsg_shapes_mc.yaml", "lsg/lmms_tasks/lsg_shapes/utils.py"} <= names
 
 
@@ -49,6 +50,6 @@ def test_console_scripts_run_from_another_directory(installed, tmp_path):
     help_ = run_installed(installed, tmp_path, str(installed / "bin" / "lsg-train"), "--help")
     assert help_.returncode == 0, help_.stderr[-3000:]
     assert "gate: keyscale, knockout, lora, lsg" in help_.stdout and "layer: 10" in help_.stdout
-    composed = run_installed(installed, tmp_path, str(installed / "bin" / "lsg-compare"), "model=tiny-random",
+    composed = run_installed(installed, tmp_path, str(installed / "bin" / "lsg-eval"), "model=tiny-random",
                              "--cfg", "job")
     assert composed.returncode == 0 and "name: tiny-random" in composed.stdout, composed.stderr[-3000:]

@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import pytest
 
-from lsg.datamodule import load_records
+from lsg.benchmarks.base import DataSplit
 from lsg.evaluation import evaluate
 from lsg.gates import KeyScaleGate
 from lsg.oracle import run_grid, stage2_specs, write_grid
 
 
 def test_grid_cells_equal_plain_evaluations_and_best_is_the_argmax(tiny, tmp_path):
-    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_val": 14}
-    records = load_records(data, "val")
-    table = run_grid(tiny, records, [1, 3], [0.0, 0.5, 1.0], data, "val", tmp_path / "out", batch_size=5,
-                     samples=200)
-    base = evaluate(tiny, records)
-    assert table["baseline"]["overall"] == pytest.approx(100 * base.overall)
+    split = DataSplit({"name": "shapes", "root": str(tmp_path / "shapes"), "n_val": 14}, "val")
+    records = split.load()
+    table = run_grid(tiny, split, [1, 3], [0.0, 0.5, 1.0], tmp_path / "out", batch_size=5, samples=200)
+    base = evaluate(tiny, records).acc_pct["overall"]
+    assert table["baseline"]["overall"] == pytest.approx(base)
     for c in table["cells"]:
         plain = evaluate(tiny, records, {c["layer"]: KeyScaleGate.oracle(c["alpha"], tiny.default_grouping)})
-        assert c["acc"]["overall"] == pytest.approx(100 * plain.overall)
-        assert c["stats"]["overall"]["delta"] == pytest.approx(100 * (plain.overall - base.overall))
+        assert c["acc"]["overall"] == pytest.approx(plain.acc_pct["overall"])
+        assert c["stats"]["overall"]["delta"] == pytest.approx(plain.acc_pct["overall"] - base)
     for layer, best in table["best"].items():
         mine = [c for c in table["cells"] if c["layer"] == int(layer)]
         for task, b in best.items():
@@ -30,7 +29,7 @@ def test_grid_cells_equal_plain_evaluations_and_best_is_the_argmax(tiny, tmp_pat
     assert len(specs) == 2 * 4 and all(s.count("/") == 2 for s in specs)
     alpha = table["best"]["1"]["overall"]["alpha"]
     assert f"oracle@1:{alpha:g}/{1 - alpha:g}/{1 - alpha:g}" in specs
-    again = run_grid(tiny, records, [1], [0.5], data, "val", tmp_path / "out", 5, 200, extra_specs=specs[:1])
+    again = run_grid(tiny, split, [1], [0.5], tmp_path / "out", 5, 200, extra_specs=specs[:1])
     assert again["extra"][0]["spec"] == specs[0]
     paths = write_grid(table, tmp_path / "out")
     assert all(p.stat().st_size > 100 for p in paths)

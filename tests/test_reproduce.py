@@ -23,15 +23,15 @@ def test_the_paper_experiment_composes_and_prints_its_plan_offline(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {line.split(":")[0].strip().split(". ")[-1]: line for line in result.stdout.splitlines() if ". " in line}
-    assert list(lines) == ["calibrate", "sweep", "summarize", "stack", "lora", "evaluate-mmstar", "evaluate-cvbench",
+    assert list(lines) == ["calibrate", "sweep", "summarize", "stack", "lora", "eval-mmstar", "eval-cvbench",
                            "report"]
     assert "model=llava-1.5-7b" in lines["sweep"] and "layer=all" in lines["sweep"] and "lsg-train" in lines["sweep"] and "epochs=2" in lines["sweep"]
     assert "data.train_json=data/cambrian10k/train.json" in lines["sweep"]
     assert "max_size=5" in lines["stack"] and "'free=[var]'" in lines["stack"]
     assert "gate=lora layer=10" in lines["lora"]
     for bench in ("mmstar", "cvbench"):
-        assert f"benchmark={bench}" in lines[f"evaluate-{bench}"]
-        assert "lsg-L10/gate-epoch1.safetensors" in lines[f"evaluate-{bench}"] and "var" in lines[f"evaluate-{bench}"]
+        assert f"benchmark={bench}" in lines[f"eval-{bench}"] and "lsg-eval" in lines[f"eval-{bench}"]
+        assert "lsg-L10/gate-epoch1.safetensors" in lines[f"eval-{bench}"] and "var" in lines[f"eval-{bench}"]
     assert not (tmp_path / "runs").exists(), "a dry run runs nothing"
 
 
@@ -55,8 +55,8 @@ def test_a_tiny_reproduction_runs_every_stage_writes_the_report_and_resumes(tmp_
     assert [name for name in record] == [s.name for s in stages] and not any(r["skipped"] for r in record.values())
     rows = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in rows] == ["LSG L2", "stack (keep-all)", "VAR", "LoRA L2"]
-    # Our deltas are the evaluate stage's paired deltas, and the paper's stand beside them.
-    results = json.loads((out / "evaluate" / "shapes" / "results.json").read_text())
+    # Our deltas are the eval stage's paired deltas, and the paper's stand beside them.
+    results = json.loads((out / "eval" / "shapes" / "results.json").read_text())
     lsg_row = next(r for r in results["rows"] if r["method"].startswith("ckpt:") and "lsg-L2" in r["method"])
     assert rows[0]["delta"] == pytest.approx(lsg_row["paired"]["overall"]["delta"])
     assert [r["paper"] for r in rows] == [2.14, 3.08, 0.75, -5.30]
@@ -73,7 +73,7 @@ def test_a_tiny_reproduction_runs_every_stage_writes_the_report_and_resumes(tmp_
     # Another setting of a stage: it runs again, and so does everything after it.
     exp["benchmarks"][0]["overrides"] = [*exp["benchmarks"][0]["overrides"], "benchmark.mode=choice"]
     fourth = run_plan(plan(exp, out), exp, out, log=lambda *_: None)
-    assert [n for n, r in fourth.items() if not r["skipped"]] == ["evaluate-shapes", "report"]
+    assert [n for n, r in fourth.items() if not r["skipped"]] == ["eval-shapes", "report"]
     # Skipping a stage drops the methods that need its outputs from the evaluation.
     exp["skip"] = ["lora"]
     assert "lora" not in " ".join(s.shell() for s in plan(exp, out))

@@ -10,19 +10,15 @@ import pytest
 import torch
 
 import lsg
-from lsg.evaluation import EvalResult, evaluate
+from lsg.evaluation import Result, evaluate
 from lsg.gates import LSGGate
 from lsg.specs import manifest, manifest_specs, write_manifest
 from lsg.stacking import Candidate, greedy
 
 
-class R:  # a record stub: sub-task and answer letter
-    def __init__(self, i):
-        self.id, self.subtask, self.answer_letter = f"q{i}", "t", "A"
-
-
 def result(hits):
-    return EvalResult.from_predictions([R(i) for i in range(len(hits))], ["A" if h else "B" for h in hits])
+    """One sub-task's answers: right where `hits` is 1."""
+    return Result([float(h) for h in hits], ["A" if h else "B" for h in hits], ["t"] * len(hits))
 
 
 def test_greedy_keep_all_adds_every_candidate_and_keep_if_better_only_improvements():
@@ -78,8 +74,8 @@ def test_stack_py_end_to_end_manifest_loads_everywhere_and_is_refused_when_stale
     assert sorted(layers) == [1, 2, 3]
     final = [s for s in steps if s["policy"] == "keep-all"][-1]
     plain, base = evaluate(tiny, test, layers), evaluate(tiny, test)
-    assert final["heldout"]["overall"]["delta"] == pytest.approx(100 * (plain.overall - base.overall))
-    # compare.py reads the manifest as a gate spec.
+    assert final["heldout"]["overall"]["delta"] == pytest.approx(plain.acc_pct["overall"] - base.acc_pct["overall"])
+    # Every gate spec (eval.py's gates=) reads the manifest.
     from lsg.specs import parse_stack
 
     assert parse_stack(f"stack:{out / 'stack-keep-all.json'}", tiny).layers.keys() == layers.keys()

@@ -6,8 +6,6 @@ the sink setup and gate specs they run; and the entry points run as a user runs 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -135,42 +133,32 @@ def real(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     return hidden[batch["attention_mask"].bool()]
 
 
-def run_app(app: str, tmp_path: Path, folder: Path, model: str, *overrides: str) -> subprocess.CompletedProcess:
-    """`python -m lsg.cli.<app> model=<model> model.hf_id=<folder>` with the tiny sinks, run in
-    `tmp_path`; asserts it exits 0 (its stderr tail in the message).
-
-    Raises:
-        subprocess.TimeoutExpired: it ran over 10 minutes.
-    """
-    cmd = [sys.executable, "-m", f"lsg.cli.{app}", f"model={model}", *SINK_OVERRIDES, f"model.hf_id={folder}",
-           f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def check_user_commands(tmp_path: Path, folder: Path, model: str) -> None:
-    """train (a 3-group LSG gate at layer 2), compare with every gate, evaluate on the shapes
-    benchmark by option letters and by KV-cache generation, overhead, calibrate: each as a user
-    runs it, on the checkpoint in `folder` loaded through the `model` config."""
+    """train (a 3-group LSG gate at layer 2), eval with every gate on a data split with the
+    overhead column, eval on the shapes benchmark by option letters and by KV-cache generation,
+    overhead, calibrate: each as a user runs it (`tests.hand.run_app`), in `tmp_path`, on the
+    checkpoint in `folder` loaded through the `model` config with the tiny sinks."""
+    from tests.hand import run_app
+
+    model_args = [f"model={model}", *SINK_OVERRIDES, f"model.hf_id={folder}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    app = lambda name, *overrides: run_app(name, *model_args, *overrides, cwd=tmp_path)  # noqa: E731
     data = [f"data.root={tmp_path / 'shapes'}", "data.n_val=14"]
+    shapes = [f"benchmark.root={tmp_path / 'shapes'}", "benchmark.n=14"]
     export = tmp_path / "ck" / "lsg-L2.safetensors"
-    run_app("train", tmp_path, folder, model, "logger=none", "layer=2", "gate.grouping=vsink-lsink-ordinary", *data,
-            "data.n_train=16", f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4",
-            "effective_batch_size=8", "epochs=1", "export_epoch=1")
+    app("train", "logger=none", "layer=2", "gate.grouping=vsink-lsink-ordinary", *data, "data.n_train=16",
+        f"run_dir={tmp_path / 'run'}", f"export_path={export}", "batch_size=4", "effective_batch_size=8", "epochs=1",
+        "export_epoch=1")
     assert json.loads(export.with_suffix(".json").read_text())["backbone"] == model
-    result = run_app("compare", tmp_path, folder, model, "logger=none", *data, f"out_dir={tmp_path / 'compare'}",
-                     "batch_size=7", "timing_batches=1", "timing_repeats=1",
-                     f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
-    assert (tmp_path / "compare" / "comparison.md").exists() and "lsg:" in result.stdout
-    result = run_app("overhead", tmp_path, folder, model, "batch=2", "new_tokens=2", "repeats=1",
-                     "specs=[none,var,oracle@1:0.3]")
+    result = app("eval", "logger=none", *shapes, f"out_dir={tmp_path / 'compare'}", "batch_size=7", "overhead=true",
+                 "timing_batches=1", "timing_repeats=1", "bootstrap_samples=100",
+                 f"gates=[var,vaf@1-2,spear@2,outro,oracle@2:0.3,knockout@1,mean-v@3,zero-v@2,lsg:{export}]")
+    assert "overhead x" in (tmp_path / "compare" / "results.md").read_text() and "lsg:" in result.stdout
+    result = app("overhead", "batch=2", "new_tokens=2", "repeats=1", "specs=[none,var,oracle@1:0.3]")
     assert "| var |" in result.stdout and "| oracle@1:0.3 |" in result.stdout
     for mode in ("choice", "generate"):
         out = tmp_path / f"evaluate-{mode}"
-        run_app("evaluate", tmp_path, folder, model, "logger=none", f"benchmark.root={tmp_path / 'shapes'}",
-                "benchmark.n=14", f"benchmark.mode={mode}", "benchmark.max_new_tokens=2", f"out_dir={out}",
-                "gates=[var,oracle@2:0.3]", "batch_size=7", "bootstrap_samples=100")
+        app("eval", "logger=none", *shapes, f"benchmark.mode={mode}", "benchmark.max_new_tokens=2", f"out_dir={out}",
+            "gates=[var,oracle@2:0.3]", "batch_size=7", "bootstrap_samples=100")
         rows = json.loads((out / "results.json").read_text())["rows"]
         assert [r["method"] for r in rows] == ["none", "var", "oracle@2:0.3"]
-    assert "sinks:" in run_app("calibrate", tmp_path, folder, model, *data, "n_samples=4").stdout
+    assert "sinks:" in app("calibrate", *data, "n_samples=4").stdout

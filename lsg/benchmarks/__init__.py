@@ -9,7 +9,7 @@ the shared machinery below is imported here, so adding one needs no list edited
 import importlib
 import pkgutil
 
-from lsg.benchmarks.base import REGISTRY, Benchmark, Score, get_benchmark, register
+from lsg.benchmarks.base import REGISTRY, Benchmark, get_benchmark, register
 
 _MACHINERY = {"base", "parsing", "run"}  # shared code, not benchmarks (`run` needs the whole package)
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
@@ -17,4 +17,4 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{_module}")
 del _module
 
-__all__ = ["REGISTRY", "Benchmark", "Score", "get_benchmark", "register"]
+__all__ = ["REGISTRY", "Benchmark", "get_benchmark", "register"]

@@ -1,59 +1,29 @@
-"""What every benchmark shares: a loader of questions (`lsg.data.VQARecord`), a scorer (`Score`), a registry.
+"""What every benchmark shares: a loader of questions (`lsg.data.VQARecord`), a scorer (giving a
+`lsg.evaluation.Result`), a registry; and `DataSplit`, a data config's split as a benchmark.
 
 A benchmark is one module in `lsg/benchmarks/` plus one config file in `conf/benchmark/`:
 its class says where the data lives (a pinned hub dataset id and revision, or a local
 folder in the same format), how a dataset row becomes a `VQARecord` (image, prompt, reference
 answer, sub-task) and how model answers are scored by the benchmark's official protocol.
-`lsg.benchmarks.run` evaluates gate stacks on any of them (docs/methods.md section 6).
+`lsg.evaluation.answer_stacks` answers and scores gate stacks on any of them, `lsg.benchmarks.run`
+writes eval.py's report (docs/methods.md section 6).
 """
 
 from __future__ import annotations
 
 import io
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from PIL import Image
 
+from lsg.benchmarks.parsing import extract_letter
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result, mc_records, score_letters
 
 MODES = ("generate", "choice")  # free-form generation then parsing | argmax of the option letters' logits
 
 
-@dataclass
-class Score:
-    """A benchmark's scores of one method's answers.
-
-    Attributes:
-        correct: per item (benchmark order), 1.0 if right else 0.0 (OCRBench: a hit); the
-            per-question outcome every paired CI resamples.
-        parsed: per item, what the official parser read from the answer ("" = nothing).
-        subtasks: per item, its sub-task.
-        metrics: the benchmark's official headline numbers (e.g. MME perception total,
-            POPE F1, OCRBench points out of 1000), in the benchmark's own units.
-    """
-
-    correct: list[float]
-    parsed: list[str]
-    subtasks: list[str]
-    metrics: dict[str, float]
-
-    @property
-    def by_subtask(self) -> dict[str, float]:
-        """Mean correctness (%) per sub-task and over all items (`overall`)."""
-        return accuracy_by_subtask(self.correct, self.subtasks)
-
-
-def accuracy_by_subtask(correct: Sequence[float], subtasks: Sequence[str]) -> dict[str, float]:
-    """Mean of `correct` in percent per sub-task (sorted) and over all items (`overall`)."""
-    groups = defaultdict(list)
-    for c, t in zip(correct, subtasks):
-        groups[t].append(c)
-    out = {t: 100.0 * sum(v) / len(v) for t, v in sorted(groups.items())}
-    out["overall"] = 100.0 * sum(correct) / max(len(correct), 1)
-    return out
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -118,6 +88,11 @@ class Benchmark:
                 "split": self.split, "mode": self.mode, "max_new_tokens": self.max_new_tokens,
                 "pre_prompt": self.pre_prompt, "post_prompt": self.post_prompt, "limit": self.limit}
 
+    def answer_source(self) -> dict:
+        """Where the questions come from, for the answer store's key (`lsg.answers.answer_context`):
+        the benchmark's identity and a local copy's files."""
+        return {"benchmark": self.identity(), "data": self.data_digest()}
+
     def data_digest(self) -> str | None:
         """For a local copy (`hf_id` a folder): sha256 over its files' names, sizes and modification
         times, so edited data never hits an old cache entry. None for a pinned hub revision."""
@@ -173,8 +148,50 @@ class Benchmark:
     def item(self, row: dict, index: int) -> VQARecord:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:  # pragma: no cover - abstract
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:  # pragma: no cover - abstract
+        """The official scores of one answer per item: `Result(correct, parsed, subtasks, metrics)`."""
         raise NotImplementedError
+
+
+class DataSplit(Benchmark):
+    """A split of a data config (`conf/data/*.yaml`: shapes, a LLaVA JSON) as a benchmark: its
+    multiple-choice questions, answered by the option letters' logits (mode choice) and scored by
+    exact letter (`lsg.evaluation.score_letters`; a generated answer's letter is read by the MMStar
+    rule, `parsing.extract_letter`). Not registered: oracle, stack and train.py build it from their
+    `data=` group.
+
+    Args:
+        data: the data config (plain dict), as `lsg.datamodule.load_records` reads it.
+        split: "train", "val" or "test".
+        limit: only the first `limit` multiple-choice questions (None = all).
+    """
+
+    name = "data"
+    multiple_choice = True
+
+    def __init__(self, data: dict, split: str = "val", limit: int | None = None, mode: str = "choice",
+                 max_new_tokens: int = 8):
+        super().__init__(hf_id="", split=split, mode=mode, max_new_tokens=max_new_tokens, limit=limit)
+        self.data = dict(data)
+
+    def identity(self) -> dict:
+        return {"benchmark": self.name, "data": self.data, "split": self.split, "mode": self.mode,
+                "limit": self.limit}
+
+    def answer_source(self) -> dict:
+        return {"data": self.data, "split": self.split}  # the key every data-split answer was stored under
+
+    def load(self) -> list[VQARecord]:
+        """The split's multiple-choice questions (options and a letter answer), in file order;
+        possibly none (e.g. Cambrian's free-form answers)."""
+        from lsg.datamodule import load_records
+
+        records = mc_records(load_records(self.data, self.split))
+        return records[:int(self.limit)] if self.limit else records
+
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
+        check_lengths(items, responses)
+        return score_letters(items, [extract_letter(r, len(it.options)) for it, r in zip(items, responses)])
 
 
 REGISTRY: dict[str, type[Benchmark]] = {}

@@ -20,9 +20,14 @@ from __future__ import annotations
 from statistics import mean
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
-from lsg.benchmarks.parsing import CVBENCH_PARSERS, cvbench_lenient_letter, cvbench_official
+from lsg.benchmarks.base import Benchmark, check_lengths, register
+from lsg.benchmarks.parsing import (
+    CVBENCH_PARSERS,
+    cvbench_lenient_letter,
+    cvbench_official,
+)
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 
 @register
@@ -57,7 +62,7 @@ class CVBench(Benchmark):
         letter = cvbench_lenient_letter(response, item.options)
         return letter, letter != "" and letter == item.answer_letter
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Per-question correctness; metrics (%): accuracy per source, 2D, 3D, and the combined
         score (sources absent from `items`, e.g. with `limit`, are left out of the means)."""
         check_lengths(items, responses)
@@ -76,4 +81,4 @@ class CVBench(Benchmark):
             metrics["accuracy_3d"] = acc["Omni3D"]
         parts = [metrics[k] for k in ("accuracy_2d", "accuracy_3d") if k in metrics]
         metrics["combined"] = mean(parts) if parts else float("nan")
-        return Score(correct, parsed, [it.subtask for it in items], metrics)
+        return Result(correct, parsed, [it.subtask for it in items], metrics)

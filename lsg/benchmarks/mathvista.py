@@ -21,9 +21,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, check_lengths, register
 from lsg.benchmarks.parsing import mathvista_extract, mathvista_normalize
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 
 @register
@@ -50,7 +51,7 @@ class MathVista(Benchmark):
                           "precision": row.get("precision"), "choices": choices},
                     image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Accuracy (%) overall and per question type; a question is right when the normalised
         extraction equals the answer string exactly (`calculate_score.py`, `safe_equal`); no
         prediction (None) is always wrong."""
@@ -66,4 +67,4 @@ class MathVista(Benchmark):
         for kind in sorted({it.meta["question_type"] for it in items}):
             hits = [c for c, it in zip(correct, items) if it.meta["question_type"] == kind]
             metrics[f"accuracy_{kind}"] = 100.0 * sum(hits) / len(hits)
-        return Score(correct, parsed, [it.subtask for it in items], metrics)
+        return Result(correct, parsed, [it.subtask for it in items], metrics)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, check_lengths, register
 from lsg.benchmarks.parsing import mme_yes_no
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -31,7 +32,7 @@ class MME(Benchmark):
                     answer=row["answer"].strip().lower(), subtask=row["category"],
                     meta={"image_id": row["question_id"]}, image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Metrics: `<sub-task>` score (0-200) each, `perception` and `cognition` totals, and
         `accuracy` / `accuracy_plus` (%) over all questions / images.
 
@@ -58,4 +59,4 @@ class MME(Benchmark):
         metrics["cognition"] = sum(metrics.get(t, 0.0) for t in COGNITION)
         metrics["accuracy"] = 100.0 * sum(correct) / max(len(correct), 1)
         metrics["accuracy_plus"] = 100.0 * sum(all(v) for v in per_image.values()) / max(len(per_image), 1)
-        return Score(correct, parsed, [it.subtask for it in items], metrics)
+        return Result(correct, parsed, [it.subtask for it in items], metrics)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, check_lengths, register
 from lsg.benchmarks.parsing import extract_letter
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 OPTION = re.compile(r"(?:^|, )([A-Z]): ")
 
@@ -45,10 +46,10 @@ class MMStar(Benchmark):
                     answer_letter=row["answer"].strip().upper(), meta={"l2_category": row["l2_category"]},
                     image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Accuracy (%) over all questions (the official final score) and per category."""
         check_lengths(items, responses)
         parsed = [extract_letter(r) for r in responses]
         correct = [float(p != "" and p == it.answer_letter) for p, it in zip(parsed, items)]
-        return Score(correct, parsed, [it.subtask for it in items],
+        return Result(correct, parsed, [it.subtask for it in items],
                      {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)})

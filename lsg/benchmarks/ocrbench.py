@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, check_lengths, register
 from lsg.benchmarks.parsing import ocrbench_hit
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 RECOGNITION = ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
                "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition")
@@ -34,7 +35,7 @@ class OCRBench(Benchmark):
         return VQARecord(id=str(index), question=self.wrap(row["question"]), answer=[str(a) for a in answers],
                     subtask=row["question_type"], meta={"dataset": row["dataset"]}, image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Metrics in points (hits): each group of `GROUPS` and `final_score` (their sum; out of
         1,000 on the full set, out of `len(items)` otherwise)."""
         check_lengths(items, responses)
@@ -42,4 +43,4 @@ class OCRBench(Benchmark):
         metrics = {group: sum(c for c, it in zip(correct, items) if it.subtask in types)
                    for group, types in GROUPS.items()}
         metrics["final_score"] = sum(correct)
-        return Score(correct, ["hit" if c else "" for c in correct], [it.subtask for it in items], metrics)
+        return Result(correct, ["hit" if c else "" for c in correct], [it.subtask for it in items], metrics)

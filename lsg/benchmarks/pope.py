@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, check_lengths, register
 from lsg.benchmarks.parsing import pope_yes_no
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 
 def binary_metrics(predicted: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
@@ -41,7 +42,7 @@ class POPE(Benchmark):
         return VQARecord(id=str(row["id"]), question=self.wrap(row["question"]), answer=row["answer"].strip().lower(),
                     subtask=row["category"], image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Per setting and over all: `<setting>/<metric>` and `<metric>` (%)."""
         check_lengths(items, responses)
         parsed = [pope_yes_no(r) for r in responses]
@@ -53,4 +54,4 @@ class POPE(Benchmark):
                             binary_metrics([parsed[i] for i in keep], [truth[i] for i in keep]).items()})
         metrics.update(binary_metrics(parsed, truth))
         correct = [float(p == t) for p, t in zip(parsed, truth)]
-        return Score(correct, parsed, [it.subtask for it in items], metrics)
+        return Result(correct, parsed, [it.subtask for it in items], metrics)

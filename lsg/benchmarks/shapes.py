@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lsg.benchmarks.base import Benchmark, Score, check_lengths, register
+from lsg.benchmarks.base import Benchmark, check_lengths, register
 from lsg.benchmarks.parsing import extract_letter
 from lsg.data.record import VQARecord
+from lsg.evaluation import Result
 
 SIZES = {"train": "n_train", "val": "n_val", "test": "n_test"}
 
@@ -50,13 +51,13 @@ class Shapes(Benchmark):
         return VQARecord(id=row["id"], question=self.wrap(row["question"]), answer=row["answer"], subtask=row["subtask"],
                     options=tuple(row["options"]), answer_letter=row["answer"], image_loader=self.image_loader(row))
 
-    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Score:
+    def score(self, items: Sequence[VQARecord], responses: Sequence[str]) -> Result:
         """Accuracy per sub-task; a response is right when its parsed letter is the answer's."""
         check_lengths(items, responses)
         parsed = [extract_letter(r, len(it.options)) for it, r in zip(items, responses)]
         correct = [float(p == it.answer_letter) for p, it in zip(parsed, items)]
         subtasks = [it.subtask for it in items]
-        return Score(correct, parsed, subtasks, {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)})
+        return Result(correct, parsed, subtasks, {"accuracy": 100.0 * sum(correct) / max(len(correct), 1)})
 
 
 def export_split(out_dir: str | Path, split: str = "val", n: int = 350, root: str = "data/shapes") -> Path:

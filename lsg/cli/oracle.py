@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lsg.datamodule import load_records
+from lsg.benchmarks.base import DataSplit
 from lsg.cli.common import load_backbone_of, log_results, plain
 from lsg.oracle import run_grid, stage2_specs, write_grid
 from lsg.specs import parse_sweep_layers
@@ -26,12 +26,9 @@ def main(cfg: DictConfig) -> dict:
     backbone = load_backbone_of(cfg, device=cfg.device)
     layers = parse_sweep_layers(OmegaConf.to_container(cfg.layers) if OmegaConf.is_list(cfg.layers) else cfg.layers,
                                 backbone.num_layers)
-    data_cfg = plain(cfg.data)
-    records = load_records(data_cfg, cfg.split)
-    if cfg.max_questions:
-        records = records[: cfg.max_questions]
-    args = (backbone, records, layers, list(cfg.alphas), data_cfg, cfg.split, Path(cfg.out_dir),
-            cfg.batch_size, cfg.bootstrap_samples, cfg.ci_level)
+    split = DataSplit(plain(cfg.data), cfg.split, cfg.max_questions)
+    args = (backbone, split, layers, list(cfg.alphas), Path(cfg.out_dir), cfg.batch_size, cfg.bootstrap_samples,
+            cfg.ci_level)
     table = run_grid(*args)
     if cfg.stage2:
         table = run_grid(*args, extra_specs=stage2_specs(table, cfg.stage2_task, list(cfg.stage2_offsets)))

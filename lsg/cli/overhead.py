@@ -4,7 +4,8 @@
     python scripts/overhead.py model=tiny-random batch=4
     python scripts/overhead.py model=llava-1.5-7b model.hf_id=/path/to/checkpoint 'specs=[none,var]'
 
-Takes the same `model=` config group as train.py and compare.py (conf/overhead.yaml).
+Takes the same `model=` config group as train.py and eval.py (conf/overhead.yaml); eval.py's
+`overhead=true` times the prefill of the stacks it evaluates, on its benchmark's questions.
 Prints a markdown table: ms per prefill forward and per decode step (KV cache), and
 their ratios to the unmodified backbone. Prefill: median over `repeats` forwards. Decode:
 median over every decode step of `repeats` greedy generations, each step timed by a logits

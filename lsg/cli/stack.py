@@ -1,7 +1,7 @@
 """Greedy stacking of single-layer gates, chosen on one split, reported on another (Table 2).
 
     lsg-stack candidates_dir=runs/smol-llava/lsg-Lall free=[var,vaf,spear] max_size=4
-    lsg-compare 'gates=[none,stack:runs/stack/smol-llava/stack-keep-all.json]' split=test
+    lsg-eval benchmark.split=test 'gates=[stack:runs/stack/smol-llava/stack-keep-all.json]' 
 
 Writes table2.md, table2.png, steps.json and one manifest per policy (stack-<policy>.json)
 under `out_dir`, logs them to W&B.
@@ -15,15 +15,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lsg.answers import AnswerCache
-from lsg.comparison import cached_evaluate_many, split_context
-from lsg.datamodule import load_records
+from lsg.benchmarks.base import DataSplit
 from lsg.files import write_json
-from lsg.evaluation import EvalResult
+from lsg.evaluation import Result, answer_stacks
 from lsg.cli.common import load_backbone_of, log_results, plain
 from lsg.specs import manifest, manifest_specs, parse_stack, write_manifest
-from lsg.stacking import (Candidate, answers_beside, greedy, plot_table2, records_for, sweep_candidates,
-                          table2_markdown)
+from lsg.stacking import Candidate, answers_beside, greedy, plot_table2, sweep_candidates, table2_markdown
 from lsg.stats import paired_by_subtask
 
 
@@ -32,21 +29,17 @@ def main(cfg: DictConfig) -> list[dict]:
     backbone = load_backbone_of(cfg, device=cfg.device)
     data_cfg = plain(cfg.data)
     out_dir = Path(cfg.out_dir)
-    splits = {"selection": (cfg.selection_split, records_for(load_records(data_cfg, cfg.selection_split),
-                                                             cfg.selection_questions)),
-              "heldout": (cfg.heldout_split, records_for(load_records(data_cfg, cfg.heldout_split),
-                                                         cfg.heldout_questions))}
     if cfg.selection_split == cfg.heldout_split:
         raise ValueError(f"selection_split and heldout_split are both {cfg.selection_split!r}: choosing layers and "
                          f"reporting on the same questions overstates gains. Report on another split (e.g. test).")
+    splits = {"selection": DataSplit(data_cfg, cfg.selection_split, cfg.selection_questions),
+              "heldout": DataSplit(data_cfg, cfg.heldout_split, cfg.heldout_questions)}
+    items = {which: split.load() for which, split in splits.items()}
 
-    contexts = {which: split_context(backbone, records, data_cfg, split) for which, (split, records) in splits.items()}
-
-    def run(which: str, specs: dict[str, str]) -> dict[str, EvalResult]:
-        split, records = splits[which]
+    def run(which: str, specs: dict[str, str]) -> dict[str, Result]:
         stacks = [parse_stack(s, backbone, allow_layer_move=cfg.allow_layer_move) for s in specs.values()]
-        cache = AnswerCache(out_dir / "cache", contexts[which])
-        results, _ = cached_evaluate_many(stacks, backbone, records, cache, cfg.batch_size, progress=f"{which} ({split})")
+        results = answer_stacks(backbone, splits[which], stacks, items[which], out_dir / "cache", cfg.batch_size,
+                                progress=f"{which} ({splits[which].split})")
         return {name: results[st.spec] for name, st in zip(specs, stacks)}
 
     base = manifest_specs(Path(cfg.base), backbone) if cfg.base else []
@@ -56,8 +49,9 @@ def main(cfg: DictConfig) -> list[dict]:
         raise ValueError("No candidate: give candidates_dir=<sweep dir> and/or free=[var,vaf,...].")
     for c in candidates:  # a candidate from another backbone or sink setup is refused here, before any evaluation
         parse_stack(c.spec, backbone, allow_layer_move=cfg.allow_layer_move)
-    sel_records = splits["selection"][1]
-    known = {c.spec: answers_beside(c.checkpoint, sel_records) for c in candidates if c.checkpoint and not base}
+    sel_records = items["selection"]
+    known = {c.spec: answers_beside(c.checkpoint, splits["selection"], sel_records, c.spec)
+             for c in candidates if c.checkpoint and not base}
     todo = {"none": "none", **{c.spec: "+".join(base + [c.spec]) for c in candidates if known.get(c.spec) is None}}
     singles = {**{k: v for k, v in known.items() if v is not None}, **run("selection", todo)}
     baseline = singles.pop("none")
@@ -74,7 +68,7 @@ def main(cfg: DictConfig) -> list[dict]:
         s.heldout = paired_by_subtask(held_base.correct, held[s.spec].correct, held_base.subtasks,
                                       cfg.bootstrap_samples, cfg.ci_level)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = table2_markdown(steps, len(sel_records), len(splits["heldout"][1]))
+    md = table2_markdown(steps, len(sel_records), len(items["heldout"]))
     (out_dir / "table2.md").write_text(md)
     write_json(out_dir / "steps.json", [asdict(s) | {"spec": s.spec} for s in steps], indent=1)
     chart = plot_table2(steps, out_dir / "table2.png")

@@ -23,26 +23,28 @@ from omegaconf import DictConfig
 import lsg
 import lsg.configs  # noqa: F401  (registers the configs' resolvers)
 from lsg.answers import answers_for, read_answers
+from lsg.benchmarks.base import DataSplit
 from lsg.cli.common import fast_dev_run_metrics, fit_gates, gate_run_identity, load_backbone_of, plain
-from lsg.datamodule import load_records
-from lsg.evaluation import EvalResult, evaluate_many, print_comparison
+from lsg.comparison import print_comparison
+from lsg.evaluation import Result, answer_stacks, scored
 from lsg.loggers import multirun_group
 from lsg.prefix import PREFIX_CACHE_KINDS
 from lsg.runs import export_file, gate_file, layer_dir, val_file
-from lsg.specs import parse_sweep_layers
+from lsg.specs import GateStack, baseline_stack, parse_sweep_layers
 from lsg.training import EpochGateExport, GateTrainingModule, build_gate
 
 
-def validation_results(path: Path, records) -> tuple[EvalResult | None, EvalResult | None]:
-    """Baseline and gated answers on `records` from the epoch's validation (`val-epoch{e}.json`,
-    written by training; the same questions scored the same way), so the exported gate is not
-    evaluated twice. (None, None) when the file is absent or misses a question."""
+def validation_results(path: Path, split: DataSplit, records) -> tuple[Result | None, Result | None]:
+    """Baseline and gated answers to `records` (the validation split's questions) from the epoch's
+    validation (`val-epoch{e}.json`, written by training), scored by `split` as a fresh evaluation
+    would be, so the exported gate is not evaluated twice. (None, None) when the file is absent or
+    misses a question."""
     found = read_answers(path)
     answers = answers_for(records, found[1]) if found is not None else None
     if answers is None or any(a.baseline is None for a in answers):
         return None, None
-    return (EvalResult.from_predictions(records, [a.baseline for a in answers]),
-            EvalResult.from_predictions(records, [a.prediction for a in answers]))
+    return (scored(split, records, [a.baseline for a in answers], "none", cached=True),
+            scored(split, records, [a.prediction for a in answers], "gated", cached=True))
 
 
 def check_devices(trainer_cfg: dict) -> None:
@@ -87,24 +89,26 @@ def main(cfg: DictConfig) -> dict:
 
     folders = {l: layer_dir(run_dir, name, l, layers) for l in layers}
     trained = {l: lsg.gates.Gate.load(gate_file(folders[l], cfg.export_epoch)) for l in layers}
-    val = [r for r in load_records(data_cfg, "val") if r.options and r.answer_letter]
-    results: dict[int, tuple[EvalResult, EvalResult]] = {}
+    split = DataSplit(data_cfg, "val")
+    val = split.load()
+    results: dict[int, tuple[Result, Result]] = {}
     if val:
         for layer in layers:
-            baseline, gated = validation_results(val_file(folders[layer], cfg.export_epoch), val)
+            baseline, gated = validation_results(val_file(folders[layer], cfg.export_epoch), split, val)
             if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
-                both = evaluate_many(backbone, val, {"baseline": None, "gated": {layer: trained[layer]}},
-                                     cfg.eval_batch_size, progress=f"baseline and gated L{layer} (val)")
-                baseline, gated = both["baseline"], both["gated"]
+                stacks = [baseline_stack(), GateStack("gated", {layer: [trained[layer]]}, None)]
+                both = answer_stacks(backbone, split, stacks, val, batch_size=cfg.eval_batch_size,
+                                     progress=f"baseline and gated L{layer} (val)")
+                baseline, gated = both["none"], both["gated"]
             results[layer] = baseline, gated
         print_comparison(results[layers[0]][0],
                          {f"{name.upper()} L{l} (epoch {cfg.export_epoch})": results[l][1] for l in layers},
                          cfg.bootstrap_samples, cfg.ci_level)
         if logger:
-            logger.log_metrics({f"final/{'' if len(layers) == 1 else f'L{l}/'}{kind}_acc_{t}": a
+            logger.log_metrics({f"final/{'' if len(layers) == 1 else f'L{l}/'}{kind}_acc_pct_{t}": a
                                 for l, (baseline, gated) in results.items()
                                 for kind, r in (("baseline", baseline), ("gated", gated))
-                                for t, a in r.accuracy.items()})
+                                for t, a in r.acc_pct.items()})
     else:  # free-form answers (e.g. Cambrian-10K): the validation loss is the only validation figure
         print("The validation split has no multiple-choice question, so there is no accuracy to compare; the "
               "validation loss is logged per epoch. Score the gate on a benchmark: python eval.py "
@@ -112,7 +116,7 @@ def main(cfg: DictConfig) -> dict:
     out = {}
     for layer in layers:
         meta = trained[layer].metadata
-        metrics = {"baseline": results[layer][0].as_dict(), "gated": results[layer][1].as_dict()} \
+        metrics = {"baseline": results[layer][0].summary(), "gated": results[layer][1].summary()} \
             if layer in results else {}
         trained[layer].save(exports[layer], metrics=metrics,
                             **{k: meta[k] for k in meta if k not in ("gate", "config", "git_commit", "gate_config")})

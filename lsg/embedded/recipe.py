@@ -365,4 +365,4 @@ def evaluate(bb: Backbone, n: int, root: Path) -> dict[str, float]:
     """Per-sub-task accuracy on the first n validation questions (`lsg.evaluation.evaluate`,
     option-letter argmax), read from the split `train.py` uses under `root` (written on first use)."""
     records = load_llava_json(generate_split("val", max(n, VAL_SPLIT_SIZE), root), check_images=False)
-    return lsg_evaluate(bb, records[:n]).accuracy
+    return {t: a / 100 for t, a in lsg_evaluate(bb, records[:n]).acc_pct.items() if t != "overall"}
