@@ -476,7 +476,9 @@ class EpochGateExport(Callback):
             extra = {}
             answers = module.val_answers.get(layer) if with_val else None
             if with_val:
-                extra["val"] = {f"val/{k}": v for k, v in answer_metrics(answers or {}).items()}
+                loss = trainer.callback_metrics.get(module.metric(layer, "val/loss"))
+                extra["val"] = {**({} if loss is None else {"val/loss": float(loss)}),
+                                **{f"val/{k}": v for k, v in answer_metrics(answers or {}).items()}}
                 if answers:
                     write_val_answers(val_file(folder, epoch), answers, epoch=epoch, steps=trainer.global_step,
                                       layer=layer, groups=list(GROUPINGS.get(getattr(gate, "grouping", ""), ())))

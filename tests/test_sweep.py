@@ -52,6 +52,7 @@ def test_a_many_layer_run_equals_separate_one_layer_runs(tmp_path):
             assert {k: (a["prediction"], a["baseline"]) for k, a in va.items()} == \
                    {k: (a["prediction"], a["baseline"]) for k, a in vb.items()}
             assert swept.metadata["val"]["val/acc"] == pytest.approx(alone.metadata["val"]["val/acc"])
+            assert swept.metadata["val"]["val/loss"] == pytest.approx(alone.metadata["val"]["val/loss"], rel=1e-4)
         exported = Gate.load(tmp_path / "ck-sweep" / f"lsg-L{layer}.safetensors")
         assert exported.metadata["layer"] == layer and exported.metadata["epoch"] == 1
         assert set(exported.metadata["metrics"]["gated"]["accuracy"]) == \
