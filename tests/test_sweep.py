@@ -55,8 +55,8 @@ def test_a_many_layer_run_equals_separate_one_layer_runs(tmp_path):
             assert swept.metadata["val"]["val/loss"] == pytest.approx(alone.metadata["val"]["val/loss"], rel=1e-4)
         exported = Gate.load(tmp_path / "ck-sweep" / f"lsg-L{layer}.safetensors")
         assert exported.metadata["layer"] == layer and exported.metadata["epoch"] == 1
-        assert set(exported.metadata["metrics"]["gated"]["accuracy"]) == \
-               set(Gate.load(tmp_path / "ck" / f"L{layer}.safetensors").metadata["metrics"]["gated"]["accuracy"])
+        assert set(exported.metadata["metrics"]["gated"]["acc_pct"]) == \
+               set(Gate.load(tmp_path / "ck" / f"L{layer}.safetensors").metadata["metrics"]["gated"]["acc_pct"])
 
 
 @pytest.mark.slow

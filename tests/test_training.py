@@ -135,7 +135,7 @@ def test_train_py_end_to_end_exports_gate_with_metadata_and_resumes(tmp_path):
     meta = json.loads((tmp_path / "ck" / "lsg-L2.json").read_text())
     assert meta["backbone"] == "tiny-random" and meta["layer"] == 2 and meta["epoch"] == 1
     assert meta["config"]["grouping"] == "vsink-rest" and meta["steps"] == 4  # auto: tiny-random has V-sinks
-    assert set(meta["metrics"]["baseline"]["accuracy"]) == set(meta["metrics"]["gated"]["accuracy"])
+    assert set(meta["metrics"]["baseline"]["acc_pct"]) == set(meta["metrics"]["gated"]["acc_pct"])
     assert meta["sinks"]["llm_dims"] == [0, 1] and meta["data"]["n_train"] == 32
     gate = LSGGate.load(tmp_path / "ck" / "lsg-L2.safetensors", backbone="tiny-random", layer=2)
     assert not torch.equal(gate.fc2.weight, torch.zeros_like(gate.fc2.weight))
