@@ -73,8 +73,40 @@ def gate_specs(exp: dict, out: Path) -> dict[str, str]:
     return specs
 
 
+TRAINING_KEYS = ("epochs", "batch_size", "effective_batch_size", "lr")  # global settings every training stage gets
+
+
+def load_experiment(name: str) -> dict:
+    """The plan's view of `conf/experiment/<name>.yaml`, a file of global overrides (`python train.py
+    experiment=<name>` trains with them): its `experiment:` block, plus `model` and `data` (the
+    groups its defaults choose), `data_overrides` (its `data:` values as `data.<key>=<value>`),
+    `training` (`TRAINING_KEYS` it sets), `layers` (its `layer`) and `export_epoch`.
+
+    Raises:
+        FileNotFoundError: no such experiment (the message lists the known ones).
+        ValueError: the file does not choose a model and a data group, or has no `experiment:` block.
+    """
+    from lsg.configs import load_config
+
+    raw = load_config("experiment", name)
+    groups = {}
+    for entry in raw.get("defaults", []):
+        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+            groups[key.removeprefix("override /")] = value
+    missing = [g for g in ("model", "data") if g not in groups] + ([] if "experiment" in raw else ["experiment:"])
+    if missing:
+        raise ValueError(f"conf/experiment/{name}.yaml must choose `override /model` and `override /data` in its "
+                         f"defaults and hold an `experiment:` block; missing {missing}.")
+    return {**raw["experiment"], "model": groups["model"], "data": groups["data"],
+            "data_overrides": [f"data.{k}={v}" for k, v in raw.get("data", {}).items()],
+            "training": {k: raw[k] for k in TRAINING_KEYS if k in raw},
+            "layers": raw["layer"], "export_epoch": raw["export_epoch"]}
+
+
 def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
-    """The stages of an experiment (`conf/experiment/<name>.yaml` values, resolved), in order.
+    """The stages of an experiment (`load_experiment`), in order. The training stages are
+    `lsg-train experiment=<name>` with the plan's values written out after it (command-line values
+    win, so a changed plan, e.g. a test's tiny sizes, still runs as planned).
 
     Raises:
         ValueError: the LSG layer the report reads is not among the swept layers, or an unknown stage.
@@ -83,6 +115,7 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
     model = [f"model={exp['model']}", *exp.get("model_overrides", [])]
     common = [*model, f"logger={exp['logger']}"]
     data = [f"data={exp['data']}", *exp.get("data_overrides", [])]
+    experiment = f"experiment={exp['name']}"
     training = [f"{k}={v}" for k, v in exp["training"].items()]
     layers = exp["layers"]
     layers = _list([str(l) for l in layers]) if isinstance(layers, (list, tuple)) else layers
@@ -94,7 +127,7 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
                                          f"n_samples={exp['calibrate']['n_samples']}", f"out_dir={out / 'calibrate'}",
                                          f"hydra.run.dir={out / 'hydra' / 'calibrate'}"],
               [str(out / "calibrate" / "sink-histograms.png")]),
-        Stage("sweep", "train", [*common, *data, *training, f"layer={layers}", f"run_dir={sweep_run}",
+        Stage("sweep", "train", [experiment, *common, *data, *training, f"layer={layers}", f"run_dir={sweep_run}",
                                  f'export_path="{out / "sweep-export"}/lsg-L{{layer}}.safetensors"',
                                  f"export_epoch={exp['export_epoch']}", f"hydra.run.dir={out / 'hydra' / 'sweep'}"],
               [str(gate_file(sweep / layer_dir_name("lsg", exp["lsg_layer"]), exp["export_epoch"]))]),
@@ -110,7 +143,7 @@ def plan(exp: dict, out_dir: str | Path) -> list[Stage]:
     ]
     if exp["lora"]["enabled"]:
         lora = out / "lora" / f"{layer_dir_name('lora', exp['lsg_layer'])}.safetensors"
-        stages.append(Stage("lora", "train", [*common, *data, *training, "gate=lora", f"layer={exp['lsg_layer']}",
+        stages.append(Stage("lora", "train", [experiment, *common, *data, *training, "gate=lora", f"layer={exp['lsg_layer']}",
                                               f"run_dir={out / 'lora' / 'run'}", f"export_path={lora}",
                                               f"export_epoch={exp['export_epoch']}",
                                               f"hydra.run.dir={out / 'hydra' / 'lora'}"], [str(lora)]))

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lsg.configs import load_config
-from lsg.reproduce import done_path, plan, run_plan
+from lsg.reproduce import done_path, load_experiment, plan, run_plan
 
 pytestmark = pytest.mark.slow  # every test here starts a process
 
@@ -27,6 +26,7 @@ def test_the_paper_experiment_composes_and_prints_its_plan_offline(tmp_path):
                            "report"]
     assert "model=llava-1.5-7b" in lines["sweep"] and "layer=all" in lines["sweep"] and "lsg-train" in lines["sweep"] and "epochs=2" in lines["sweep"]
     assert "data.train_json=data/cambrian10k/train.json" in lines["sweep"]
+    assert lines["sweep"].split("lsg-train ")[1].startswith("experiment=lsg_paper") and "experiment=lsg_paper" in lines["lora"]
     assert "max_size=5" in lines["stack"] and "'free=[var]'" in lines["stack"]
     assert "gate=lora layer=10" in lines["lora"]
     for bench in ("mmstar", "cvbench"):
@@ -37,7 +37,7 @@ def test_the_paper_experiment_composes_and_prints_its_plan_offline(tmp_path):
 
 def tiny_experiment() -> dict:
     """smol_paper at unit-test sizes on the tiny random backbone."""
-    exp = load_config("experiment", "smol_paper")
+    exp = load_experiment("smol_paper")
     exp.update(model="tiny-random", logger="none", layers=[1, 2], lsg_layer=2,
                data_overrides=["data.root=shapes", "data.n_train=16", "data.n_val=14", "data.n_test=14"],
                training={"epochs": 1, "batch_size": 8, "effective_batch_size": 8, "lr": 0.01},

@@ -15,12 +15,12 @@ import hydra
 from omegaconf import DictConfig
 
 from lsg.cli.common import log_results, plain
-from lsg.reproduce import plan, report_rows, run_plan
+from lsg.reproduce import load_experiment, plan, report_rows, run_plan
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lsg.conf", config_name="reproduce")
 def main(cfg: DictConfig) -> dict:
-    exp = plain(cfg.experiment)
+    exp = {**load_experiment(cfg.experiment.name), **plain(cfg.experiment)}  # command-line experiment.* win
     out_dir = Path(cfg.out_dir)
     stages = plan(exp, out_dir)
     print(f"Plan of {exp['name']} ({len(stages)} stages, outputs under {out_dir}):")
