@@ -153,6 +153,8 @@ def first_layer(stack: Layers | None) -> int | None:
 
 
 def batches(n: int, batch_size: int, progress: str | None):
+    """Start indices of the batches of `n` questions, behind a transient progress bar titled
+    `progress` (None = no bar)."""
     starts = range(0, n, batch_size)
     return track(starts, description=progress, transient=True) if progress else starts
 

@@ -160,3 +160,26 @@ def test_a_nan_loss_on_one_ddp_rank_stops_every_rank_with_the_same_error(tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("FloatingPointError")]
     assert len(errors) == 2, result.stderr[-3000:]  # one per process
     assert all("layer(s) [1, 3] is not finite at optimizer step 0" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_the_closing_comparison_evaluates_what_validation_missed_in_one_pass(tmp_path):
+    """With part of the validation skipped (limit_val_batches), the closing comparison evaluates the
+    baseline and every layer's gate on the whole split; each equals a plain full-forward evaluation."""
+    import lsg
+    from lsg.datamodule import load_records
+    from lsg.evaluation import evaluate
+
+    result = train(tmp_path, "layer=[1,3]", "epochs=1", "trainer.limit_val_batches=1", f"run_dir={tmp_path / 'run'}",
+                   f'export_path="{tmp_path}/ck/L{{layer}}.safetensors"')
+    assert "Saved gate to" in result.stdout
+    tiny = lsg.load_backbone("tiny-random")
+    val = [r for r in load_records({"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 24, "n_val": 14,
+                                    "n_test": 0}, "val") if r.options and r.answer_letter]
+    baseline = evaluate(tiny, val).acc_pct
+    for layer in (1, 3):
+        gate = Gate.load(tmp_path / "ck" / f"L{layer}.safetensors")
+        metrics = gate.metadata["metrics"]
+        assert metrics["baseline"]["acc_pct"] == pytest.approx(baseline)
+        assert metrics["gated"]["acc_pct"] == pytest.approx(evaluate(tiny, val, {layer: gate}).acc_pct)
+        assert metrics["baseline"]["counts"]["overall"] == metrics["gated"]["counts"]["overall"] == len(val) == 14

@@ -93,14 +93,13 @@ def main(cfg: DictConfig) -> dict:
     val = split.load()
     results: dict[int, tuple[Result, Result]] = {}
     if val:
-        for layer in layers:
-            baseline, gated = validation_results(val_file(folders[layer], cfg.export_epoch), split, val)
-            if baseline is None:  # e.g. limit_val_batches: evaluate both in one pass (prefix reuse)
-                stacks = [baseline_stack(), GateStack("gated", {layer: [trained[layer]]}, None)]
-                both = answer_stacks(backbone, split, stacks, val, batch_size=cfg.eval_batch_size,
-                                     progress=f"baseline and gated L{layer} (val)")
-                baseline, gated = both["none"], both["gated"]
-            results[layer] = baseline, gated
+        results = {l: validation_results(val_file(folders[l], cfg.export_epoch), split, val) for l in layers}
+        missing = [l for l in layers if results[l][0] is None]
+        if missing:  # e.g. limit_val_batches: the baseline and those gates in one pass (prefix reuse)
+            stacks = [baseline_stack(), *[GateStack(f"L{l}", {l: [trained[l]]}, None) for l in missing]]
+            fresh = answer_stacks(backbone, split, stacks, val, batch_size=cfg.eval_batch_size,
+                                  progress=f"baseline and gated {', '.join(f'L{l}' for l in missing)} (val)")
+            results.update({l: (fresh[baseline_stack().spec], fresh[f"L{l}"]) for l in missing})
         print_comparison(results[layers[0]][0],
                          {f"{name.upper()} L{l} (epoch {cfg.export_epoch})": results[l][1] for l in layers},
                          cfg.bootstrap_samples, cfg.ci_level)
