@@ -36,13 +36,13 @@ def decoder_hidden(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.
     return backbone.family.multimodal_model(backbone.model)(**inputs, use_cache=False).last_hidden_state
 
 
-def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over answer tokens only (scalar, nats/token).
+def answer_token_losses(backbone: Backbone, batch: dict[str, torch.Tensor],
+                        hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every answer token: `(losses (N,) nats, targets (N,) token ids)`,
+    in row-major order of the labelled positions.
 
     Position t predicts token t+1, so the hidden state at t is projected only where
-    `labels[:, t+1] != -100`.
-
-    `hidden` (from `decoder_hidden`) avoids a second forward when scores are also needed.
+    `labels[:, t+1] != -100`. `hidden` (from `decoder_hidden`) avoids a second forward.
 
     Raises:
         ValueError: the batch has no labels or no answer token.
@@ -54,7 +54,40 @@ def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torc
     target = labels[:, 1:]
     where = target != IGNORE_INDEX
     logits = backbone.model.lm_head(hidden[:, :-1][where])  # (N_answer, V)
-    return F.cross_entropy(logits.float(), target[where])
+    return F.cross_entropy(logits.float(), target[where], reduction="none"), target[where]
+
+
+def answer_loss(backbone: Backbone, batch: dict[str, torch.Tensor], hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens only (scalar, nats/token;
+    `answer_token_losses`).
+
+    Raises:
+        ValueError: the batch has no labels or no answer token.
+    """
+    return answer_token_losses(backbone, batch, hidden)[0].mean()
+
+
+LOSS_KINDS = ("text", "eot")  # the kinds of answer token `loss_by_kind` separates
+
+
+def loss_by_kind(losses: torch.Tensor, targets: torch.Tensor, end_of_turn_id: int | None
+                 ) -> dict[str, tuple[torch.Tensor, int]]:
+    """The answer-token loss split by kind of token: `"eot"`, the end-of-turn token that closes
+    every assistant turn (`build_batch` labels it after each answer), and `"text"`, the answer's
+    own tokens. For each kind present: (mean loss in nats, a 0-d tensor; its token count). The
+    total `answer_loss` is the count-weighted mean of the two.
+
+    Args:
+        losses, targets: `(N,)` from `answer_token_losses`.
+        end_of_turn_id: the tokenizer's end-of-turn (`eos_token`) id; None = every token is text.
+    """
+    eot = targets == end_of_turn_id if end_of_turn_id is not None else torch.zeros_like(targets, dtype=torch.bool)
+    out = {}
+    for kind, mask in zip(LOSS_KINDS, (~eot, eot)):
+        n = int(mask.sum())
+        if n:
+            out[kind] = (losses[mask].mean(), n)
+    return out
 
 
 def option_loss(backbone: Backbone, batch: dict[str, torch.Tensor], n_options: torch.Tensor,

@@ -30,7 +30,7 @@ from lsg.files import atomic_target
 from lsg.gates.base import Gate
 from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, compute_prefixes, run_suffix
 from lsg.runs import gate_file, layer_dir, val_file
-from lsg.scoring import answer_loss, predicted_letters
+from lsg.scoring import answer_token_losses, loss_by_kind, predicted_letters
 
 TENSOR_TAG = "__tensor__"
 RATIO_DECIMALS = 6  # decimals of the gate ratios kept in validation answer files
@@ -125,7 +125,8 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
 
 # ----------------------------------------------------------------- validation answers
 def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gate: Gate,
-                baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Answer]]:
+                baseline: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]], dict[str, Answer]]:
     """Validation loss and answers of one gate from a prefix.
 
     Args:
@@ -133,14 +134,15 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
             record its answers too (None = not recorded).
 
     Returns:
-        (answer loss, record id -> `lsg.answers.Answer` of every multiple-choice record, with
+        (answer loss, the loss per kind of answer token (`lsg.scoring.loss_by_kind`),
+        record id -> `lsg.answers.Answer` of every multiple-choice record, with
         the gate's group-ratio vector (LSG, docs/methods.md section 3; None for gates without one) and,
         when `baseline` is given, the baseline's letter).
     """
     records = batch["records"]
     state: dict = {}
     hidden = run_suffix(backbone, prefix, {layer: gate}, state)
-    loss = answer_loss(backbone, batch, hidden)
+    losses, targets = answer_token_losses(backbone, batch, hidden)
     n_options = [len(r.options) if r.options and r.answer_letter else 0 for r in records]
     letters = predicted_letters(backbone, batch, hidden, n_options)
     base = predicted_letters(backbone, batch, baseline, n_options) if baseline is not None else [None] * len(records)
@@ -151,7 +153,7 @@ def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gat
             out[r.id] = answers_of(
                 [r], [letters[i]], baseline=[base[i]],
                 ratios=[None if ratios is None else [round(float(x), RATIO_DECIMALS) for x in ratios[i]]])[0]
-    return loss, out
+    return losses.mean(), loss_by_kind(losses, targets, backbone.tokenizer.eos_token_id), out
 
 
 def build_gate(gate_cfg: dict, backbone: Backbone, seed: int) -> Gate:
@@ -380,16 +382,19 @@ class GateTrainingModule(L.LightningModule):
                 f"run's last.safetensors. Lower lr, or check the data.")
 
     # ---------------------------------------------------------------- steps
-    def layer_losses(self, batch: dict, split: str = "train") -> Iterator[tuple[int, torch.Tensor]]:
-        """`(layer, answer loss)` of each gate on a batch, one layer at a time (a generator: the
-        caller back-propagates one suffix graph before the next is built). The layers below each
-        gate come from the prefix (cache or shared forward)."""
+    def layer_losses(self, batch: dict, split: str = "train"
+                     ) -> Iterator[tuple[int, torch.Tensor, dict[str, tuple[torch.Tensor, int]]]]:
+        """`(layer, answer loss, loss per kind of answer token)` of each gate on a batch
+        (`lsg.scoring.loss_by_kind`: answer text and end of turn), one layer at a time (a
+        generator: the caller back-propagates one suffix graph before the next is built). The
+        layers below each gate come from the prefix (cache or shared forward)."""
         inputs = self.backbone.model_inputs(batch)
         prefixes, _ = self.prefixes(batch, split)
         for layer in self.layers:
             hidden = run_suffix(self.backbone, prefixes[layer], {layer: self.gate(layer)},
                                 checkpoint_above=self.activation_checkpointing)
-            yield layer, answer_loss(self.backbone, inputs, hidden)
+            losses, targets = answer_token_losses(self.backbone, inputs, hidden)
+            yield layer, losses.mean(), loss_by_kind(losses.detach(), targets, self.backbone.tokenizer.eos_token_id)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._without_ddp_reducer()
@@ -399,12 +404,13 @@ class GateTrainingModule(L.LightningModule):
                 f.write(json.dumps({"epoch": self.current_epoch, "batch": batch_idx, "rank": self.global_rank,
                                     "ids": [r.id for r in records]}) + "\n")
         losses = {}
-        for layer, loss in self.layer_losses(batch):
+        for layer, loss, kinds in self.layer_losses(batch):
             losses[layer] = loss.detach()
             if torch.isfinite(loss):
                 self.manual_backward(loss / self.accumulation)  # frees this layer's graph before the next
             self.log(self.metric(layer, "train/loss"), loss.detach(), prog_bar=len(self.layers) == 1,
                      batch_size=len(records))
+            self.log_kinds(layer, "train", kinds)
         stepping = (batch_idx + 1) % self.accumulation == 0 or batch_idx + 1 >= self.trainer.num_training_batches
         if stepping:
             self.average_gradients()
@@ -420,10 +426,20 @@ class GateTrainingModule(L.LightningModule):
         prefixes, final = self.prefixes(batch, "val", to_end=need_baseline)
         for layer in self.layers:  # the baseline's letters are read once, with the first layer
             baseline = final if layer == self.layers[0] else None
-            loss, answers = val_answers(self.backbone, batch, prefixes[layer], layer, self.gate(layer), baseline)
+            loss, kinds, answers = val_answers(self.backbone, batch, prefixes[layer], layer, self.gate(layer), baseline)
             keep_baseline(answers, self._baseline)
             self._val[layer].update(answers)
             self.log(self.metric(layer, "val/loss"), loss, prog_bar=len(self.layers) == 1, batch_size=len(records))
+            self.log_kinds(layer, "val", kinds)
+
+    def log_kinds(self, layer: int, split: str, kinds: dict[str, tuple[torch.Tensor, int]]) -> None:
+        """Log `<split>/loss_text` and `<split>/loss_eot` (nats per token of that kind) beside the
+        total, each weighted by its token count, so the epoch value is the mean over that kind's
+        tokens: a user sees when one kind (e.g. an end-of-turn token the backbone cannot
+        predict) dominates the objective."""
+        for kind, (mean, count) in kinds.items():
+            self.log(self.metric(layer, f"{split}/loss_{kind}"), mean, prog_bar=len(self.layers) == 1,
+                     batch_size=count)
 
     def on_train_epoch_end(self) -> None:
         if self.prefix_cache is not None:

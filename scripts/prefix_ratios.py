@@ -123,7 +123,7 @@ def main() -> None:
 
     def epoch():
         for batch, chunk in zip(train, chunks):
-            for _, loss in module.layer_losses({**batch, "records": chunk}):
+            for _, loss, _ in module.layer_losses({**batch, "records": chunk}):
                 loss.backward()
 
     first, second = clock(epoch, dev), clock(epoch, dev)

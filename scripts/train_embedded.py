@@ -4,6 +4,7 @@
     python scripts/train_embedded.py --stage-b-minutes 5  # a shorter run
     python scripts/train_embedded.py --patch-size 8 --lr-stage-a 3e-4  # one word per visual token
     python scripts/train_embedded.py --continue-stage-b --fresh-lora ...  # a new LoRA on a saved tower
+    python scripts/train_embedded.py --stage-c-only       # stage C (end of turn) on the saved weights
 
 The command line of `lsg.embedded.recipe` (its docstring: stages A, A2 and B), run from a
 source checkout with the package installed (`pip install -e .`). `--continue-stage-b` goes on
@@ -44,6 +45,7 @@ from lsg.embedded.recipe import (
     stage_a,
     stage_a2,
     stage_b_loss,
+    stage_c,
     subtask_index,
 )
 
@@ -104,6 +106,15 @@ def parse_args(argv: list[str] | None = None):
                         "a new LoRA (B = 0, so the LM starts unmodified) instead of loading lora.safetensors")
     p.add_argument("--reuse-stage-a", action="store_true",
                    help="load the stage-A tower saved by an earlier run instead of retraining it")
+    p.add_argument("--stage-c-scenes", type=int, default=400,
+                   help="stage C (end of turn): multi-question conversations whose answer tokens fit the "
+                        "end-of-turn token's output row after stage B (0 = skip stage C)")
+    p.add_argument("--stage-c-batch", type=int, default=8, help="conversations per forward in stage C")
+    p.add_argument("--stage-c-steps", type=int, default=500, help="full-batch Adam steps of stage C's fit")
+    p.add_argument("--lr-stage-c", type=float, default=1e-2)
+    p.add_argument("--stage-c-only", action="store_true",
+                   help="run stage C alone on the saved weights in --out (vision, projector and LoRA kept as "
+                        "they are) and add its end-of-turn row (head.safetensors) to them")
     p.add_argument("--threads", type=int, default=0, help="torch threads for stage B (0 = torch default)")
     p.add_argument("--threads-stage-a", type=int, default=0, help="torch threads for stage A (0 = torch default)")
     p.add_argument("--autocast", choices=["bfloat16", "none"], default="bfloat16",
@@ -117,13 +128,49 @@ def parse_args(argv: list[str] | None = None):
                 "exceeds 1; the rest of each batch is multiple choice, so keep their sum <= 1")
     if args.stage_b_steps < 0:
         p.error(f"--stage-b-steps must be >= 0 (0 = the minutes alone decide), got {args.stage_b_steps}")
+    if args.stage_c_only and (args.continue_stage_b or args.stage_c_scenes <= 0):
+        p.error("--stage-c-only runs stage C alone on saved weights: drop --continue-stage-b and give "
+                "--stage-c-scenes > 0")
     if args.fresh_lora and not args.continue_stage_b:
         p.error("--fresh-lora only applies with --continue-stage-b (a run from scratch always starts a new LoRA)")
     return args
 
 
+def stream_start(history: list[dict], stage_b_samples: int) -> int:
+    """First unread position of the training-scene stream: past the scenes the first run's stages
+    A and A2 used (its recipe) and every stage-B scene read since."""
+    first = history[0]
+    return (first["stage_a_steps"] + first["stage_a2_steps"]) * first["stage_a_batch"] + stage_b_samples
+
+
+def recipe_of(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def end_of_turn(bb: Backbone, start: int, args, record: dict) -> None:
+    """Stage C on `bb` from stream position `start`: writes head.safetensors and adds the
+    stage's record (and with `--stage-c-only` this command's recipe) to embedded.json."""
+    row, report = stage_c(bb, start, args)
+    eot = torch.tensor([bb.tokenizer.eos_token_id])
+    embedded.save_head(args.out, eot, row[None])
+    record = {**record, "head": {"tokens": [bb.tokenizer.eos_token], "file": embedded.HEAD_FILE}, "stage_c": report}
+    if args.stage_c_only:
+        record["recipes"] = recipe_history(record) + [recipe_of(args)]
+    (args.out / "embedded.json").write_text(json.dumps(record, indent=2))
+
+
 def main():
     args = parse_args()
+    if args.stage_c_only:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        previous = json.loads((args.out / "embedded.json").read_text())
+        (args.out / embedded.HEAD_FILE).unlink(missing_ok=True)  # stage C starts from the tied row
+        model, processor = embedded.load_embedded(args.out)
+        model.requires_grad_(False).eval()
+        start = stream_start(recipe_history(previous), previous.get("stage_b_samples", 0))
+        end_of_turn(Backbone("smol-llava", model, processor), start, args, previous)
+        return
     if args.threads_stage_a:
         torch.set_num_threads(args.threads_stage_a)
     vision = embedded.VisionTowerConfig(patch_size=args.patch_size)
@@ -181,7 +228,8 @@ def main():
 
     def save(step: int, metrics: dict | None = None):
         # Save a merged-free copy: peft state for the LoRA, plain weights for the vision side.
-        recipe = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        recipe = recipe_of(args)
+        (args.out / embedded.HEAD_FILE).unlink(missing_ok=True)  # its end-of-turn row was fitted to other weights
         # Every command that shaped these weights, oldest first (a continuation appends to its start's).
         extra = {"recipe": recipe, "recipes": history + [recipe],
                  "stage_a_patch_colour_acc": acc_a, "stage_a2_cosine": cos_a2, "stage_b_steps": step0 + step, "stage_b_samples": seen0 + seen,
@@ -195,8 +243,7 @@ def main():
     seen0 = previous.get("stage_b_samples", step0 * previous.get("recipe", {}).get("stage_b_batch", 0))
     # Fresh samples for stage B: past the scenes the first run's stages A and A2 used (its recipe,
     # when continuing), then past every stage-B scene read so far.
-    first = (history or [vars(args)])[0]
-    offset = (first["stage_a_steps"] + first["stage_a2_steps"]) * first["stage_a_batch"] + seen0
+    offset = stream_start(history or [vars(args)], seen0)
     while time.time() - t0 < args.stage_b_minutes * 60 and not (args.stage_b_steps and step >= args.stage_b_steps):
         if step0 + step == args.unfreeze_vit_after or (step == 0 and step0 > args.unfreeze_vit_after):
             model.model.vision_tower.requires_grad_(True).train()
@@ -249,6 +296,9 @@ def main():
         metrics = evaluate(bb, args.val_samples, VAL_ROOT)
     print("[val] " + json.dumps({k: round(v, 3) for k, v in metrics.items()}), flush=True)
     save(step, metrics)
+    if args.stage_c_scenes:
+        (args.out / embedded.HEAD_FILE).unlink(missing_ok=True)  # a row fitted to an earlier LoRA
+        end_of_turn(bb, offset + seen, args, json.loads((args.out / "embedded.json").read_text()))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_committed_weights_are_package_data_and_the_env_overrides_them(tmp_path)
     never through the checkout; `$LSG_EMBEDDED_DIR` points it elsewhere."""
     package = Path(embedded.__file__).resolve().parent
     assert embedded.WEIGHTS_DIR == package / "weights"
-    assert {"vision.safetensors", "lora.safetensors", "embedded.json"} <= {p.name for p in embedded.WEIGHTS_DIR.iterdir()}
+    assert {"vision.safetensors", "lora.safetensors", "head.safetensors", "embedded.json"} <= {p.name for p in embedded.WEIGHTS_DIR.iterdir()}
     if "LSG_EMBEDDED_DIR" not in os.environ:
         assert embedded.EMBEDDED_DIR == embedded.WEIGHTS_DIR
     code = "from lsg import embedded; print(embedded.EMBEDDED_DIR)"
@@ -106,3 +106,53 @@ def test_committed_backbone_reads_the_image(smol, val_records):
     pooled_chance = sum(CHANCE[t] * result.counts[t] for t in CHANCE) / sum(result.counts[t] for t in CHANCE)
     assert abs(pooled_chance - 0.34) < 0.01
     assert pooled > 0.50, f"pooled accuracy {pooled:.2f} on {sorted(CHANCE)}: {accuracy}"
+
+
+
+def test_untied_output_rows_change_only_their_logits_and_stage_c_loss_matches(tiny, batch):
+    """Stage C's end-of-turn row: after `untie_output_rows` the hidden states and every other
+    token's logit are bit-identical, and `turn_losses` (the loss stage C minimises from frozen
+    features) equals the untied model's own cross-entropy on every answer token."""
+    import copy
+
+    from lsg.backbones import Backbone
+    from lsg.embedded.recipe import fit_turn_row, turn_features, turn_losses
+    from lsg.segments import IGNORE_INDEX
+
+    eot = tiny.tokenizer.eos_token_id
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    features = turn_features(tiny, batch, eot)
+    start = tiny.model.get_output_embeddings().weight[eot].detach().float()
+    row, trace = fit_turn_row(start, features, eot, steps=100, lr=1e-1)
+    assert trace[-1] < trace[0]
+    model = copy.deepcopy(tiny.model)
+    embedded.untie_output_rows(model, torch.tensor([eot]), row[None])
+    assert model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        old = tiny.model(**inputs, output_hidden_states=True)
+        new = model(**inputs, output_hidden_states=True)
+    assert torch.equal(old.hidden_states[-1], new.hidden_states[-1])
+    others = torch.arange(old.logits.shape[-1]) != eot
+    assert torch.equal(old.logits[..., others], new.logits[..., others])
+    assert not torch.allclose(old.logits[..., eot], new.logits[..., eot])
+    where = batch["labels"][:, 1:] != IGNORE_INDEX  # by hand: the untied model's cross-entropy per answer token
+    logits, target = new.logits[:, :-1][where].float(), batch["labels"][:, 1:][where]
+    hand = logits.logsumexp(-1) - logits.gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(turn_losses(row, features, eot), hand, atol=1e-4, rtol=1e-4)
+    untied = Backbone("tiny-untied", model, tiny.processor)
+    assert untied.model.config.tie_word_embeddings is False
+    with pytest.raises(ValueError, match="another model"):
+        embedded.untie_output_rows(copy.deepcopy(tiny.model), torch.tensor([eot]), row[None, :-1])
+
+
+def test_embedded_backbone_ends_its_turn(smol, val_records):
+    """The committed weights answer in their chat format (scripts/embedded_health.py on the
+    first 28 validation questions): the end-of-turn token after the gold letter costs under
+    0.5 nats on average, and greedy decoding gives one option letter then end of turn on at
+    least 27 of 28 questions (the weights before stage C: 18.3 nats and 0 of 350)."""
+    from lsg.embedded.health import check
+
+    health = check(smol, val_records[:28], batch_size=14)
+    summary = health.summary()
+    assert summary["eot_loss"] < 0.5, summary
+    assert sum(health.ends_turn) >= 27, health.greedy

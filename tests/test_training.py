@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from lsg.gates import LSGGate
-from lsg.scoring import answer_loss, option_loss, option_scores
+from lsg.scoring import answer_loss, answer_token_losses, loss_by_kind, option_loss, option_scores
 from lsg.segments import last_prompt_positions
 from lsg.training import GateTrainingModule, SafetensorsCheckpointIO
 from tests.conftest import samples
@@ -25,6 +26,73 @@ def test_answer_loss_equals_hf_loss_on_labels(tiny, batch):
         expected = tiny.model(**batch).loss  # full logits, HF's shifted cross-entropy
         got = answer_loss(tiny, batch)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def hand_token_losses(bb, batch) -> list[tuple[int, float]]:
+    """(target id, cross-entropy in nats) of every answer token, from the full logits, by hand."""
+    with torch.no_grad():
+        logits = bb.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    labels, out = batch["labels"], []
+    for b in range(labels.shape[0]):
+        for t in range(1, labels.shape[1]):
+            if labels[b, t] != -100:
+                row = logits[b, t - 1]
+                out.append((int(labels[b, t]), float(row.logsumexp(0) - row[labels[b, t]])))
+    return out
+
+
+def hand_kinds(hand: list[tuple[int, float]], eot: int) -> dict[str, list[float]]:
+    return {"text": [l for t, l in hand if t != eot], "eot": [l for t, l in hand if t == eot]}
+
+
+def test_loss_by_kind_splits_answer_tokens_as_by_hand(tiny, batch):
+    eot = tiny.tokenizer.eos_token_id
+    hand = hand_kinds(hand_token_losses(tiny, batch), eot)
+    with torch.no_grad():
+        losses, targets = answer_token_losses(tiny, batch)
+    kinds = loss_by_kind(losses, targets, eot)
+    assert kinds["eot"][1] == len(hand["eot"]) == 4  # one end of turn per answer
+    assert kinds["text"][1] == len(hand["text"]) == 4  # the answer letters
+    for kind, values in hand.items():
+        assert kinds[kind][0].item() == pytest.approx(sum(values) / len(values), rel=1e-5)
+    total = (sum(hand["text"]) + sum(hand["eot"])) / (len(hand["text"]) + len(hand["eot"]))
+    assert answer_loss(tiny, batch).item() == pytest.approx(total, rel=1e-5)
+    assert set(loss_by_kind(losses, targets, None)) == {"text"}
+
+
+class KeepFirstBatch(L.Callback):
+    """Keeps the first training batch and the gate's state before the first optimizer step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.batch = batch
+            self.gate_state = {k: v.clone() for k, v in pl_module.gate(2).state_dict().items()}
+
+
+def test_training_logs_the_loss_per_kind_of_answer_token(tmp_path, tiny):
+    """train/loss_text and train/loss_eot are the means over the step's text and end-of-turn
+    tokens, checked against the gated backbone's full logits by hand; val/ gets them too."""
+    from lsg.attach import attach
+    from lsg.datamodule import VQADataModule
+
+    data = {"name": "shapes", "root": str(tmp_path / "shapes"), "n_train": 4, "n_val": 4, "n_test": 0}
+    gate = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    module = GateTrainingModule(tiny, {2: gate}, {}, lr=1e-2, effective_batch_size=4, batch_size=4)
+    keep = KeepFirstBatch()
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
+                        callbacks=[keep])
+    trainer.fit(module, datamodule=VQADataModule(tiny, data, batch_size=4))
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    before = LSGGate(tiny.hidden_size, "vsink-lsink-ordinary")
+    before.load_state_dict(keep.gate_state)
+    with attach(tiny, {2: before}):
+        hand = hand_kinds(hand_token_losses(tiny, tiny.model_inputs(keep.batch)), tiny.tokenizer.eos_token_id)
+    assert len(hand["eot"]) == 4
+    for kind, values in hand.items():
+        assert logged[f"train/loss_{kind}"] == pytest.approx(sum(values) / len(values), rel=1e-4)
+    assert logged["train/loss"] == pytest.approx(sum(hand["text"] + hand["eot"]) / len(hand["text"] + hand["eot"]),
+                                                 rel=1e-4)
+    assert {"val/loss", "val/loss_text", "val/loss_eot"} <= set(logged)
 
 
 def test_option_scores_read_the_last_prompt_token(tiny):
@@ -63,7 +131,7 @@ def test_only_gate_parameters_train_and_backbone_is_bit_identical(tiny, batch):
     optimizer = module.configure_optimizers()
     gate_before = {k: v.clone() for k, v in gate.state_dict().items()}
     for _ in range(3):
-        loss = dict(module.layer_losses({**batch, "records": [SimpleNamespace(id=f"r{i}") for i in range(4)]}))[2]
+        loss = {l: v for l, v, _ in module.layer_losses({**batch, "records": [SimpleNamespace(id=f"r{i}") for i in range(4)]})}[2]
         optimizer.zero_grad()
         loss.backward()
         assert all(p.grad is None for p in tiny.model.parameters())
@@ -183,7 +251,7 @@ def test_training_through_the_prefix_cache_equals_plain_training(tiny, batch):
             with attach(tiny, {2: plain}):
                 loss = answer_loss(tiny, half)
             opt_plain.zero_grad(), loss.backward(), opt_plain.step()
-            loss = dict(module.layer_losses({**half, "records": [SimpleNamespace(id=f"{i}-{j}") for j in range(2)]}))[2]
+            loss = {l: v for l, v, _ in module.layer_losses({**half, "records": [SimpleNamespace(id=f"{i}-{j}") for j in range(2)]})}[2]
             opt_cached.zero_grad(), loss.backward(), opt_cached.step()
     assert module.prefix_cache.stats()["hits"] == 4 and module.prefix_cache.stats()["misses"] == 4
     for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):

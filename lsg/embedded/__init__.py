@@ -6,6 +6,7 @@
   and losses), driven by `scripts/train_embedded.py`; imported on its own (it needs
   `lsg.backbones`, which imports this package);
 - `lsg/embedded/weights/`: the committed vision tower, projector and LoRA read-out
+  and stage C's end-of-turn output row
   (`EMBEDDED_DIR`), package data so a non-editable install finds them.
 """
 
@@ -14,6 +15,7 @@ from lsg.embedded.backbone import (
     CONVERTED_DIRNAME,
     EMBEDDED_DIR,
     GGUF_TENSOR_NAMES,
+    HEAD_FILE,
     IMAGE_TOKEN,
     SMOLLM2_GGUF,
     SMOLLM2_GGUF_SHA256,
@@ -35,17 +37,19 @@ from lsg.embedded.backbone import (
     lora_config,
     merge_lora,
     save_embedded,
+    save_head,
     sha256_of,
     smollm2_hf_dir,
     tokenizer_digest,
+    untie_output_rows,
     vision_state_dict,
     weights_digest,
 )
 
 __all__ = [
-    "CHATML_TEMPLATE", "CONVERTED_DIRNAME", "EMBEDDED_DIR", "GGUF_TENSOR_NAMES", "IMAGE_TOKEN",
+    "CHATML_TEMPLATE", "CONVERTED_DIRNAME", "EMBEDDED_DIR", "GGUF_TENSOR_NAMES", "HEAD_FILE", "IMAGE_TOKEN",
     "SMOLLM2_GGUF", "SMOLLM2_GGUF_SHA256", "SMOLLM2_PACKAGE", "SMOLLM2_TOKENIZER_DIGEST", "SMOLLM2_WEIGHTS_DIGEST",
     "TOKENIZER_PROBE", "WEIGHTS_DIR", "VisionTowerConfig", "assemble_llava", "build_processor", "cache_dir",
     "fetch_smollm2_gguf", "fingerprint", "gguf_to_hf", "load_embedded", "load_smollm2", "lora_config", "merge_lora",
-    "save_embedded", "sha256_of", "smollm2_hf_dir", "tokenizer_digest", "vision_state_dict", "weights_digest",
+    "save_embedded", "save_head", "sha256_of", "smollm2_hf_dir", "tokenizer_digest", "untie_output_rows", "vision_state_dict", "weights_digest",
 ]

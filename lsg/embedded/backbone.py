@@ -125,7 +125,7 @@ def fingerprint(directory: Path = EMBEDDED_DIR) -> str:
     """Short sha256 of the committed vision and LoRA weights: gates trained on one
     version of the embedded backbone are refused by another."""
     digest = hashlib.sha256(SMOLLM2_GGUF_SHA256.encode())
-    for name in ("vision.safetensors", "lora.safetensors"):
+    for name in ("vision.safetensors", "lora.safetensors", HEAD_FILE):
         if (directory / name).exists():
             digest.update(sha256_of(directory / name).encode())
     return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
@@ -367,7 +367,45 @@ def load_embedded(directory: Path = EMBEDDED_DIR, dtype: torch.dtype = torch.flo
     missing = model.load_state_dict(load_file(directory / "vision.safetensors"), strict=False)
     if missing.unexpected_keys:
         raise RuntimeError(f"Unexpected keys in vision.safetensors: {missing.unexpected_keys[:5]}")
+    if (directory / HEAD_FILE).exists():
+        head = load_file(directory / HEAD_FILE)
+        untie_output_rows(model, head["token_ids"], head["weight"])
     return model, processor
+
+
+HEAD_FILE = "head.safetensors"  # stage C's output rows: "token_ids" (K,) and "weight" (K, D)
+
+
+def untie_output_rows(model, token_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    """Give `model` (a causal LM or LLaVA) an output embedding of its own, equal to the current
+    one (the input embedding, when they are tied) except at `token_ids (K,)`, which get `rows (K, D)`.
+
+    The input embeddings are untouched, so every hidden state stays as it was and only the
+    logits of `token_ids` change (stage C of `lsg.embedded.recipe`: the end-of-turn token). The
+    config says `tie_word_embeddings = False`, so a later `tie_weights()` keeps them apart.
+
+    Raises:
+        ValueError: the shapes do not fit the model's vocabulary and hidden size.
+    """
+    embed = model.get_output_embeddings().weight
+    if rows.shape != (len(token_ids), embed.shape[1]) or int(token_ids.max()) >= embed.shape[0]:
+        raise ValueError(f"Output rows {tuple(rows.shape)} for token ids up to {int(token_ids.max())} do not fit "
+                         f"an embedding of {tuple(embed.shape)}: {HEAD_FILE} was built for another model.")
+    weight = embed.detach().clone()
+    weight[token_ids.long()] = rows.to(weight.dtype)
+    model.get_output_embeddings().weight = torch.nn.Parameter(weight, requires_grad=False)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.tie_word_embeddings = False
+
+
+def save_head(directory: Path, token_ids: torch.Tensor, rows: torch.Tensor) -> Path:
+    """Write stage C's output rows to `directory/head.safetensors` (see `untie_output_rows`)."""
+    from safetensors.torch import save_file
+
+    path = directory / HEAD_FILE
+    save_file({"token_ids": token_ids.long().contiguous(), "weight": rows.float().contiguous()}, path)
+    return path
 
 
 def lora_config(cfg: dict):

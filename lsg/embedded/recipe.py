@@ -27,6 +27,7 @@ B. LLaVA stage-1 style alignment through the frozen LM (the loop in `scripts/tra
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from lsg.backbones import Backbone
 from lsg.segments import IGNORE_INDEX
 from lsg.data import SUBTASKS, generate_scene_sample, generate_split, load_llava_json
-from lsg.data.shapes import ShapesConfig, scene_questions
+from lsg.data.shapes import ShapesConfig, render, scene_questions
 from lsg.evaluation import evaluate as lsg_evaluate
 from lsg.scoring import LETTERS, answer_loss, decoder_hidden, option_cross_entropy, option_loss
 
@@ -366,3 +367,99 @@ def evaluate(bb: Backbone, n: int, root: Path) -> dict[str, float]:
     option-letter argmax), read from the split `train.py` uses under `root` (written on first use)."""
     records = load_llava_json(generate_split("val", max(n, VAL_SPLIT_SIZE), root), check_images=False)
     return {t: a / 100 for t, a in lsg_evaluate(bb, records[:n]).acc_pct.items() if t != "overall"}
+
+
+# --------------------------------------------------------------------------- stage C: end of turn
+
+
+def turn_features(bb: Backbone, batch: dict, eot_id: int) -> dict[str, torch.Tensor]:
+    """What stage C needs of one labelled batch, with the backbone frozen: for every position
+    that predicts an answer token (the letters and end-of-turn tokens `dialogue_batch` labels),
+    its final hidden state `hidden (N, D)`, its target id `target (N,)`, the log-sum-exp of the
+    logits of every token but the end-of-turn one `lse_other (N,)` and the target's own logit
+    `target_logit (N,)` (unused where the target is the end-of-turn token). Only the
+    end-of-turn logit depends on the row stage C fits, so these fix the loss of every row."""
+    with torch.no_grad():
+        hidden = decoder_hidden(bb, batch).float()
+        where = batch["labels"][:, 1:] != IGNORE_INDEX
+        hidden, target = hidden[:, :-1][where], batch["labels"][:, 1:][where]
+        logits = bb.model.lm_head(hidden.to(bb.model.dtype)).float()
+        target_logit = logits.gather(1, target[:, None])[:, 0]
+        logits[:, eot_id] = float("-inf")
+        return {"hidden": hidden, "target": target, "lse_other": logits.logsumexp(-1), "target_logit": target_logit}
+
+
+def turn_losses(row: torch.Tensor, features: dict[str, torch.Tensor], eot_id: int) -> torch.Tensor:
+    """Next-token cross-entropy `(N,)` (nats) of every answer token of `turn_features` when the
+    end-of-turn token's output embedding is `row (D,)` and every other logit is unchanged."""
+    eot_logit = features["hidden"] @ row
+    own = torch.where(features["target"] == eot_id, eot_logit, features["target_logit"])
+    return torch.logaddexp(eot_logit, features["lse_other"]) - own
+
+
+def fit_turn_row(row: torch.Tensor, features: dict[str, torch.Tensor], eot_id: int, steps: int,
+                 lr: float) -> tuple[torch.Tensor, list[float]]:
+    """Stage C's fit: the end-of-turn output row `(D,)` that minimises the mean next-token loss
+    of the answer tokens in `features` (full batch, Adam at `lr` for `steps` steps, from `row`).
+    Returns the row and the loss every `STAGE_C_LOG_EVERY` steps."""
+    row = row.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.Adam([row], lr=lr)
+    trace = []
+    for step in range(steps):
+        loss = turn_losses(row, features, eot_id).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % STAGE_C_LOG_EVERY == 0 or step == steps - 1:
+            trace.append(loss.item())
+    return row.detach(), trace
+
+
+STAGE_C_LOG_EVERY = 50
+
+
+def kind_means(losses: torch.Tensor, target: torch.Tensor, eot_id: int) -> dict[str, float]:
+    """Mean loss (nats) of the end-of-turn tokens and of the answer text (the letters)."""
+    eot = target == eot_id
+    return {"end_of_turn": losses[eot].mean().item(), "answer_text": losses[~eot].mean().item()}
+
+
+def stage_c(bb: Backbone, start: int, args) -> tuple[torch.Tensor, dict]:
+    """Stage C: the end-of-turn token's output embedding, untied from its input embedding and
+    fitted alone (every other weight frozen) so that the backbone ends its assistant turn after
+    an answer letter. The prompt is read exactly as before (input embeddings unchanged) and
+    the option letters' logits are untouched, so option-letter accuracy is bit for bit the
+    same; only the end-of-turn logit moves (docs/embedded-backbone.md, "End of turn").
+
+    Trains on `args.stage_c_scenes` multi-question conversations (`scene_dialogues`, every
+    question a scene poses, all sub-tasks) from stream position `start`, next-token loss on
+    every answer token (letter and end of turn), as LLaVA's instruction tuning labels them.
+
+    Returns:
+        the fitted row `(D,)` (float32) and a record: scenes, answer tokens, loss per kind
+        before and after, the loss trace.
+    """
+    eot_id = bb.tokenizer.eos_token_id
+    rng = random.Random(f"stage-c/{start}")
+    dialogues, read = scene_dialogues(start, args.stage_c_scenes, list(SUBTASKS))
+    parts, t0 = [], time.time()
+    for i in range(0, len(dialogues), args.stage_c_batch):
+        chunk = dialogues[i:i + args.stage_c_batch]
+        for _, records in chunk:
+            rng.shuffle(records)
+        batch, _ = dialogue_batch(bb, [render(scene) for scene, _ in chunk], [r for _, r in chunk])
+        with autocast(args.autocast):
+            parts.append(turn_features(bb, batch, eot_id))
+        print(f"[stage C] features of {i + len(chunk)} / {len(dialogues)} scenes "
+              f"({(i + len(chunk)) / (time.time() - t0):.1f} scenes/s)", flush=True)
+    features = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    start_row = bb.model.lm_head.weight[eot_id].detach().float()
+    before = kind_means(turn_losses(start_row, features, eot_id), features["target"], eot_id)
+    row, trace = fit_turn_row(start_row, features, eot_id, args.stage_c_steps, args.lr_stage_c)
+    after = kind_means(turn_losses(row, features, eot_id), features["target"], eot_id)
+    print(f"[stage C] {len(dialogues)} scenes, {len(features['target'])} answer tokens: "
+          f"loss per kind {json.dumps({k: round(v, 3) for k, v in before.items()})} -> "
+          f"{json.dumps({k: round(v, 3) for k, v in after.items()})}", flush=True)
+    return row, {"scenes": len(dialogues), "stream_start": start, "stream_read": read,
+                 "answer_tokens": int(len(features["target"])), "loss_before": before, "loss_after": after,
+                 "loss_trace": [round(v, 4) for v in trace]}
