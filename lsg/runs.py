@@ -7,7 +7,14 @@ A training run (`train.py layer=...`, one or many layers) keeps its resumable Li
     <gate>-L<l>/val-epoch<e>.json           per validation question: gold, gate's and baseline's answer, ratios
 
 With one layer the run directory is that folder itself (`runs/smol-llava/lsg-L10`); with many it
-holds one such folder per layer (`runs/smol-llava/lsg-Lall/lsg-L3/...`). Summaries and stacks read
+holds one such folder per layer (`runs/smol-llava/lsg-Lall/lsg-L3/...`). A joint run (`joint=true`,
+all gates trained by one loss; docs/methods.md section 3) keeps everything in its run directory
+(`runs/smol-llava/lsg-L3_6_7-joint`), with no `<gate>-L<l>` folder, so that sweeps and stacks never
+take its gates for separately trained ones:
+
+    gate-epoch<e>-L<l>.safetensors          the gate of layer l after epoch e (+ `.json` metadata)
+    stack-epoch<e>.json                     a stack manifest of those gates (`lsg.specs.manifest`)
+    val-epoch<e>.json                       per validation question: the stack's and the baseline's answer Summaries and stacks read
 any folder that holds `<gate>-L<l>` folders, whichever run wrote them. The exported gate of layer l
 is `export_path` with `{layer}` filled in (`checkpoints/smol-llava/lsg-L10.safetensors`).
 """
@@ -49,6 +56,16 @@ def gate_file(folder: str | Path, epoch: int) -> Path:
 def val_file(folder: str | Path, epoch: int) -> Path:
     """`<folder>/val-epoch<epoch>.json`."""
     return Path(folder) / f"val-epoch{int(epoch)}.json"
+
+
+def joint_gate_file(run_dir: str | Path, layer: int, epoch: int) -> Path:
+    """`<run_dir>/gate-epoch<epoch>-L<layer>.safetensors`: a joint run's gate of `layer`."""
+    return Path(run_dir) / f"gate-epoch{int(epoch)}-L{int(layer)}.safetensors"
+
+
+def stack_file(run_dir: str | Path, epoch: int) -> Path:
+    """`<run_dir>/stack-epoch<epoch>.json`: a joint run's stack manifest after `epoch`."""
+    return Path(run_dir) / f"stack-epoch{int(epoch)}.json"
 
 
 def epoch_of(gate_path: str | Path) -> int | None:
@@ -97,11 +114,17 @@ def export_file(export_path: str | Path, layer: int, layers: Sequence[int]) -> P
     return Path(text.replace(LAYER_PLACEHOLDER, str(int(layer))))
 
 
-def layers_tag(spec) -> str:
+JOINT_SUFFIX = "-joint"  # of a joint run's folder names: `lsg-L3_6_7-joint`
+
+
+def layers_tag(spec, joint: bool = False) -> str:
     """A folder-name form of a `layer=` value: `10` -> `10`, `all` -> `all`, `every:3` -> `every3`,
-    `[3, 7, 10]` -> `3_7_10`, `3-7` -> `3to7` (the Hydra resolver `lsg.layers_tag` of train.yaml)."""
+    `[3, 7, 10]` -> `3_7_10`, `3-7` -> `3to7`, with `-joint` appended for a joint run, so a joint run
+    and separate runs of the same layers never share a run directory (the Hydra resolver
+    `lsg.layers_tag` of train.yaml: `${lsg.layers_tag:${layer},${joint}}`)."""
+    suffix = JOINT_SUFFIX if str(joint).lower() in ("true", "1") else ""
     if isinstance(spec, (list, tuple)) or (hasattr(spec, "__iter__") and not isinstance(spec, str)):
-        return "_".join(str(int(x)) for x in spec)
+        return "_".join(str(int(x)) for x in spec) + suffix
     text = str(spec).strip().replace(" ", "")
     text = text.replace(":", "").replace("-", "to").replace(",", "_")
-    return re.sub(r"[^0-9A-Za-z_]", "", text)
+    return re.sub(r"[^0-9A-Za-z_]", "", text) + suffix

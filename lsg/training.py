@@ -14,7 +14,7 @@ import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -29,7 +29,7 @@ from lsg.context import GROUPINGS
 from lsg.files import atomic_target
 from lsg.gates.base import Gate
 from lsg.prefix import PREFIX_CACHE_MB, Prefix, PrefixCache, compute_prefixes, run_suffix
-from lsg.runs import gate_file, layer_dir, val_file
+from lsg.runs import gate_file, joint_gate_file, layer_dir, stack_file, val_file
 from lsg.scoring import answer_token_losses, loss_by_kind, predicted_letters
 
 TENSOR_TAG = "__tensor__"
@@ -124,29 +124,34 @@ class SafetensorsModelCheckpoint(ModelCheckpoint):
 
 
 # ----------------------------------------------------------------- validation answers
-def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gate: Gate,
+def val_answers(backbone: Backbone, batch: dict, prefix: Prefix, layer: int, gate: Gate | Mapping[int, Gate],
                 baseline: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]], dict[str, Answer]]:
-    """Validation loss and answers of one gate from a prefix.
+    """Validation loss and answers of one gate (or of jointly trained gates, all attached) from a prefix.
 
     Args:
+        layer: the gate's layer (a joint stack: its lowest, the prefix's layer).
+        gate: the gate, or `{layer: gate}` of a joint stack (docs/methods.md section 3, joint training).
         baseline: final hidden states `(B, T, D)` of the ungated backbone on this batch, to
             record its answers too (None = not recorded).
 
     Returns:
         (answer loss, the loss per kind of answer token (`lsg.scoring.loss_by_kind`),
         record id -> `lsg.answers.Answer` of every multiple-choice record, with
-        the gate's group-ratio vector (LSG, docs/methods.md section 3; None for gates without one) and,
-        when `baseline` is given, the baseline's letter).
+        the gate's group-ratio vector (LSG, docs/methods.md section 3; a joint stack: its gates' vectors
+        concatenated in layer order; None for gates without one) and, when `baseline` is given, the
+        baseline's letter).
     """
     records = batch["records"]
     state: dict = {}
-    hidden = run_suffix(backbone, prefix, {layer: gate}, state)
+    gates = dict(gate) if isinstance(gate, Mapping) else {layer: gate}
+    hidden = run_suffix(backbone, prefix, gates, state)
     losses, targets = answer_token_losses(backbone, batch, hidden)
     n_options = [len(r.options) if r.options and r.answer_letter else 0 for r in records]
     letters = predicted_letters(backbone, batch, hidden, n_options)
     base = predicted_letters(backbone, batch, baseline, n_options) if baseline is not None else [None] * len(records)
-    ratios = gate.ratios(state.get((layer, 0)))
+    per_gate = [g.ratios(state.get((l, 0))) for l, g in sorted(gates.items())]
+    ratios = None if any(r is None for r in per_gate) else torch.cat(per_gate, dim=1)
     out = {}
     for i, r in enumerate(records):
         if n_options[i]:
@@ -268,18 +273,26 @@ class GateTrainingModule(L.LightningModule):
             resumed run; None = host memory.
         batch_log: a JSONL file to append every training batch's record ids to (data-order
             checks); None = no log.
+        joint: train the gates together (LSG paper Appendix D.2, docs/methods.md section 3): every
+            gate attached in one suffix forward from the lowest layer's prefix, one answer loss, one
+            backward per batch (one forward over the union suffix, not one per layer). Needs at
+            least two layers. False (default): each gate trained alone, as above.
 
-    Validation records, per layer and question, the gate's answer, the baseline's (once per
-    process) and the gate's ratios (`Gate.ratios`): `val_answers[layer]` after each validation.
+    The gates trained by one loss form a *unit*, keyed by its lowest layer: `{l: (l,)}` per layer
+    (default), or one unit `{lowest: (all layers)}` with `joint`. Losses, metrics (`metric`) and
+    validation answers are per unit. Validation records, per unit and question, the answer of the
+    unit's gates attached together, the baseline's (once per process) and the gates' ratios
+    (`Gate.ratios`, concatenated in layer order): `val_answers[key]` after each validation.
 
     Raises:
-        ValueError: no layer, a gate without trainable parameters, or a layer out of range.
+        ValueError: no layer, a gate without trainable parameters, a layer out of range, or
+            `joint` with one layer.
     """
 
     def __init__(self, backbone: Backbone, gates: Mapping[int, Gate], identity: dict, lr: float,
                  effective_batch_size: int, batch_size: int, activation_checkpointing: bool = False,
                  prefix_cache_mb: float = PREFIX_CACHE_MB, prefix_cache_dir: str | Path | None = None,
-                 batch_log: str | Path | None = None):
+                 batch_log: str | Path | None = None, joint: bool = False):
         super().__init__()
         if not gates:
             raise ValueError("Gate training needs at least one layer.")
@@ -289,6 +302,12 @@ class GateTrainingModule(L.LightningModule):
                              f"with eval.py instead.")
         self.__dict__["backbone"] = backbone  # not a submodule: keep it out of state_dict
         self.layers = sorted(backbone.check_layer(l) for l in gates)
+        self.joint = bool(joint)
+        if self.joint and len(self.layers) < 2:
+            raise ValueError(f"joint=true trains several layers' gates together, but layer={self.layers} is one layer; "
+                             f"give two or more (layer=[3,6,7,10,19] joint=true), or drop joint=true.")
+        # unit key (its lowest layer, where its prefix starts) -> the layers its one loss trains
+        self.units = {self.layers[0]: tuple(self.layers)} if self.joint else {l: (l,) for l in self.layers}
         self.gates = torch.nn.ModuleDict({str(l): gates[l].float() for l in self.layers})
         self.identity = identity
         self.lr = lr
@@ -298,11 +317,11 @@ class GateTrainingModule(L.LightningModule):
         self.batch_log = Path(batch_log) if batch_log else None
         self.automatic_optimization = False
         cache = None
-        if len(self.layers) == 1:
+        if len(self.units) == 1:  # one prefix per batch (one layer, or a joint run): cached per sample
             cache = PrefixCache(backbone, self.layers[0], prefix_cache_mb, disk_dir=prefix_cache_dir,
                                 identity={"data": identity.get("data")})
         self.__dict__["prefix_cache"] = cache
-        self._val: dict[int, dict[str, Answer]] = {l: {} for l in self.layers}
+        self._val: dict[int, dict[str, Answer]] = {k: {} for k in self.units}
         self._baseline: dict[str, str] = {}  # record id -> the ungated backbone's letter
         self.val_answers: dict[int, dict[str, Answer]] = {}
 
@@ -310,9 +329,14 @@ class GateTrainingModule(L.LightningModule):
         """The gate trained at decoder `layer`."""
         return self.gates[str(layer)]
 
-    def metric(self, layer: int, name: str) -> str:
-        """A logged metric's name: `train/loss` in a one-layer run, `L<layer>/train/loss` in a run of many."""
-        return name if len(self.layers) == 1 else f"L{layer}/{name}"
+    def unit_gates(self, key: int) -> dict[int, Gate]:
+        """`{layer: gate}` of the unit keyed `key` (one gate, or every gate of a joint run)."""
+        return {l: self.gate(l) for l in self.units[key]}
+
+    def metric(self, key: int, name: str) -> str:
+        """A logged metric's name: `train/loss` in a run of one unit (one layer, or a joint run),
+        `L<layer>/train/loss` per layer in a run of many separately trained layers."""
+        return name if len(self.units) == 1 else f"L{key}/{name}"
 
     # ---------------------------------------------------------------- plumbing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -327,10 +351,11 @@ class GateTrainingModule(L.LightningModule):
 
     def prefixes(self, batch: dict, split: str, to_end: bool = False) -> tuple[dict[int, Prefix], torch.Tensor | None]:
         """`({layer: Prefix}, baseline final hidden state (B, T, D) or None)` of a batch: from the
-        prefix cache (one layer; keyed per sample by split, record id and image, the tokens
-        checked too) or one shared ungated forward (`compute_prefixes`)."""
+        prefix cache (one unit; keyed per sample by split, record id and image, the tokens
+        checked too) or one shared ungated forward (`compute_prefixes`). One prefix per unit, at its
+        lowest layer."""
         if self.prefix_cache is None:
-            return compute_prefixes(self.backbone, self.backbone.model_inputs(batch), self.layers, to_end=to_end)
+            return compute_prefixes(self.backbone, self.backbone.model_inputs(batch), list(self.units), to_end=to_end)
         keys = [f"{split}/{r.id}/{getattr(r, 'image_path', None) or ''}" for r in batch["records"]]
         prefix = self.prefix_cache.prefix(batch, keys)
         return {self.layers[0]: prefix}, (run_suffix(self.backbone, prefix) if to_end else None)
@@ -355,26 +380,29 @@ class GateTrainingModule(L.LightningModule):
 
     def stop_if_not_finite(self, losses: dict[int, torch.Tensor], batch_idx: int, stepping: bool) -> None:
         """Raise on every rank at once when any rank has a non-finite loss (or, at an optimizer step,
-        a non-finite gradient) for any layer: the per-layer flags are all-reduced first, so no rank
-        is left waiting in a collective. Not under fp16 mixed precision, whose scaler skips
-        overflowing steps by design.
+        a non-finite gradient) for any unit (`losses` is keyed by unit): the per-unit flags are
+        all-reduced first, so no rank is left waiting in a collective. Not under fp16 mixed
+        precision, whose scaler skips overflowing steps by design.
 
         Raises:
             FloatingPointError: naming the layer(s), the optimizer step and the batch.
         """
         if str(self.trainer.precision).startswith("16"):
             return
-        flags = torch.zeros(len(self.layers), device=self.device)
-        for i, layer in enumerate(self.layers):
-            bad = not torch.isfinite(losses[layer]).item()
+        keys = list(self.units)
+        flags = torch.zeros(len(keys), device=self.device)
+        for i, key in enumerate(keys):
+            bad = not torch.isfinite(losses[key]).item()
             if stepping:
-                bad |= any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.gate(layer).parameters())
+                bad |= any(p.grad is not None and not torch.isfinite(p.grad).all()
+                           for l in self.units[key] for p in self.gate(l).parameters())
             flags[i] = float(bad)
         if _distributed():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         if flags.any():
-            bad_layers = [l for l, f in zip(self.layers, flags.tolist()) if f]
-            local = {l: round(float(losses[l]), 4) for l in bad_layers}
+            bad_keys = [k for k, f in zip(keys, flags.tolist()) if f]
+            bad_layers = [l for k in bad_keys for l in self.units[k]]
+            local = {k: round(float(losses[k]), 4) for k in bad_keys}
             raise FloatingPointError(
                 f"Gate training stopped: the loss or gradient of the gate at layer(s) {bad_layers} is not finite at "
                 f"optimizer step {self.global_step} (0-based; batch {batch_idx} of epoch {self.current_epoch}; "
@@ -384,17 +412,19 @@ class GateTrainingModule(L.LightningModule):
     # ---------------------------------------------------------------- steps
     def layer_losses(self, batch: dict, split: str = "train"
                      ) -> Iterator[tuple[int, torch.Tensor, dict[str, tuple[torch.Tensor, int]]]]:
-        """`(layer, answer loss, loss per kind of answer token)` of each gate on a batch
-        (`lsg.scoring.loss_by_kind`: answer text and end of turn), one layer at a time (a
-        generator: the caller back-propagates one suffix graph before the next is built). The
-        layers below each gate come from the prefix (cache or shared forward)."""
+        """`(unit key, answer loss, loss per kind of answer token)` of each unit on a batch
+        (`lsg.scoring.loss_by_kind`: answer text and end of turn), one unit at a time (a
+        generator: the caller back-propagates one suffix graph before the next is built). A unit
+        is one layer's gate (key = its layer), or, in a joint run, every gate attached in one
+        suffix forward (key = the lowest layer). The layers below a unit come from the prefix
+        (cache or shared forward)."""
         inputs = self.backbone.model_inputs(batch)
         prefixes, _ = self.prefixes(batch, split)
-        for layer in self.layers:
-            hidden = run_suffix(self.backbone, prefixes[layer], {layer: self.gate(layer)},
+        for key in self.units:
+            hidden = run_suffix(self.backbone, prefixes[key], self.unit_gates(key),
                                 checkpoint_above=self.activation_checkpointing)
             losses, targets = answer_token_losses(self.backbone, inputs, hidden)
-            yield layer, losses.mean(), loss_by_kind(losses.detach(), targets, self.backbone.tokenizer.eos_token_id)
+            yield key, losses.mean(), loss_by_kind(losses.detach(), targets, self.backbone.tokenizer.eos_token_id)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._without_ddp_reducer()
@@ -408,7 +438,7 @@ class GateTrainingModule(L.LightningModule):
             losses[layer] = loss.detach()
             if torch.isfinite(loss):
                 self.manual_backward(loss / self.accumulation)  # frees this layer's graph before the next
-            self.log(self.metric(layer, "train/loss"), loss.detach(), prog_bar=len(self.layers) == 1,
+            self.log(self.metric(layer, "train/loss"), loss.detach(), prog_bar=len(self.units) == 1,
                      batch_size=len(records))
             self.log_kinds(layer, "train", kinds)
         stepping = (batch_idx + 1) % self.accumulation == 0 or batch_idx + 1 >= self.trainer.num_training_batches
@@ -424,13 +454,13 @@ class GateTrainingModule(L.LightningModule):
         records = batch["records"]
         need_baseline = any(r.options and r.answer_letter and r.id not in self._baseline for r in records)  # MC only
         prefixes, final = self.prefixes(batch, "val", to_end=need_baseline)
-        for layer in self.layers:  # the baseline's letters are read once, with the first layer
-            baseline = final if layer == self.layers[0] else None
-            loss, kinds, answers = val_answers(self.backbone, batch, prefixes[layer], layer, self.gate(layer), baseline)
+        for key in self.units:  # the baseline's letters are read once, with the first unit
+            baseline = final if key == self.layers[0] else None
+            loss, kinds, answers = val_answers(self.backbone, batch, prefixes[key], key, self.unit_gates(key), baseline)
             keep_baseline(answers, self._baseline)
-            self._val[layer].update(answers)
-            self.log(self.metric(layer, "val/loss"), loss, prog_bar=len(self.layers) == 1, batch_size=len(records))
-            self.log_kinds(layer, "val", kinds)
+            self._val[key].update(answers)
+            self.log(self.metric(key, "val/loss"), loss, prog_bar=len(self.units) == 1, batch_size=len(records))
+            self.log_kinds(key, "val", kinds)
 
     def log_kinds(self, layer: int, split: str, kinds: dict[str, tuple[torch.Tensor, int]]) -> None:
         """Log `<split>/loss_text` and `<split>/loss_eot` (nats per token of that kind) beside the
@@ -438,7 +468,7 @@ class GateTrainingModule(L.LightningModule):
         tokens: a user sees when one kind (e.g. an end-of-turn token the backbone cannot
         predict) dominates the objective."""
         for kind, (mean, count) in kinds.items():
-            self.log(self.metric(layer, f"{split}/loss_{kind}"), mean, prog_bar=len(self.layers) == 1,
+            self.log(self.metric(layer, f"{split}/loss_{kind}"), mean, prog_bar=len(self.units) == 1,
                      batch_size=count)
 
     def on_train_epoch_end(self) -> None:
@@ -451,14 +481,14 @@ class GateTrainingModule(L.LightningModule):
         values."""
         if self.prefix_cache is not None:
             self.prefix_cache.flush()
-        self.val_answers = {l: gather_answers(self._val[l]) for l in self.layers}
-        for layer, answers in self.val_answers.items():
+        self.val_answers = {k: gather_answers(self._val[k]) for k in self.units}
+        for unit, answers in self.val_answers.items():
             metrics = answer_metrics(answers)
             for key, value in metrics.items():
-                self.log(self.metric(layer, f"val/{key}"), value, prog_bar=key == "acc" and len(self.layers) == 1)
+                self.log(self.metric(unit, f"val/{key}"), value, prog_bar=key == "acc" and len(self.units) == 1)
             if "baseline_acc" in metrics:
-                self.log(self.metric(layer, "val/delta"), metrics["acc"] - metrics["baseline_acc"])
-        self._val = {l: {} for l in self.layers}
+                self.log(self.metric(unit, "val/delta"), metrics["acc"] - metrics["baseline_acc"])
+        self._val = {k: {} for k in self.units}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.gates.parameters(), lr=self.lr)
@@ -470,7 +500,12 @@ def _distributed() -> bool:
 
 class EpochGateExport(Callback):
     """Per trained layer, `gate-epoch{e}.safetensors` (with the run's identity, its own layer and the
-    steps) in the layer's folder (`lsg.runs.layer_dir`), rank 0 alone.
+    steps) in the layer's folder (`lsg.runs.layer_dir`), rank 0 alone. A joint run (`joint=True`)
+    writes its gates as `gate-epoch{e}-L{l}.safetensors` in the run directory (`lsg.runs.joint_gate_file`;
+    metadata `joint_layers` names the gates trained with it), the stack's validation answers as
+    `val-epoch{e}.json` and a stack manifest `stack-epoch{e}.json` (`lsg.runs.stack_file`), written
+    by `write_stack(path, specs, **info)` (the command line passes `lsg.specs.manifest` +
+    `write_manifest`: what eval.py, lsg-stack and lmms-eval read as `stack:<manifest>`).
 
     It is written at the epoch's last training batch, before that step's resumable checkpoint
     (Lightning runs checkpoint callbacks last), because a run resumed from that checkpoint skips
@@ -478,14 +513,18 @@ class EpochGateExport(Callback):
     metrics `val` (gathered over every rank) added, beside `val-epoch{e}.json`.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, write_stack: Callable[..., Path] | None = None):
         self.run_dir = Path(run_dir)
+        self.write_stack = write_stack
 
     def _save(self, trainer: L.Trainer, module: GateTrainingModule, with_val: bool) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking or trainer.fast_dev_run:
             return
         epoch = trainer.current_epoch + 1
         identity = {k: v for k, v in module.identity.items() if k != "layers"}
+        if module.joint:
+            self._save_joint(trainer, module, with_val, epoch, identity)
+            return
         for layer in module.layers:
             gate = module.gate(layer)
             folder = layer_dir(self.run_dir, gate.name, layer, module.layers)
@@ -501,6 +540,28 @@ class EpochGateExport(Callback):
             gate.save(gate_file(folder, epoch), **identity, layer=layer, epoch=epoch, steps=trainer.global_step,
                       **extra)
 
+    def _save_joint(self, trainer: L.Trainer, module: GateTrainingModule, with_val: bool, epoch: int,
+                    identity: dict) -> None:
+        if self.write_stack is None:
+            raise RuntimeError("A joint run exports a stack manifest: give EpochGateExport a write_stack "
+                               "(lsg.cli.train passes lsg.specs' manifest writer).")
+        key, steps = module.layers[0], trainer.global_step
+        info: dict = {"joint": True, "layers": module.layers, "epoch": epoch, "steps": steps}
+        if with_val:
+            answers = module.val_answers.get(key)
+            loss = trainer.callback_metrics.get(module.metric(key, "val/loss"))
+            info["val"] = {**({} if loss is None else {"val/loss": float(loss)}),
+                           **{f"val/{k}": v for k, v in answer_metrics(answers or {}).items()}}
+            if answers:
+                groups = [list(GROUPINGS.get(getattr(module.gate(l), "grouping", ""), ())) for l in module.layers]
+                write_val_answers(val_file(self.run_dir, epoch), answers, epoch=epoch, steps=steps,
+                                  layers=module.layers, groups=groups)
+        paths = [module.gate(l).save(joint_gate_file(self.run_dir, l, epoch), **identity, layer=l,
+                                     joint_layers=module.layers, epoch=epoch, steps=steps,
+                                     **({"val": info["val"]} if with_val else {}))
+                 for l in module.layers]
+        self.write_stack(stack_file(self.run_dir, epoch), [f"ckpt:{p.resolve()}" for p in paths], **info)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             self._save(trainer, pl_module, with_val=False)
@@ -513,14 +574,16 @@ def check_resumable(path: Path, identity: dict) -> str | None:
     """`str(path)` if a resumable checkpoint of the same setup exists, else None.
 
     Raises:
-        ValueError: the checkpoint belongs to another backbone, layer, gate, sink or data setup.
+        ValueError: the checkpoint belongs to another backbone, layer, gate, sink or data setup, or
+            was written by a joint run and this one trains separately (or the other way round).
     """
     path = Path(path)
     if not path.exists():
         return None
     saved = SafetensorsCheckpointIO().load_checkpoint(path).get("lsg_identity")
     if saved is not None and json.loads(json.dumps(saved)) != json.loads(json.dumps(identity)):
-        diff = [k for k in identity if saved.get(k) != json.loads(json.dumps(identity[k]))]
+        have = json.loads(json.dumps(identity))
+        diff = [k for k in dict.fromkeys([*have, *saved]) if saved.get(k) != have.get(k)]
         raise ValueError(
             f"{path} holds a run with a different {', '.join(diff)}. Resume it with its own settings, "
             f"or move it away / set run_dir=... to start a new run."

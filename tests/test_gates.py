@@ -14,6 +14,7 @@ import torch
 import lsg
 from lsg.context import ForwardContext, LayerView
 from lsg.gates import KeyScaleGate, LSGGate
+from lsg.gates.lsg import SIGNALS
 from lsg.gates.base import git_commit
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
@@ -112,17 +113,19 @@ def gate_ratios(bb, batch, gate, layer=LAYER):
     return ratios, loss
 
 
-def trained_like_gate(hidden_size):
+def trained_like_gate(hidden_size, signal="last"):
     """An LSG gate with random (non-uniform) output, so ratios depend on the input."""
     torch.manual_seed(1)
-    gate = LSGGate(hidden_size, "vsink-lsink-ordinary")
+    gate = LSGGate(hidden_size, "vsink-lsink-ordinary", signal=signal)
     torch.nn.init.normal_(gate.fc2.weight, std=0.1)
     return gate
 
 
-def test_answer_tokens_do_not_change_gate_ratio(tiny):
+@pytest.mark.parametrize("signal", SIGNALS)
+def test_answer_tokens_do_not_change_gate_ratio(tiny, signal):
+    """Teacher forcing: other answers (other tokens, other lengths) leave every signal's ratios as they were."""
     images, questions, answers = samples()
-    gate = trained_like_gate(tiny.hidden_size)
+    gate = trained_like_gate(tiny.hidden_size, signal)
     r1, _ = gate_ratios(tiny, tiny.build_batch(images, questions, answers), gate)
     other = ["Z " + a + " ( A B C" for a in answers]
     r2, _ = gate_ratios(tiny, tiny.build_batch(images, questions, other), gate)
@@ -130,10 +133,12 @@ def test_answer_tokens_do_not_change_gate_ratio(tiny):
     torch.testing.assert_close(r1, r2, atol=0, rtol=0)
 
 
-def test_left_and_right_padding_give_same_ratios_and_loss(tiny):
+@pytest.mark.parametrize("signal", SIGNALS)
+def test_left_and_right_padding_give_same_ratios_and_loss(tiny, signal):
+    """Padding is never read: left and right padding give every signal the same ratios."""
     images, questions, answers = samples()
     questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
-    gate = trained_like_gate(tiny.hidden_size)
+    gate = trained_like_gate(tiny.hidden_size, signal)
     right = tiny.build_batch(images, questions, answers, padding_side="right")
     left = tiny.build_batch(images, questions, answers, padding_side="left")
     assert not torch.equal(right["attention_mask"], left["attention_mask"])
@@ -209,9 +214,18 @@ def test_gate_checkpoint_round_trip_and_refusal(tmp_path, tiny, batch):
         KeyScaleGate.load(path)
 
 
-def test_lsg_ratios_of_a_prepared_state_are_the_softmax_of_its_mlp_at_the_last_prompt_token():
+HAND_SIGNAL_POSITIONS = {  # per sample, the positions each signal reads in the batch built below, by hand
+    "last": [[5], [7], [6]],  # the last prompt token (sample 2 has no answer: its last real token)
+    "mean_all": [list(range(6)), list(range(8)), list(range(7))],  # every prompt token: no answer, no padding
+    "mean_visual": [[2, 3, 4]] * 3,  # the image tokens
+}
+
+
+@pytest.mark.parametrize("signal", SIGNALS)
+def test_lsg_ratios_of_a_prepared_state_are_the_softmax_of_its_mlp_on_its_signal(signal):
     """`LSGGate.ratios(prepare(...))` against LayerNorm -> Linear -> GELU -> Linear -> softmax
-    written out in float64 at the last prompt token, found by hand."""
+    written out in float64 on the signal's tokens (the last prompt token, the mean over the prompt
+    or over the image tokens; paper Appendix D.2), their positions found by hand."""
     B, T, D, image_id = 3, 9, 16, 7
     PARAM_STD = 0.5  # random weights: ratios away from 0 and 1, different per sample
     ids = torch.zeros(B, T, dtype=torch.long)
@@ -221,32 +235,40 @@ def test_lsg_ratios_of_a_prepared_state_are_the_softmax_of_its_mlp_at_the_last_p
     labels = torch.full((B, T), -100)
     labels[0, 6:] = 1  # answers from 6: last prompt token 5
     labels[1, 8] = 1  # answer at 8: last prompt token 7
-    last_prompt = [5, 7, 6]  # sample 2 has no answer: its last real token
+    last_prompt = [5, 7, 6]  # sample 2 has no answer: its last real token (HAND_SIGNAL_POSITIONS)
     seg = Segments.from_batch(ids, mask, image_id, labels)
     vsink = torch.zeros(B, T, dtype=torch.bool)
     vsink[:, 2] = True
     ctx = ForwardContext(seg, SinkConfig(), vsink=vsink, n_prefill=T)
     g = torch.Generator().manual_seed(3)
-    gate = LSGGate(D, "vsink-rest")
+    torch.manual_seed(0)  # the default init too: the test does not depend on the tests run before it
+    gate = LSGGate(D, "vsink-rest", signal=signal)
     with torch.no_grad():  # every parameter away from its init, so each one shows in the ratios
         for p in gate.parameters():
             p.add_(torch.randn(p.shape, generator=g) * PARAM_STD)
     hidden = torch.randn(B, T, D, generator=g) * 3 + 1
+    hidden = hidden + torch.randn(B, 1, D, generator=g) * 2  # a direction per sample, so that the means differ
+    assert seg.last_prompt.tolist() == last_prompt
     with torch.no_grad():
         got = gate.ratios(gate.prepare(LayerView(LAYER, ctx, 0, T), hidden))
-
     w = {k: v.double() for k, v in gate.state_dict().items()}
-    x = torch.stack([hidden[b, last_prompt[b]] for b in range(B)]).double()  # (B, D)
-    normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + gate.norm.eps)
-    h = (normed * w["norm.weight"] + w["norm.bias"]) @ w["fc1.weight"].T + w["fc1.bias"]
-    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
-    z = h @ w["fc2.weight"].T + w["fc2.bias"]  # (B, G)
-    expected = torch.exp(z - z.amax(-1, keepdim=True))
-    expected = expected / expected.sum(-1, keepdim=True)
+
+    def by_hand(read: str) -> torch.Tensor:  # (B, G) from the tokens the signal `read` reads
+        x = torch.stack([hidden[b, HAND_SIGNAL_POSITIONS[read][b]].double().mean(0) for b in range(B)])  # (B, D)
+        normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + gate.norm.eps)
+        h = (normed * w["norm.weight"] + w["norm.bias"]) @ w["fc1.weight"].T + w["fc1.bias"]
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
+        z = h @ w["fc2.weight"].T + w["fc2.bias"]  # (B, G)
+        e = torch.exp(z - z.amax(-1, keepdim=True))
+        return e / e.sum(-1, keepdim=True)
+
+    expected = by_hand(signal)
     assert got.shape == (B, 2)
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
     distinct = ~torch.eye(B, dtype=torch.bool)
-    assert torch.cdist(expected, expected)[distinct].min() > 0.05, "the samples must differ for the test to mean much"
+    assert torch.cdist(expected, expected)[distinct].min() > 1e-3, "the samples must differ for the test to mean much"
+    for other in set(SIGNALS) - {signal}:  # reading another signal's tokens would fail the comparison above
+        assert (by_hand(other) - expected).abs().max() > 1e-3, other
     assert KeyScaleGate([1.0, 1.0]).ratios(vsink) is None, "a gate without ratios says so"
 
 
@@ -264,6 +286,19 @@ def test_bad_gate_inputs_get_clear_errors(tiny):
         KeyScaleGate([1, 1], "vsink-lsink-ordinary")
     with pytest.raises(ValueError, match="Unknown grouping"):
         LSGGate(8, grouping="sinks")
+    with pytest.raises(ValueError, match="Unknown gate signal 'mean'; known: last, mean_all, mean_visual"):
+        LSGGate(8, signal="mean")
+
+
+def test_a_gate_trained_with_a_signal_is_loaded_with_it(tmp_path, tiny, batch):
+    """The signal is part of the gate's config: saved in the checkpoint, and the loaded gate reads it."""
+    gate = trained_like_gate(tiny.hidden_size, "mean_visual")
+    path = gate.save(tmp_path / "g.safetensors", backbone="tiny-random", layer=LAYER)
+    loaded = LSGGate.load(path, backbone="tiny-random", layer=LAYER)
+    assert loaded.signal == "mean_visual" and loaded.metadata["config"]["signal"] == "mean_visual"
+    torch.testing.assert_close(gate_ratios(tiny, batch, loaded)[0], gate_ratios(tiny, batch, gate)[0], atol=0, rtol=0)
+    last = trained_like_gate(tiny.hidden_size, "last")
+    assert (gate_ratios(tiny, batch, last)[0] - gate_ratios(tiny, batch, loaded)[0]).abs().max() > 1e-4
 
 
 def test_attach_removes_everything_when_the_block_raises(tiny, batch):

@@ -81,7 +81,7 @@ def test_the_layers_run_one_way():
     layers = [["lsg.files", "lsg.runs", "lsg.configs", "lsg.sinks", "lsg.segments", "lsg.context"], ["lsg.gates"],
               ["lsg.attention"], ["lsg.families"], ["lsg.backbones"], ["lsg.attach"], ["lsg.scoring"], ["lsg.prefix"],
               ["lsg.answers", "lsg.training", "lsg.evaluation"], ["lsg.specs"],
-              ["lsg.comparison", "lsg.stacking", "lsg.oracle", "lsg.benchmarks"], ["lsg.cli"]]
+              ["lsg.comparison", "lsg.stacking", "lsg.oracle", "lsg.benchmarks", "lsg.analysis"], ["lsg.cli"]]
     rank = {}
     for i, names in enumerate(layers):
         for n in names:

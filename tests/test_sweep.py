@@ -87,6 +87,7 @@ def test_layer_lists_and_run_folder_names():
         parse_sweep_layers("every:0", 4)
     assert [layers_tag(s) for s in (10, "all", "every:3", [3, 7, 10], "3-7")] == \
            ["10", "all", "every3", "3_7_10", "3to7"]
+    assert layers_tag([3, 7], True) == "3_7-joint" and layers_tag("all", "false") == "all"  # joint runs: own folders
     assert parse_layer_dir("mean-v-L3") == ("mean-v", 3) and parse_layer_dir("lsg-L10") == ("lsg", 10)
     assert parse_layer_dir("lsg-sweep") is None
 
@@ -127,15 +128,15 @@ import os
 
 import lsg.training
 
-real_answer_loss = lsg.training.answer_loss
+real_token_losses = lsg.training.answer_token_losses
 
 
-def answer_loss(backbone, inputs, hidden):  # NaN on rank 1 only, from its first batch
-    loss = real_answer_loss(backbone, inputs, hidden)
-    return loss * float("nan") if os.environ.get("LOCAL_RANK", "0") == "1" else loss
+def answer_token_losses(backbone, inputs, hidden):  # NaN on rank 1 only, from its first batch
+    losses, targets = real_token_losses(backbone, inputs, hidden)
+    return (losses * float("nan") if os.environ.get("LOCAL_RANK", "0") == "1" else losses), targets
 
 
-lsg.training.answer_loss = answer_loss
+lsg.training.answer_token_losses = answer_token_losses
 from lsg.cli.train import main
 
 main()

@@ -18,6 +18,7 @@ a model class. A family registers itself with `@register_family`; every module i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -127,6 +128,32 @@ class Family:
         flags (identity when one patch is one token). `inputs`: the call arguments named in
         `layout_inputs` (e.g. `image_sizes`), for families whose layout depends on them."""
         return patch_flags
+
+    def token_grid(self, model, batch: dict) -> list[torch.Tensor]:
+        """Where each visual token lies on its image, for attention maps (`lsg.analysis`).
+
+        Args:
+            batch: the model inputs of a batch (`Backbone.build_batch`): `input_ids (B, T)` and
+                the family's `image_inputs`.
+
+        Returns:
+            per sample, `(N_visual_tokens, 3)` long `(panel, row, col)` of its visual tokens in
+            token order; -1 everywhere for a token that is not an image cell (OneVision's
+            newlines). Panel 0 is the whole image; families with more views number them on.
+            Default (LLaVA-1.5): one square grid, token k at `(0, k // side, k % side)`.
+
+        Raises:
+            ValueError: a sample's visual tokens do not form a square grid.
+        """
+        out = []
+        for n in (batch["input_ids"] == self.image_token_id(model)).sum(1).tolist():
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"{n} visual tokens do not form a square grid; family '{self.name}' needs its own "
+                                 f"token_grid.")
+            k = torch.arange(n)
+            out.append(torch.stack([torch.zeros_like(k), k // side, k % side], 1))
+        return out
 
     # ---- batches -------------------------------------------------------------------------
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:

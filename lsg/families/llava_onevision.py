@@ -94,6 +94,34 @@ class LlavaOnevisionFamily(Family):
                                            vision_aspect_ratio=config.vision_aspect_ratio)
         return torch.cat([p[:, 0] >= 0.5 for p in packed])
 
+    def token_grid(self, model, batch: dict) -> list[torch.Tensor]:
+        """Panel 0: the base crop's `side x side` grid; panel 1: the stitched AnyRes sub-crop grid
+        as packed (unpadded, shrunk, rows ended by a newline: -1). Read by running the model's own
+        `pack_image_features` on a base-crop flag, as `patches_to_tokens` does."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        config, mm = model.config, model.model
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        out = []
+        for size in batch["image_sizes"]:
+            n_crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            flags = torch.zeros(n_crops, side * side, 1)
+            flags[0] = 1.0  # the base crop
+            packed, _ = mm.pack_image_features([flags], size[None], image_newline=flags.new_full((1,), NEWLINE_FLAG),
+                                               vision_aspect_ratio=config.vision_aspect_ratio)
+            flag = packed[0][:, 0]
+            base, newline = flag > 0.5, flag < -0.5
+            coords = torch.full((len(flag), 3), -1, dtype=torch.long)
+            k = torch.arange(int(base.sum()))
+            coords[base] = torch.stack([torch.zeros_like(k), k // side, k % side], 1)
+            grid = ~base & ~newline
+            row = torch.cumsum(newline.long(), 0) - newline.long()  # newlines before each token
+            idx = torch.arange(len(flag))
+            col = idx - torch.cummax(torch.where(newline | base, idx, -1), 0).values - 1  # since the row began
+            coords[grid] = torch.stack([torch.ones_like(row[grid]), row[grid], col[grid]], 1)
+            out.append(coords)
+        return out
+
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         crops = [np.asarray(p) for p in encoding["pixel_values"]]  # per image: (n_crops, 3, H, W)
         most = max(c.shape[0] for c in crops)

@@ -112,6 +112,17 @@ class Qwen2VLFamily(Family):
         merge = model.config.vision_config.spatial_merge_size ** 2
         return patch_flags.reshape(-1, merge).any(-1)
 
+    def token_grid(self, model, batch: dict) -> list[torch.Tensor]:
+        """Merged tokens in raster order over the `(h / m, w / m)` grid of `image_grid_thw`
+        (m = spatial_merge_size; panel = temporal index, 0 for an image)."""
+        m = model.config.vision_config.spatial_merge_size
+        out = []
+        for t, h, w in batch["image_grid_thw"].tolist():
+            rows, cols = h // m, w // m
+            k = torch.arange(t * rows * cols)
+            out.append(torch.stack([k // (rows * cols), k % (rows * cols) // cols, k % cols], 1))
+        return out
+
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.as_tensor(encoding["pixel_values"]).to(dtype),
                 "image_grid_thw": torch.as_tensor(encoding["image_grid_thw"])}

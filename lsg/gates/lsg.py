@@ -11,6 +11,10 @@ from lsg.context import GROUPINGS, LayerView, scale_by_group
 from lsg.gates.base import AUTO_GROUPING, Gate, HookPoint, backbone_grouping, register
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+# What the gate reads (LSG paper Appendix D.2, docs/methods.md section 3): the hidden state of the last
+# prompt token (the paper's default), or the mean over every prompt token or over the visual tokens.
+# Padding and answer tokens are never read (`lsg.segments.Segments.prompt`, `.vis`).
+SIGNALS = ("last", "mean_all", "mean_visual")
 
 
 class LSGState(NamedTuple):
@@ -37,8 +41,15 @@ class LSGGate(Gate):
             (exact identity at init); the string "G" means the number of groups.
         width: hidden width of the MLP (64 in the paper).
         activation: "gelu" (default; the paper does not say), "relu", "silu", "tanh".
+        signal: what `x` is (paper Appendix D.2 ablation): "last" (default, the paper's: the hidden
+            state of the last prompt token), "mean_all" (mean over every prompt token: system, image
+            and question) or "mean_visual" (mean over the image tokens). Padding and answer tokens
+            are never read, so the ratios stay causal under teacher forcing.
 
     The last linear is zero at init, so `r` is uniform.
+
+    Raises:
+        ValueError: unknown grouping, activation or signal (the message lists the known ones).
     """
 
     name = "lsg"
@@ -46,13 +57,15 @@ class LSGGate(Gate):
     trainable = True
 
     def __init__(self, hidden_size: int, grouping: str = "vsink-rest", gain: float | str = 1.0,
-                 width: int = 64, activation: str = "gelu"):
+                 width: int = 64, activation: str = "gelu", signal: str = "last"):
         super().__init__()
         if grouping not in GROUPINGS:
             raise ValueError(f"Unknown grouping {grouping!r}; known: {', '.join(GROUPINGS)}.")
         if activation not in ACTIVATIONS:
             raise ValueError(f"Unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}.")
-        self.grouping, self.width, self.activation = grouping, width, activation
+        if signal not in SIGNALS:
+            raise ValueError(f"Unknown gate signal {signal!r}; known: {', '.join(SIGNALS)} (gate.signal=...).")
+        self.grouping, self.width, self.activation, self.signal = grouping, width, activation, signal
         self.num_groups = len(GROUPINGS[grouping])
         self.gain = float(self.num_groups if gain == "G" else gain)
         self.norm = nn.LayerNorm(hidden_size)
@@ -71,18 +84,30 @@ class LSGGate(Gate):
 
     def config(self) -> dict[str, Any]:
         return {"hidden_size": self.norm.normalized_shape[0], "grouping": self.grouping, "gain": self.gain,
-                "width": self.width, "activation": self.activation}
+                "width": self.width, "activation": self.activation, "signal": self.signal}
 
     def group_ratios(self, x_last: torch.Tensor) -> torch.Tensor:
-        """Gate ratios `(B, G)` (rows sum to 1) from last-prompt hidden states `(B, D)`."""
+        """Gate ratios `(B, G)` (rows sum to 1) from gate inputs `(B, D)` (`gate_input`)."""
         x = x_last.to(self.fc1.weight.dtype)
         return torch.softmax(self.fc2(self.act(self.fc1(self.norm(x)))), dim=-1)
 
+    def gate_input(self, view: LayerView, hidden: torch.Tensor) -> torch.Tensor:
+        """The gate's input `x` `(B, D)` from the prefill hidden state `(B, T, D)` entering the layer,
+        per `signal`: the last prompt token's row, or the float32 mean over the prompt tokens
+        (`mean_all`) or the image tokens (`mean_visual`) of each sample; padding and answer tokens
+        (teacher forcing) are never read (paper Appendix D.2)."""
+        segments = view.segments
+        if self.signal == "last":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, segments.last_prompt.to(hidden.device)]
+        mask = (segments.prompt if self.signal == "mean_all" else segments.vis)[:, :hidden.shape[1]]
+        weights = mask.to(device=hidden.device, dtype=torch.float32)
+        return torch.einsum("btd,bt->bd", hidden.float(), weights) / weights.sum(1, keepdim=True).clamp_min(1.0)
+
     def prepare(self, view: LayerView, hidden: torch.Tensor) -> LSGState:
-        """Ratios from the last prompt token of `hidden` `(B, T, D)`, and the visual groups."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        x_last = hidden[rows, view.segments.last_prompt.to(hidden.device)]  # (B, D)
-        return LSGState(self.group_ratios(x_last), view.ctx.visual_groups(self.grouping, view.layer))
+        """Ratios from `hidden` `(B, T, D)` read per `signal` (`gate_input`), and the visual groups."""
+        return LSGState(self.group_ratios(self.gate_input(view, hidden)),
+                        view.ctx.visual_groups(self.grouping, view.layer))
 
     def ratios(self, state: LSGState) -> torch.Tensor:
         """The `(B, G)` softmax ratios of `state` (from `prepare`), groups in `GROUPINGS[grouping]` order."""
