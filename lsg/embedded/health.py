@@ -22,12 +22,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lsg.backbones import Backbone
 from lsg.data.record import VQARecord
 from lsg.evaluation import acc_pct, batches, check_choice, images_and_questions
-from lsg.scoring import LETTERS, decoder_hidden, option_letter_ids, predicted_letters
+from lsg.scoring import LETTERS, answer_token_losses, decoder_hidden, option_letter_ids, predicted_letters
 from lsg.segments import IGNORE_INDEX
 
 GREEDY_TOKENS = 2  # the letter and the end-of-turn token that should follow it
@@ -66,19 +65,6 @@ class Health:
                 "acc_pct": acc_pct(self.correct, self.subtasks)}
 
 
-def answer_token_losses(backbone: Backbone, batch: dict[str, torch.Tensor],
-                        hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy of every labelled token, `(B, T)` in nats, 0 where `labels` is
-    -100 (position t is scored by the hidden state at t - 1, as `lsg.scoring.answer_loss`)."""
-    hidden = decoder_hidden(backbone, batch) if hidden is None else hidden
-    labels = batch["labels"]
-    where = labels[:, 1:] != IGNORE_INDEX
-    losses = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    logits = backbone.model.lm_head(hidden[:, :-1][where]).float()
-    losses[:, 1:][where] = F.cross_entropy(logits, labels[:, 1:][where], reduction="none")
-    return losses
-
-
 @torch.no_grad()
 def check(backbone: Backbone, records: Sequence[VQARecord], batch_size: int = 16,
           progress: str | None = None) -> Health:
@@ -102,12 +88,11 @@ def check(backbone: Backbone, records: Sequence[VQARecord], batch_size: int = 16
         golds = [r.answer_letter for r in chunk]
         batch = backbone.on_device(backbone.build_batch(images, questions, golds))
         hidden = decoder_hidden(backbone, batch)
-        losses = answer_token_losses(backbone, batch, hidden)
-        labelled = batch["labels"] != IGNORE_INDEX
-        for b in range(len(chunk)):
-            pos = labelled[b].nonzero().flatten()  # the gold letter's token(s), then end of turn
-            out.letter_loss.append(float(losses[b, pos[0]]))
-            out.eot_loss.append(float(losses[b, pos[-1]]))
+        losses, _ = answer_token_losses(backbone, batch, hidden)  # row-major over labelled tokens
+        ends = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).cumsum(0)  # each row: its letter token(s), then end of turn
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+        out.letter_loss += losses[starts].tolist()
+        out.eot_loss += losses[ends - 1].tolist()
         predicted = predicted_letters(backbone, batch, hidden, [len(r.options) for r in chunk])
         out.correct += [float(p == g) for p, g in zip(predicted, golds)]
         out.subtasks += [r.subtask for r in chunk]
