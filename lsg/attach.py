@@ -14,7 +14,17 @@ The block's live state is one typed object, `lsg.context.RunState`, reachable fr
   (`ForwardContext.is_prefill`), record the sink values of the hidden state entering the layer
   and let gates `prepare` (LSG reads `x_last` here);
 - each decoder layer's attention module gets a `LayerBinding`, and the text model's
-  attention implementation is switched to the registered `lsg` function.
+  attention implementation is switched to the registered lsg function whose masks match the
+  backbone's own implementation (`lsg` for SDPA's 4-D masks, `lsg_padding` for FlashAttention's
+  2-D padding masks).
+
+What runs where (`kernel_plan` says it per layer; `lsg.attention` explains it): ungated layers
+and gates that only scale keys, edit values or per-head outputs keep the backbone's own kernel
+(`flash_attention_2`, `sdpa`, any registered kernel; an `eager` backbone runs the explicit
+path, HF eager's equal); ROW_KEYS gates (VAF, SPEAR) call that kernel once per span of rows
+sharing a key scale; LOGITS/WEIGHTS gates (VAR) compute the attention matrix of the rows they
+edit, and MASK gates (knockout, OutRo) run SDPA with their edited mask under a padding-mask
+kernel (FlashAttention takes no 4-D mask).
 
 With `start_layer=l` and a `context` (how `lsg.prefix.run_suffix` runs from a cached hidden
 state), the block runs from decoder layer l on: the context (segments, V-sinks, sink values
@@ -185,12 +195,14 @@ class GateHooks:
                 for gate in group:
                     if HookPoint.MODULES in gate.hook_points:
                         handles += gate.install(layer, layers[layer])
-            for layer, decoder_layer in enumerate(layers):  # every layer: ungated ones keep the base path
+            base = self.run.base_implementation
+            for layer, decoder_layer in enumerate(layers):  # every layer: ungated ones keep the base kernel
+                gates = self.layer_gates.get(layer, [])
                 setattr(decoder_layer.self_attn, attention.BINDING_ATTR,
-                        attention.LayerBinding(layer, self.layer_gates.get(layer, []), self.run))
+                        attention.LayerBinding(layer, gates, self.run, attention.layer_kernel(gates, base)))
                 undo.callback(vars(decoder_layer.self_attn).pop, attention.BINDING_ATTR, None)
             language_model = family.language_model(model)
-            language_model.set_attn_implementation(attention.ATTN_IMPLEMENTATION)
+            language_model.set_attn_implementation(attention.lsg_implementation(base))
             undo.callback(language_model.set_attn_implementation, self.restore_implementation)
             setattr(model, RUN_ATTR, self.run)
             undo.callback(vars(model).pop, RUN_ATTR, None)
@@ -253,8 +265,8 @@ def attach(
     if context is not None and sinks is not None and sinks.to_dict() != context.sinks.to_dict():
         raise ValueError("The context was computed with other sinks than this attach block's; recompute it.")
     sinks = sinks if sinks is not None else context.sinks if context is not None else backbone.sinks
-    base = family.text_config(model)._attn_implementation or "sdpa"
-    if run_state(model) is not None or base == attention.ATTN_IMPLEMENTATION:
+    base = family.text_config(model)._attn_implementation or attention.SDPA
+    if run_state(model) is not None or base in attention.LSG_IMPLEMENTATIONS:
         raise RuntimeError("lsg.attach blocks cannot be nested on the same backbone: pass all gates at once.")
     if start_layer:
         backbone.check_layer(start_layer)
@@ -266,10 +278,27 @@ def attach(
             raise ValueError(f"Gates at layers {below} lie below the prefix's layer {start_layer} (the start layer): "
                              f"their effect would already be in the given hidden state. Compute the prefix at "
                              f"layer {min(below)}.")
-    run = RunState(sinks, "eager" if base == "eager" else "sdpa", ctx=context)
+    run = RunState(sinks, attention.resolve_base(base), ctx=context)
     last_hooked = max(max(layer_gates, default=-1), record_sinks_upto)
     with GateHooks(backbone, layer_gates, run, start_layer, last_hooked, base).installed():
         yield run
+
+
+def kernel_plan(backbone: Backbone, gates: Mapping[int, Gate | Sequence[Gate]]) -> list[attention.LayerKernel]:
+    """What each decoder layer's attention calls inside `attach(backbone, gates)`, without running
+    it: `LayerKernel` per layer (index = decoder layer), for the backbone's own attention
+    implementation (`lsg.attention.layer_kernel`). E.g. on a FlashAttention-2 backbone with VAR at
+    layer 2: `LayerKernel("flash_attention_2")` for every other layer and
+    `LayerKernel("flash_attention_2", matrix_rows=True)` at layer 2 (its text rows explicit).
+
+    Raises:
+        ValueError: a layer out of range.
+    """
+    for layer in gates:
+        backbone.check_layer(layer)
+    groups = {layer: [g] if isinstance(g, Gate) else list(g) for layer, g in gates.items()}
+    base = attention.resolve_base(backbone.family.text_config(backbone.model)._attn_implementation)
+    return [attention.layer_kernel(groups.get(layer, []), base) for layer in range(backbone.num_layers)]
 
 
 def is_attached(model) -> bool:

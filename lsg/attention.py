@@ -1,71 +1,220 @@
-"""One attention function for every gate, registered with transformers.
+"""One attention function for every gate, registered with transformers; which kernel runs where.
 
-`lsg` is registered in `AttentionInterface` together with a matching entry in
-`AttentionMaskInterface` (without the mask registration transformers would build no
-causal or padding mask for an unknown implementation). Decoder layers whose
-attention module carries a `LayerBinding` (set by `lsg.attach`) apply their gates;
-ungated layers and calls outside `attach` keep the backbone's own path (SDPA, or the
-explicit eager path, equal to HF eager up to float rounding).
+Inside `lsg.attach` the language model's attention implementation is an lsg one, registered in
+`AttentionInterface` with the mask function of the backbone's own ("base") implementation in
+`AttentionMaskInterface` (without a mask registration transformers builds no causal or padding
+mask for an unknown implementation):
 
-- Gates that touch only keys stay on SDPA: scaling column j's logits by c equals
-  scaling `k_j` by c, so the key tensor is rescaled and SDPA runs unchanged.
-- Gates that need the logits, weights or mask get the explicit path, which computes
-  the attention matrix only for the query rows it is given.
+- `lsg` (`sdpa_mask`: boolean 4-D masks) for `sdpa`, `eager` and any registered kernel that
+  takes SDPA's masks;
+- `lsg_padding` (`flash_attention_mask`: a 2-D padding mask, or None) for `flash_attention_2`,
+  `flash_attention_3`, `flash_attention_4` and hub kernels registered with their masks.
+
+Decoder layers whose attention module carries a `LayerBinding` (set by `lsg.attach`) apply
+their gates. What each layer calls (`layer_kernel`, `lsg.attach.kernel_plan`):
+
+- ungated layers, and gates that only scale keys (oracle, LSG: scaling column j's logits by c
+  equals scaling `k_j` by c), edit values (mean-v, zero-v) or per-head outputs, run the base
+  kernel itself on the edited inputs (FlashAttention stays FlashAttention);
+- ROW_KEYS gates (VAF, SPEAR) call the base kernel once per span of query rows sharing a key
+  scale (prompt rows with the original keys, text rows with the scaled ones);
+- LOGITS/WEIGHTS gates (VAR) run the rows before the first row they edit on the base kernel
+  and the rest on the explicit path, which materialises the attention matrix of those rows only;
+- MASK gates (knockout, OutRo) edit a boolean 4-D mask: the base kernel when it takes one,
+  else (a padding-mask kernel) SDPA with that mask;
+- an `eager` backbone runs the explicit path everywhere (equal to HF eager up to float rounding).
+
+A base kernel called on a subset of query rows under a padding mask gets the keys up to the
+last of those rows, so its bottom-right-aligned causal mask lines up; the explicit rows of a
+padding-mask backbone get the boolean mask built from the 2-D one (causal, key not padded,
+within `sliding_window` when the layer has one). Base implementations whose masks are
+neither (`flex_attention`'s block masks) run SDPA in every layer, with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    flash_attention_mask,
+    sdpa_mask,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lsg.context import LayerView, RunState, rows_view
 from lsg.gates.base import MATRIX_HOOKS, Gate, HookPoint
 
-ATTN_IMPLEMENTATION = "lsg"
+ATTN_IMPLEMENTATION = "lsg"  # the lsg implementation for bases taking boolean 4-D masks (sdpa_mask)
+PADDING_IMPLEMENTATION = "lsg_padding"  # ... for bases taking a 2-D padding mask (flash_attention_mask)
+LSG_IMPLEMENTATIONS = {ATTN_IMPLEMENTATION: sdpa_mask, PADDING_IMPLEMENTATION: flash_attention_mask}
 BINDING_ATTR = "_lsg_binding"
+SDPA, EAGER = "sdpa", "eager"
+EXPLICIT = "explicit"  # the explicit path (`explicit_attention`), HF eager's equal
+
+
+def takes_padding_mask(implementation: str) -> bool:
+    """Whether the registered attention `implementation` takes a 2-D padding mask (or None) rather
+    than a 4-D one: its mask function in transformers' `AttentionMaskInterface` is
+    `flash_attention_mask` (FlashAttention 2/3/4, hub kernels registered with their masks)."""
+    return implementation != EAGER and ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_mask
+
+
+def resolve_base(implementation: str | None) -> str:
+    """The implementation ungated layers run inside `attach` for a backbone loaded with
+    `implementation`: itself when lsg can run it (eager, or a kernel registered with
+    `sdpa_mask` or `flash_attention_mask`), else "sdpa" with a warning (e.g. `flex_attention`,
+    whose block masks the gates cannot edit). None (transformers' default) is "sdpa"."""
+    implementation = implementation or SDPA
+    if implementation == EAGER or ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) in LSG_IMPLEMENTATIONS.values():
+        return implementation
+    warnings.warn(f"lsg.attach: the backbone's attention implementation {implementation!r} builds masks the gates "
+                  f"cannot edit; inside attach every layer runs 'sdpa'. Kept as they are: eager, sdpa, "
+                  f"flash_attention_2/3/4 and kernels registered with their masks.", stacklevel=3)
+    return SDPA
+
+
+def lsg_implementation(base: str) -> str:
+    """The registered lsg implementation whose masks match `base` (a `resolve_base` result)."""
+    return PADDING_IMPLEMENTATION if takes_padding_mask(base) else ATTN_IMPLEMENTATION
+
+
+@dataclass(frozen=True)
+class LayerKernel:
+    """What one decoder layer's attention calls inside `attach` (`layer_kernel`).
+
+    Attributes:
+        kernel: what the layer's query rows run on unless a gate needs their matrix: the base
+            implementation ("flash_attention_2", "sdpa", a registered kernel), "sdpa" (a MASK
+            gate under a padding-mask base: the edited mask is 4-D), or "explicit" (an eager base:
+            every row on the explicit path).
+        row_spans: ROW_KEYS gates: `kernel` is called once per span of rows sharing a key scale.
+        matrix_rows: LOGITS/WEIGHTS gates: the rows from the first one a gate edits (`Gate.matrix_rows`,
+            over the batch) run on the explicit path, the rows before it on `kernel`.
+    """
+
+    kernel: str
+    row_spans: bool = False
+    matrix_rows: bool = False
+
+
+def layer_kernel(gates: Sequence[Gate], base: str) -> LayerKernel:
+    """The kernel choice of a decoder layer with `gates` (empty = ungated) on a backbone whose
+    ungated layers run `base` (a `resolve_base` result); see the module docstring."""
+    hooks = set().union(*(g.hook_points for g in gates))
+    if base == EAGER:
+        return LayerKernel(EXPLICIT)
+    kernel = SDPA if HookPoint.MASK in hooks and takes_padding_mask(base) else base
+    return LayerKernel(kernel, row_spans=HookPoint.ROW_KEYS in hooks, matrix_rows=bool(hooks & MATRIX_HOOKS))
 
 
 @dataclass
 class LayerBinding:
-    """The gates of one decoder layer and the run they belong to."""
+    """The gates of one decoder layer, the run they belong to and the layer's `LayerKernel`."""
 
     layer: int
     gates: list[Gate]
     run: RunState
+    kernel: LayerKernel
 
 
-def full_mask(mask: torch.Tensor | None, n_q: int, n_kv: int, device) -> torch.Tensor:
-    """Boolean mask `(B or 1, 1, n_q, n_kv)`, True = may attend. `None` means causal, with
-    query i at absolute position `n_kv - n_q + i` (the KV cache holds the earlier ones)."""
+def full_mask(mask: torch.Tensor | None, n_q: int, n_kv: int, device,
+              sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean mask `(B or 1, 1, n_q, n_kv)`, True = may attend, from what a mask function built.
+
+    Query i sits at key position `n_kv - n_q + i` (the KV cache holds the earlier ones).
+
+    Args:
+        mask: None (causal, no padding), a 2-D `(B, n_kv)` padding mask (True/1 = real key;
+            FlashAttention's), or a 4-D boolean or additive float mask (returned as boolean).
+        sliding_window: the layer's window (key j visible from position p iff `p - j <
+            sliding_window`), applied to None and 2-D masks; a 4-D mask already holds it.
+
+    Raises:
+        ValueError: a 2-D mask whose width is not `n_kv` (e.g. a static cache).
+    """
+    if mask is not None and mask.dim() == 4:
+        return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    q_pos = torch.arange(n_kv - n_q, n_kv, device=device)[:, None]
+    k_pos = torch.arange(n_kv, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    allowed = allowed[None, None]
     if mask is None:
-        q_pos = torch.arange(n_kv - n_q, n_kv, device=device)[:, None]
-        return (torch.arange(n_kv, device=device)[None, :] <= q_pos)[None, None]
-    if mask.dtype != torch.bool:  # an additive float mask
-        return mask > torch.finfo(mask.dtype).min / 2
-    return mask
+        return allowed
+    if mask.shape[-1] != n_kv:
+        raise ValueError(f"A 2-D padding mask of {mask.shape[-1]} columns for {n_kv} keys: lsg gates need a mask "
+                         f"over every key (use the dynamic KV cache, not a static one).")
+    return allowed & mask.bool()[:, None, None, :]
 
 
-def _sdpa_rows(module, query, key, value, mask, scaling, lo: int, hi: int, **kwargs) -> torch.Tensor:
-    """SDPA outputs `(B, hi - lo, H, d_head)` for query rows `lo:hi`."""
+class _ConfigView:
+    """A config that reports `implementation` as its attention implementation."""
+
+    def __init__(self, config, implementation: str):
+        self._config, self._attn_implementation = config, implementation
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class _KernelModule:
+    """An attention module as a base kernel sees it inside `attach`: its config reports the base
+    implementation (transformers' `flash_attention_forward` picks its library by
+    `module.config._attn_implementation`, which inside attach is the lsg one); every other
+    attribute is the module's."""
+
+    def __init__(self, module: torch.nn.Module, implementation: str):
+        self._module, self.config = module, _ConfigView(module.config, implementation)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _run_kernel(name: str, module, query, key, value, mask, scaling, **kwargs) -> torch.Tensor:
+    """Outputs `(B, T_q, H, d_head)` of the registered attention function `name`."""
+    if name != SDPA:
+        module = _KernelModule(module, name)
+    return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, mask, scaling=scaling, **kwargs)[0]
+
+
+def _kernel_rows(name: str, module, query, key, value, mask, scaling, lo: int, hi: int, **kwargs) -> torch.Tensor:
+    """Outputs `(B, hi - lo, H, d_head)` of query rows `lo:hi` on kernel `name`.
+
+    A padding-mask kernel gets the keys (and mask columns) up to the last of these rows, so its
+    bottom-right-aligned causal mask lines up; its padded query rows are zero (as FlashAttention
+    gives for a whole call). A 4-D-mask kernel gets these rows of the full boolean mask.
+    """
     n_q, n_kv = query.shape[2], key.shape[2]
     if lo == 0 and hi == n_q:
-        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)[0]
-    rows_mask = full_mask(mask, n_q, n_kv, query.device)[:, :, lo:hi]
-    return sdpa_attention_forward(module, query[:, :, lo:hi], key, value, rows_mask, scaling=scaling, **kwargs)[0]
+        return _run_kernel(name, module, query, key, value, mask, scaling, **kwargs)
+    if takes_padding_mask(name):
+        cut = n_kv - n_q + hi
+        out = _run_kernel(name, module, query[:, :, lo:hi], key[:, :, :cut], value[:, :, :cut],
+                          None if mask is None else mask[:, :cut], scaling, **kwargs)
+        if mask is None:
+            return out
+        real = mask[:, n_kv - n_q + lo:cut].bool()[:, :, None, None]
+        return torch.where(real, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    rows_mask = full_mask(mask, n_q, n_kv, query.device, kwargs.get("sliding_window"))[:, :, lo:hi]
+    return _run_kernel(name, module, query[:, :, lo:hi], key, value, rows_mask, scaling, **kwargs)
 
 
-def _sdpa_with_row_keys(module, query, key, value, mask, scaling, lo, hi, row_scales, **kwargs):
-    """SDPA for rows `lo:hi` where each (key scale, rows) pair applies to its rows only.
+def _rows_with_row_keys(name: str, module, query, key, value, mask, scaling, lo, hi, row_scales, **kwargs):
+    """Rows `lo:hi` on kernel `name` where each (key scale, rows) pair applies to its rows only.
 
-    Rows are grouped by which scales apply to them; each group present runs one SDPA
+    Rows are grouped by which scales apply to them; each group present runs one kernel call
     over the span of rows it occupies (a VAF gate: prefix rows unscaled, text rows scaled).
     """
     if not row_scales:
-        return _sdpa_rows(module, query, key, value, mask, scaling, lo, hi, **kwargs)
+        return _kernel_rows(name, module, query, key, value, mask, scaling, lo, hi, **kwargs)
     code = sum(rows[:, lo:hi].long() << i for i, (_, rows) in enumerate(row_scales))  # (B, hi - lo)
     out = None
     for c in code.unique().tolist():
@@ -76,8 +225,8 @@ def _sdpa_with_row_keys(module, query, key, value, mask, scaling, lo, hi, row_sc
         hit = code == c
         span = hit.any(0).nonzero().flatten()
         a, b = int(span[0]), int(span[-1]) + 1
-        part = _sdpa_rows(module, query, key * scale[:, None, :, None].to(key.dtype), value, mask, scaling,
-                          lo + a, lo + b, **kwargs)
+        part = _kernel_rows(name, module, query, key * scale[:, None, :, None].to(key.dtype), value, mask, scaling,
+                            lo + a, lo + b, **kwargs)
         if out is None:
             out = part.new_zeros(query.shape[0], hi - lo, *part.shape[2:])
         out[:, a:b] = torch.where(hit[:, a:b, None, None], part, out[:, a:b])
@@ -92,7 +241,7 @@ def explicit_attention(
     mask: torch.Tensor | None,
     scaling: float,
     view: LayerView | None = None,
-    gates: list["Gate"] = (),
+    gates: list[Gate] = (),
     states: list = (),
     row_scales: list[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,21 +296,35 @@ def lsg_attention_forward(
     """The registered attention function (signature of transformers' AttentionInterface).
 
     Shapes: query `(B, H, T_q, d_head)`, key/value `(B, H_kv, T_kv, d_head)` including
-    the KV cache; returns `(B, T_q, H, d_head)` and the weights of the explicit rows
-    (or None when everything ran on SDPA).
+    the KV cache; `attention_mask` what the base's mask function built (4-D boolean for `lsg`,
+    2-D padding or None for `lsg_padding`); returns `(B, T_q, H, d_head)` and the weights of
+    the explicit rows (or None when every row ran on a kernel). The layer's `LayerKernel` says
+    which kernel runs which rows (module docstring).
 
     Order of edits: keys (all rows), values, mask, then per-row keys, logits and
     weights, then per-head outputs.
     """
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    binding: LayerBinding | None = getattr(module, BINDING_ATTR, None)
-    if binding is None or not binding.gates:  # an ungated layer keeps the backbone's own path
-        if binding is not None and binding.run.base_implementation == "eager":
-            return explicit_attention(module, query, key, value, attention_mask, scaling)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    run, gates = binding.run, binding.gates
     n_q, n_kv = query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")
+    binding: LayerBinding | None = getattr(module, BINDING_ATTR, None)
+    if binding is None:  # an attention module attach did not bind: SDPA on the boolean mask
+        causal = attention_mask is None and n_q in (1, n_kv)  # SDPA's own causal flag is right then
+        mask = None if causal else full_mask(attention_mask, n_q, n_kv, query.device, window)
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    run, gates, plan = binding.run, binding.gates, binding.kernel
+    if not gates:  # an ungated layer keeps the backbone's own kernel
+        if plan.kernel == EXPLICIT:
+            return explicit_attention(module, query, key, value, full_mask(attention_mask, n_q, n_kv, query.device,
+                                                                           window), scaling)
+        return _run_kernel(plan.kernel, module, query, key, value, attention_mask, scaling, dropout=dropout,
+                           **kwargs), None
+    if n_kv != run.ctx.total_len:  # gates index keys by position from 0
+        raise RuntimeError(
+            f"Decoder layer {binding.layer} attends over {n_kv} keys but the gate context holds "
+            f"{run.ctx.total_len} positions: the KV cache drops or pads keys (a sliding-window or static cache). "
+            f"Generate with a full-length DynamicCache inside lsg.attach (the family's adapter can swap "
+            f"generate's cache for one, as lsg/families/gemma3.py does).")
     view = LayerView(binding.layer, run.ctx, n_kv - n_q, n_q)
     states = [run.ctx.gate_state.get((binding.layer, i)) for i in range(len(gates))]
     hooks = set().union(*(g.hook_points for g in gates))
@@ -172,24 +335,24 @@ def lsg_attention_forward(
         if HookPoint.VALUES in gate.hook_points:
             value = gate.edit_values(view, state, value)
     if HookPoint.MASK in hooks:
-        mask = full_mask(mask, n_q, n_kv, query.device).expand(query.shape[0], 1, n_q, n_kv)
+        mask = full_mask(mask, n_q, n_kv, query.device, window).expand(query.shape[0], 1, n_q, n_kv)
         for gate, state in zip(gates, states):
             if HookPoint.MASK in gate.hook_points:
                 mask = gate.edit_mask(view, state, mask)
     row_scales = [rs for g, st in zip(gates, states)
                   if HookPoint.ROW_KEYS in g.hook_points and (rs := g.row_key_scale(view, st)) is not None]
-    if run.base_implementation == "eager":
+    if plan.kernel == EXPLICIT:
         first = 0
-    elif hooks & MATRIX_HOOKS:
+    elif plan.matrix_rows:
         first = min(_first_row(g.matrix_rows(view, st)) for g, st in zip(gates, states) if g.hook_points & MATRIX_HOOKS)
     else:
         first = n_q
     parts, weights = [], None
     if first > 0:
-        parts.append(_sdpa_with_row_keys(module, query, key, value, mask, scaling, 0, first, row_scales,
+        parts.append(_rows_with_row_keys(plan.kernel, module, query, key, value, mask, scaling, 0, first, row_scales,
                                          dropout=dropout, **kwargs))
     if first < n_q:
-        rows_mask = full_mask(mask, n_q, n_kv, query.device)[:, :, first:]
+        rows_mask = full_mask(mask, n_q, n_kv, query.device, window)[:, :, first:]
         out, weights = explicit_attention(module, query[:, :, first:], key, value, rows_mask, scaling,
                                           rows_view(view, first), gates, states,
                                           [(s, r[:, first:]) for s, r in row_scales])
@@ -202,4 +365,7 @@ def lsg_attention_forward(
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, lsg_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionInterface.register(PADDING_IMPLEMENTATION, lsg_attention_forward)
+for _name, _mask in LSG_IMPLEMENTATIONS.items():
+    AttentionMaskInterface.register(_name, _mask)
+del _name, _mask

@@ -146,6 +146,27 @@ class Backbone:
             yield
 
     @contextmanager
+    def layer_inputs(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Within the block, the yielded dict holds `{layer: (B, T, D)}`, the hidden state entering
+        each decoder layer in the last forward (pre-hooks, removed on exit): what sink values and a
+        gate's `prepare` read. transformers' `output_hidden_states[l]` is layer l-1's output, which
+        lacks what the language model adds between layers (Qwen3-VL's DeepStack features)."""
+        entering: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int):
+            def hook(module, args, kwargs):
+                entering[layer] = args[0] if args else kwargs["hidden_states"]
+            return hook
+
+        handles = [layer.register_forward_pre_hook(keep(l), with_kwargs=True)
+                   for l, layer in enumerate(self.decoder_layers)]
+        try:
+            yield entering
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
     def checkpoint_decoder_layers(self, layers: Sequence[int]) -> Iterator[None]:
         """Activation checkpointing of decoder `layers` within the block: under autograd their
         forward keeps only its inputs and is run again in backward (`torch.utils.checkpoint`,

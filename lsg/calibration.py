@@ -196,19 +196,22 @@ class _LayerTotals:
 
 
 def _forward(backbone: Backbone, batch: dict, attentions: bool, vit_features: bool):
-    """`(model output, ViT features (N_patches, D_vit) or None)` of one prompt-only batch on the backbone's device."""
+    """`(model output, ViT features (N_patches, D_vit) or None)` of one prompt-only batch on the backbone's
+    device; the output's `hidden_states[l]` is the hidden state entering decoder layer l as the gates read it
+    (`Backbone.layer_inputs`: with Qwen3-VL's DeepStack additions, which transformers' own lack)."""
     model, family = backbone.model, backbone.family
-    if not vit_features:
-        return model(**batch, output_hidden_states=True, output_attentions=attentions), None
     captured = []  # the ViT features the projector reads, (N_patches, D), via the family adapter
     handle = family.vit_module(model).register_forward_hook(
         lambda module, args, kwargs, output: captured.append(family.vit_features(model, args, kwargs, output).float()),
-        with_kwargs=True)
+        with_kwargs=True) if vit_features else None
     try:
-        out = model(**batch, output_hidden_states=True, output_attentions=attentions)
+        with backbone.layer_inputs() as entering:
+            out = model(**batch, output_attentions=attentions)
     finally:
-        handle.remove()
-    return out, torch.cat(captured)
+        if handle is not None:
+            handle.remove()
+    out.hidden_states = tuple(entering[layer] for layer in range(backbone.num_layers))
+    return out, (torch.cat(captured) if vit_features else None)
 
 
 def _count_massive(census: _Census, hidden_states, feats: torch.Tensor, real: torch.Tensor, min_abs: float,

@@ -8,6 +8,7 @@ that excludes zero. The answers themselves come from `lsg.evaluation.answer_stac
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,7 @@ from lsg.data import VQARecord
 from lsg.evaluation import Result, images_and_questions
 from lsg.specs import BASELINE, GateStack
 from lsg.stats import BOOTSTRAP_SAMPLES, CI_LEVEL, paired_by_subtask
+from lsg.timing import paired_ratio, time_interleaved
 
 
 def paired_rows(results: Mapping[str, Result], baseline: str = BASELINE, samples: int = BOOTSTRAP_SAMPLES,
@@ -174,19 +176,27 @@ def time_forward(backbone: Backbone, batches: Sequence[dict], stack: GateStack |
 
 
 def measure_overhead(backbone: Backbone, items: Sequence[VQARecord], stacks: Sequence[GateStack], batch_size: int,
-                     timing_batches: int = 4, repeats: int = 2) -> dict[str, dict[str, float]]:
+                     timing_batches: int = 4, repeats: int = 2, level: float = CI_LEVEL) -> dict[str, dict[str, float]]:
     """Prefill time per batch with each stack and its ratio to the unmodified backbone's, both
-    measured in this run on the same first `timing_batches` batches of `items`.
+    measured in this run on the same first `timing_batches` batches of `items`: `repeats` rounds,
+    each timing the baseline and every stack once in a shuffled order (`lsg.timing.time_interleaved`;
+    `time_forward` warms each one up), the ratio paired by round (`lsg.timing.paired_ratio`).
 
     Returns:
-        spec -> {"prefill_ms_per_batch": ms, "overhead": ratio (1.0 for the baseline)}.
+        spec -> {"prefill_ms_per_batch": median ms over the rounds, "overhead": geometric mean of
+        the per-round ratios (1.0 for the baseline), "overhead_ci_low", "overhead_ci_high": its
+        `level` t interval (None with one round)}.
     """
     n = min(timing_batches, max(1, len(items) // batch_size))
     batches = [backbone.on_device(backbone.build_batch(*images_and_questions(items[i * batch_size:(i + 1) * batch_size])))
                for i in range(n)]
-    base_s = time_forward(backbone, batches, None, repeats)
+    timed = {BASELINE: None, **{st.spec: st for st in stacks if st.layers}}
+    timings = time_interleaved(lambda spec: {"s": time_forward(backbone, batches, timed[spec], 1)}, list(timed),
+                               repeats, warmup=0)  # time_forward warms up after attaching
     out = {}
     for st in stacks:
-        seconds = time_forward(backbone, batches, st, repeats) if st.layers else base_s
-        out[st.spec] = {"prefill_ms_per_batch": 1000 * seconds, "overhead": seconds / base_s}
+        seconds = timings.series(st.spec if st.layers else BASELINE, "s")
+        ratio = paired_ratio(timings.series(BASELINE, "s"), seconds, level)
+        out[st.spec] = {"prefill_ms_per_batch": 1000 * statistics.median(seconds), "overhead": ratio["ratio"],
+                        "overhead_ci_low": ratio["ci_low"], "overhead_ci_high": ratio["ci_high"]}
     return out

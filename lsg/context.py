@@ -133,7 +133,8 @@ class RunState:
 
     Attributes:
         sinks: the block's sink configuration.
-        base_implementation: "sdpa" or "eager": the path of ungated layers.
+        base_implementation: the attention implementation ungated layers run (the backbone's own:
+            "sdpa", "eager", "flash_attention_2", any registered kernel; `lsg.attention.resolve_base`).
         ctx: the context of the current (or last) forward; given at start for a suffix run.
         labels: labels of the next forward (answers are `out` tokens, so teacher forcing never
             moves the last prompt token); set by `lsg.scoring` or the top-level model's call,

@@ -19,7 +19,10 @@ Three consumers:
 transformers' own decoder forward does the work: the layers below l are skipped (their
 input passes through, `Backbone.skip_decoder_layers`) and the cached state is given to
 the language model as its input embeddings, so positions, masks and rotary embeddings are
-built by transformers exactly as in the plain forward.
+built by transformers exactly as in the plain forward (a family whose multimodal model builds
+other masks, Gemma 3's bidirectional image block, gives them: `Family.decoder_attention_mask`).
+What the language model adds between layers (Qwen3-VL's DeepStack features,
+`Family.layer_additions`) is kept for the layers at or above l and added back to their outputs.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from __future__ import annotations
 import json
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -64,6 +68,9 @@ class Prefix:
         sink_phi: layer -> sink value of the hidden state entering it, for layers < `layer`.
         position_ids: the position ids the language model was given (`(3, B, T)` M-RoPE ids for
             Qwen2-VL), or None when it builds them itself from the mask (LLaVA).
+        additions: decoder layer (>= `layer`) -> `(B, T, D)` what the language model adds to that
+            layer's output besides the layer itself (Qwen3-VL's DeepStack features at the visual
+            positions, `Family.layer_additions`); those of the layers below are already in `hidden`.
     """
 
     layer: int
@@ -74,6 +81,7 @@ class Prefix:
     vsink: torch.Tensor | None = None
     sink_phi: dict[int, torch.Tensor] = field(default_factory=dict)
     position_ids: torch.Tensor | None = None
+    additions: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def context(self) -> ForwardContext:
         """A fresh `ForwardContext` for a suffix forward (gates add their state to it)."""
@@ -114,9 +122,12 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
         return hook
 
     positions: dict[str, torch.Tensor | None] = {}
+    additions: dict[int, torch.Tensor] = {}
 
     def keep_positions(module, args, kwargs):
         positions["ids"] = kwargs.get("position_ids")
+        if kwargs.get("inputs_embeds") is not None:
+            additions.update(backbone.family.layer_additions(backbone.model, kwargs, kwargs["inputs_embeds"]))
 
     handles = [backbone.decoder_layers[l].register_forward_pre_hook(keep(l), with_kwargs=True)
                for l in layers]
@@ -132,25 +143,29 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
             h.remove()
     prefixes = {
         l: Prefix(l, entering[l], inputs["attention_mask"], ctx.segments, sinks, ctx.vsink,
-                  {k: v for k, v in ctx.sink_phi.items() if k < l}, positions.get("ids"))
+                  {k: v for k, v in ctx.sink_phi.items() if k < l}, positions.get("ids"),
+                  {k: v for k, v in additions.items() if k >= l})
         for l in layers
     }
     return prefixes, (final if to_end else None)
 
 
-CHECKPOINTABLE_IMPLEMENTATIONS = ("sdpa",)  # base attention whose recompute equals the forward inside attach
+# base attention whose recompute equals the forward inside attach (an ungated layer keeps its kernel there)
+CHECKPOINTABLE_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def checkpointable(backbone: Backbone) -> bool:
     """Whether the layers above a gate can be checkpointed on this backbone. Their recompute runs
     in `backward`, after `attach` has restored the backbone's own attention implementation; inside
-    `attach` an ungated layer runs SDPA (or the project's explicit path for an eager backbone), so
-    only an SDPA backbone recomputes the same graph. Others train without checkpointing (a warning,
-    shown once per call site by Python's default warning filter)."""
+    `attach` an ungated layer keeps the backbone's kernel (`lsg.attention.layer_kernel`) but an eager
+    backbone runs the project's explicit path, so only SDPA and FlashAttention backbones recompute the
+    same graph. Others train without checkpointing (a warning, shown once per call site by Python's
+    default warning filter)."""
     implementation = backbone.family.text_config(backbone.model)._attn_implementation or "sdpa"
     if implementation in CHECKPOINTABLE_IMPLEMENTATIONS:
         return True
-    warnings.warn(f"activation_checkpointing needs attn_implementation=sdpa; this backbone runs "
+    warnings.warn(f"activation_checkpointing needs attn_implementation in {list(CHECKPOINTABLE_IMPLEMENTATIONS)}; "
+                  f"this backbone runs "
                   f"{implementation!r}, so the layers above the gate keep their activations.", stacklevel=3)
     return False
 
@@ -178,13 +193,34 @@ def run_suffix(backbone: Backbone, prefix: Prefix, gates: Mapping[int, Gate | Se
     if above and not checkpointable(backbone):
         above = range(0)
     with attach(backbone, gates or {}, prefix.sinks, start_layer=prefix.layer, context=prefix.context()) as run, \
-            backbone.checkpoint_decoder_layers(above):
+            backbone.checkpoint_decoder_layers(above), _added_to_outputs(backbone, prefix.additions):
+        mask = backbone.family.decoder_attention_mask(backbone.model, prefix.hidden, prefix.attention_mask,
+                                                      prefix.position_ids, prefix.segments.vis)
         out = backbone.family.language_model(backbone.model)(
-            inputs_embeds=prefix.hidden, attention_mask=prefix.attention_mask, position_ids=prefix.position_ids,
-            use_cache=False)
+            inputs_embeds=prefix.hidden, attention_mask=mask, position_ids=prefix.position_ids, use_cache=False)
         if gate_state is not None:
             gate_state.update(run.ctx.gate_state)
     return out.last_hidden_state
+
+
+@contextmanager
+def _added_to_outputs(backbone: Backbone, additions: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Within the block, decoder layer l's output gets `additions[l]` `(B, T, D)` added (forward
+    hooks, removed on exit): what the language model adds after layer l in the full forward
+    (`Prefix.additions`), so the next layer's input is the model's own."""
+    def add(extra: torch.Tensor):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (output[0] + extra.to(output[0].dtype), *output[1:])
+            return output + extra.to(output.dtype)
+        return hook
+
+    handles = [backbone.decoder_layers[l].register_forward_hook(add(extra)) for l, extra in additions.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -194,6 +230,7 @@ class _Entry:
     vsink: torch.Tensor | None  # (n,)
     sink_phi: dict[int, torch.Tensor]  # layer -> (n,)
     position_ids: torch.Tensor | None = None  # (P, n) when the model was given position ids (M-RoPE)
+    additions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, D), `Prefix.additions`
 
     @property
     def nbytes(self) -> int:
@@ -202,7 +239,8 @@ class _Entry:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The entry as named tensors (`sink_phi.<layer>` per layer), for a safetensors shard."""
         out = {"input_ids": self.input_ids, "hidden": self.hidden,
-               **{f"sink_phi.{l}": v for l, v in self.sink_phi.items()}}
+               **{f"sink_phi.{l}": v for l, v in self.sink_phi.items()},
+               **{f"addition.{l}": v for l, v in self.additions.items()}}
         out.update({k: v for k, v in (("vsink", self.vsink), ("position_ids", self.position_ids)) if v is not None})
         return out
 
@@ -210,7 +248,8 @@ class _Entry:
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "_Entry":
         return cls(tensors["input_ids"], tensors["hidden"], tensors.get("vsink"),
                    {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("sink_phi.")},
-                   tensors.get("position_ids"))
+                   tensors.get("position_ids"),
+                   {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("addition.")})
 
 
 class HostStore(dict):
@@ -361,7 +400,8 @@ class PrefixCache:
             entry = _Entry(ids.cpu(), prefix.hidden[b][mask[b]].cpu(),
                            None if prefix.vsink is None else prefix.vsink[b][mask[b]].cpu(),
                            {l: phi[b][mask[b]].cpu() for l, phi in prefix.sink_phi.items()},
-                           None if prefix.position_ids is None else prefix.position_ids[:, b][:, mask[b]].cpu())
+                           None if prefix.position_ids is None else prefix.position_ids[:, b][:, mask[b]].cpu(),
+                           {l: a[b][mask[b]].cpu() for l, a in prefix.additions.items()})
             old = self.store.get(key)  # stored with other tokens (a reused key): the new sample replaces it
             grow = entry.nbytes - (old.nbytes if old is not None else 0)
             if self.nbytes + grow > self.budget_bytes:
@@ -391,7 +431,10 @@ class PrefixCache:
         phi = {l: v.new_zeros(B, T, device=device) for l, v in first.sink_phi.items()}
         positions = None if first.position_ids is None else \
             first.position_ids.new_zeros(first.position_ids.shape[0], B, T, device=device)
+        additions = {l: a.new_zeros(B, T, a.shape[-1], device=device) for l, a in first.additions.items()}
         for b, e in enumerate(entries):
+            for l in additions:
+                additions[l][b, mask[b]] = e.additions[l].to(device)
             if positions is not None:
                 positions[:, b, mask[b]] = e.position_ids.to(device)
             hidden[b, mask[b]] = e.hidden.to(device)
@@ -401,7 +444,8 @@ class PrefixCache:
                 phi[l][b, mask[b]] = e.sink_phi[l].to(device)
         segments = Segments.from_batch(inputs["input_ids"], inputs["attention_mask"], self.backbone.image_token_id,
                                        inputs.get("labels"))
-        return Prefix(self.layer, hidden, inputs["attention_mask"], segments, self.sinks, vsink, phi, positions)
+        return Prefix(self.layer, hidden, inputs["attention_mask"], segments, self.sinks, vsink, phi, positions,
+                      additions)
 
     def stats(self) -> dict[str, float]:
         """Samples served from the store (`hits`) and computed (`misses`), stored MiB, and

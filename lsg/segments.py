@@ -1,10 +1,11 @@
 """Token segments of a multimodal sequence (docs/methods.md section 1).
 
-Every sample splits into four disjoint segments: `sys` (before the first image
-token), `vis` (image placeholder positions), `user` (prompt after the image, up to
-and including the last prompt token) and `out` (answer or generated tokens).
-Padding belongs to none. Segments are computed per sample from the positions of
-real tokens, so left and right padding give the same segments.
+Every sample splits into four disjoint segments: `sys` (the text before the image,
+and the image's own marker tokens between its runs of image tokens), `vis` (image
+placeholder positions), `user` (prompt after the image, up to and including the last
+prompt token) and `out` (answer or generated tokens). Padding belongs to none.
+Segments are computed per sample from the positions of real tokens, so left and right
+padding give the same segments.
 """
 
 from __future__ import annotations
@@ -15,6 +16,24 @@ import torch
 
 IGNORE_INDEX = -100  # labels ignored by the next-token loss (the Hugging Face convention)
 
+
+class ImageTokenId(int):
+    """An image token id (an `int`) that also names the marker tokens one image's span may hold
+    between its runs of image tokens: Idefics3 / SmolVLM write an image as several runs of
+    `<image>` (one per tile) separated by `<fake_token_around_image>`, `<row_i_col_j>`,
+    `<global-img>` and newlines. Runs joined only by these markers count as one image
+    (`Segments.from_batch`); a plain `int` id allows no marker (one run per image).
+
+    Attributes:
+        span_markers: the marker token ids.
+    """
+
+    span_markers: frozenset[int]
+
+    def __new__(cls, image_token_id: int, span_markers=()):
+        self = super().__new__(cls, image_token_id)
+        self.span_markers = frozenset(int(m) for m in span_markers)
+        return self
 
 
 def last_prompt_positions(attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,13 +79,15 @@ class Segments:
         Args:
             input_ids: `(B, T)` with image placeholders already expanded by the processor.
             attention_mask: `(B, T)`, 1 on real tokens (None = no padding).
-            image_token_id: the backbone's `config.image_token_id`.
+            image_token_id: the backbone's `config.image_token_id`; an `ImageTokenId` also names
+                the marker tokens that may separate the runs of one image (they join `sys`).
             labels: `(B, T)` answer labels (teacher forcing) or None (prompt only).
 
         Raises:
             ValueError: shapes differ; a sample has no image token, or several separate runs
-                of image tokens (several images): every prompt must hold exactly one image,
-                or `sys`/`user` would overlap or leave tokens in no segment.
+                of image tokens (several images; runs joined only by the `ImageTokenId`'s markers
+                are one image): every prompt must hold exactly one image, or `sys`/`user` would
+                overlap or leave tokens in no segment.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -78,7 +99,11 @@ class Segments:
         real = attention_mask.bool()
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         vis = (input_ids == image_token_id) & real
-        runs = (vis & ~torch.nn.functional.pad(vis, (1, 0))[:, :-1]).sum(1)  # separate runs of image tokens
+        markers = sorted(getattr(image_token_id, "span_markers", ()))
+        joined = vis | (torch.isin(input_ids, input_ids.new_tensor(markers)) & real) if markers else vis
+        run = (joined & ~torch.nn.functional.pad(joined, (1, 0))[:, :-1]).long().cumsum(1)  # run number
+        before = torch.nn.functional.pad(torch.where(vis, run, 0).cummax(1).values, (1, 0))[:, :-1]
+        runs = (vis & (run > before)).sum(1)  # separate runs of image tokens (joined by the markers)
         if (runs != 1).any():
             bad = (runs != 1).nonzero().flatten().tolist()
             raise ValueError(
@@ -86,12 +111,10 @@ class Segments:
                 f"lsg needs exactly one image per prompt, placed by the chat template (Backbone.build_batch). "
                 f"Drop text-only samples or give them an image; split multi-image samples.")
         last = last_prompt_positions(attention_mask, labels)
-        big = input_ids.shape[1]
-        first_vis = torch.where(vis.any(1), torch.where(vis, pos, big).amin(1), big)
         last_vis = torch.where(vis.any(1), torch.where(vis, pos, -1).amax(1), -1)
         prompt = real & (pos <= last[:, None])
         return cls(
-            sys=prompt & (pos < first_vis[:, None]),
+            sys=prompt & ~vis & (pos < last_vis[:, None]),  # before the image, and its markers
             vis=vis,
             user=prompt & (pos > last_vis[:, None]),
             out=real & (pos > last[:, None]),

@@ -248,3 +248,12 @@ def test_smol_llava_maps_match_eager_attention(tmp_path_factory):
             want = attn[layer, b, :, seg.last_prompt[b]][:, seg.vis[b]].numpy()
             np.testing.assert_allclose(o.maps[layer], want, atol=1e-5, rtol=1e-4)
     assert obs[0].maps[layers[0]].shape == (bb.family.text_config(bb.model).num_attention_heads, 144)
+
+
+def test_figure_labels_shorten_gate_files_to_their_stem():
+    from lsg.analysis.common import stack_label
+
+    assert stack_label("lsg:checkpoints/smol-llava/lsg-L10.safetensors+var") == "lsg:lsg-L10+var"
+    assert stack_label("stack:runs/x/stack.json") == "stack:stack"
+    for spec in ("none", "oracle@10:0.3", "var@2-3+oracle@1:0.2/0.5/0.9"):
+        assert stack_label(spec) == spec

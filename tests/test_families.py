@@ -22,7 +22,7 @@ def test_a_checkpoint_of_another_family_is_refused_before_any_weight_is_read(tmp
 
 def test_unknown_family_names_the_supported_ones():
     with pytest.raises(ValueError, match="Supported families: " + ", ".join(sorted(FAMILIES))):
-        get_family("internvl")
+        get_family("made-up-vlm")
 
 
 def test_llava_15_template_is_the_conversation_format_with_its_system_prompt(tiny_hub_dir):

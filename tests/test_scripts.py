@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lsg.data.shapes import Scene, SceneObject, describe, sample_scene
@@ -216,24 +214,3 @@ def test_scene_dialogues_give_up_when_no_scene_poses_the_subtasks(monkeypatch):
     monkeypatch.setattr(recipe, "scene_questions", lambda split, i: (None, [{"subtask": "count"}]))
     with pytest.raises(ValueError, match="choose other --subtasks"):
         recipe.scene_dialogues(0, 2, ["relation"])
-
-
-@pytest.mark.slow
-def test_overhead_takes_the_model_group_and_reports_ratios_to_the_baseline(tmp_path):
-    """`scripts/overhead.py model=...` (Hydra, like train.py and compare.py): every row's ratio
-    is its own time over the unmodified backbone's, measured in the same run."""
-    import re
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(root / "scripts" / "overhead.py"), "model=tiny-random", "batch=2",
-                             "new_tokens=4", "repeats=1", "specs=[none,vaf@1]", f"hydra.run.dir={tmp_path}"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "tiny-random (" in result.stdout
-    rows = {m[0]: [float(x) for x in m[1:]] for m in re.findall(
-        r"^\| (\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, re.M)}
-    assert set(rows) == {"none", "vaf@1"} and rows["none"][1] == rows["none"][3] == 1.0
-    prefill, ratio = rows["vaf@1"][0], rows["vaf@1"][1]
-    assert abs(ratio - prefill / rows["none"][0]) < 0.01 + 0.01 * ratio

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lsg.analysis.common import AnalysisResult, identity_of, is_done, mark_done, plt_agg, save_png
+from lsg.analysis.common import AnalysisResult, identity_of, is_done, mark_done, plt_agg, save_png, stack_label
 from lsg.analysis.data import jsonable, observe, resolve_layers
 from lsg.files import read_json, write_json
 
@@ -157,8 +157,8 @@ def map_figure(q: dict, image, layers: Sequence[int], heads: Sequence, backbone_
     first = str(layers[0])
     panels = sorted(panel_grids(grid, np.zeros(len(grid))))
     columns = [(spec, p) for spec in specs for p in panels]
-    fig = make_subplots(1, len(columns), subplot_titles=[f"{spec}" + (f" (panel {p})" if len(panels) > 1 else "")
-                                                         for spec, p in columns], horizontal_spacing=0.03)
+    titles = [stack_label(spec) + (f" (panel {p})" if len(panels) > 1 else "") for spec, p in columns]
+    fig = make_subplots(1, len(columns), subplot_titles=titles, horizontal_spacing=0.03)
     per_column = []  # trace indices of each column: (heat traces per head, lsink trace)
     for c, (spec, p) in enumerate(columns, start=1):
         shape = panel_grids(grid, np.zeros(len(grid)))[p].shape
@@ -168,7 +168,7 @@ def map_figure(q: dict, image, layers: Sequence[int], heads: Sequence, backbone_
             z = panel_grids(grid, head_map(np.asarray(q["stacks"][spec]["maps"][first]), head))[p]
             fig.add_trace(go.Heatmap(z=z, x0=CELL_PX / 2, dx=CELL_PX, y0=CELL_PX / 2, dy=CELL_PX, opacity=0.6,
                                      colorscale="Viridis", showscale=False, visible=k == 0,
-                                     name=f"{spec} head {head}",
+                                     name=f"{stack_label(spec)} head {head}",
                                      hovertemplate="row %{y}, col %{x}: %{z:.4f}<extra></extra>"), 1, c)
             heat.append(len(fig.data) - 1)
         vx, vy = _markers(grid, q.get("vsink"), p)
@@ -213,18 +213,24 @@ def map_figure(q: dict, image, layers: Sequence[int], heads: Sequence, backbone_
 
 
 def map_png(q: dict, image, layers: Sequence[int]):
-    """A matplotlib figure: a row per (stack, panel), a column per decoder layer, head mean."""
+    """A matplotlib figure: a row per (stack, panel), a column per decoder layer, head mean; one
+    colour scale per column (0 to the column's largest weight), shared by the stacks."""
     plt = plt_agg()
     grid = np.asarray(q["grid"])
     panels = sorted(panel_grids(grid, np.zeros(len(grid))))
     rows = [(spec, p) for spec in q["stacks"] for p in panels]
     fig, axes = plt.subplots(len(rows), len(layers), figsize=(1.6 * len(layers), 1.7 * len(rows)), squeeze=False)
+    head_mean = {(spec, layer): np.asarray(q["stacks"][spec]["maps"][str(layer)]).mean(0)
+                 for spec in q["stacks"] for layer in layers}
+    top = {layer: max(float(np.nanmax(head_mean[spec, layer])) for spec in q["stacks"]) for layer in layers}
     for r, (spec, p) in enumerate(rows):
         for c, layer in enumerate(layers):
             ax = axes[r, c]
-            z = panel_grids(grid, np.asarray(q["stacks"][spec]["maps"][str(layer)]).mean(0))[p]
+            z = panel_grids(grid, head_mean[spec, layer])[p]
             ax.imshow(_panel_image(image, z.shape))
-            ax.imshow(z, extent=(0, z.shape[1] * CELL_PX, z.shape[0] * CELL_PX, 0), alpha=0.6, cmap="viridis")
+            # one colour scale per layer column, so stacks compare cell by cell
+            ax.imshow(z, extent=(0, z.shape[1] * CELL_PX, z.shape[0] * CELL_PX, 0), alpha=0.6, cmap="viridis",
+                      vmin=0.0, vmax=top[layer] or None)
             ax.scatter(*_markers(grid, q.get("vsink"), p), marker="x", c="red", s=14)
             ax.scatter(*_markers(grid, q["stacks"][spec]["lsink"].get(str(layer)), p), marker="o",
                        facecolors="none", edgecolors="orange", s=18)
@@ -232,7 +238,7 @@ def map_png(q: dict, image, layers: Sequence[int]):
             if r == 0:
                 ax.set_title(f"L{layer}", fontsize=7)
             if c == 0:
-                ax.set_ylabel(spec[:24], fontsize=7)
+                ax.set_ylabel(stack_label(spec)[:24], fontsize=7)
     fig.suptitle(f"question {q['id']}: last prompt token -> visual tokens (head mean; x V-sink, o L-sink)",
                  fontsize=8)
     fig.tight_layout()

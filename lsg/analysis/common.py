@@ -11,6 +11,7 @@ import numpy as np
 
 from lsg.files import atomic_target, read_json, sha256_json, write_json
 
+GATE_FILE_SUFFIXES = (".safetensors", ".json")  # gate checkpoints and stack manifests in a spec
 DONE_FILE = "done.json"  # written last in an analysis's folder: its outputs are complete
 
 
@@ -59,6 +60,17 @@ def mean_ci(values: np.ndarray, level: float = 0.95, samples: int = 2000, seed: 
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return mean, np.where(n > 0, low, np.nan), np.where(n > 0, high, np.nan), n
+
+
+def stack_label(spec: str) -> str:
+    """A short display name for a gate stack spec in figures: every gate file reduced to its stem
+    (`lsg:checkpoints/smol-llava/lsg-L10.safetensors+var` -> `lsg:lsg-L10+var`). The JSON keeps the
+    full spec."""
+    parts = []
+    for part in spec.split("+"):
+        kind, sep, rest = part.partition(":")
+        parts.append(f"{kind}:{Path(rest).stem}" if sep and Path(rest).suffix in GATE_FILE_SUFFIXES else part)
+    return "+".join(parts)
 
 
 def save_png(fig, path: Path, dpi: int = 110) -> Path:

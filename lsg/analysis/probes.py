@@ -8,8 +8,8 @@ shape and size of one object (`scene_targets`), the kinds of the paper's CLEVR p
 
 Data flow, top to bottom:
 - `load_scenes`: images, prompts and probe targets of N shapes scenes.
-- `pooled_features`: one forward per batch with `output_hidden_states=True`, inside an
-  `lsg.attach` block without gates, so the project's own `ForwardContext` flags V-sinks (ViT
+- `pooled_features`: one forward per batch reading each layer's input (`Backbone.layer_inputs`),
+  inside an `lsg.attach` block without gates, so the project's own `ForwardContext` flags V-sinks (ViT
   feature layer) and L-sinks (sink value of the hidden state entering each layer), and the
   analyses' shared `lsg.analysis.data.group_masks` reads the groups from it. Every layer is read
   from that one forward (no per-layer re-run).
@@ -203,7 +203,7 @@ class PooledFeatures:
     Attributes:
         layers: the decoder layers read, in order (`features[g][i]` is layer `layers[i]`).
         features: group -> `(n_layers, N, D)` float32 CPU tensor, the mean over the group's
-            tokens of the hidden state entering the layer (`hidden_states[layer]`, the state
+            tokens of the hidden state entering the layer (`Backbone.layer_inputs`, the state
             L-sinks are flagged on); NaN rows for images where the group has no token.
         n_tokens: group -> `(n_layers, N)` int64, the group's token count per image.
     """
@@ -219,11 +219,12 @@ def pooled_features(backbone: Backbone, images: Sequence, prompts: Sequence[str]
                     ) -> PooledFeatures:
     """Per decoder layer and group, each image's group tokens mean-pooled (docs/methods.md section 2).
 
-    One forward per batch of prompt-only inputs (`Backbone.build_batch` without answers) with
-    `output_hidden_states=True`, inside `lsg.attach(backbone, {}, record_sinks_upto=L-1)`: no gate
-    changes anything, and the block's `ForwardContext` holds the segments, V-sinks and every
-    layer's sink values that `lsg.analysis.data.group_masks` reads. Ordinary tokens are the
-    visual tokens that are neither V-sinks nor L-sinks (of those the backbone can identify).
+    One forward per batch of prompt-only inputs (`Backbone.build_batch` without answers) reading the
+    hidden state entering each layer (`Backbone.layer_inputs`), inside
+    `lsg.attach(backbone, {}, record_sinks_upto=L-1)`: no gate changes anything, and the block's
+    `ForwardContext` holds the segments, V-sinks and every layer's sink values that
+    `lsg.analysis.data.group_masks` reads. Ordinary tokens are the visual tokens that are neither
+    V-sinks nor L-sinks (of those the backbone can identify).
 
     Args:
         images, prompts: N images and their questions (without the `<image>` tag).
@@ -255,9 +256,9 @@ def pooled_features(backbone: Backbone, images: Sequence, prompts: Sequence[str]
     for start in batches(len(images), batch_size, progress):
         batch = backbone.on_device(backbone.build_batch(images[start:start + batch_size],
                                                         prompts[start:start + batch_size]))
-        with lsg.attach(backbone, {}, record_sinks_upto=backbone.num_layers - 1) as run:
-            hidden = backbone.model(**backbone.model_inputs(batch), output_hidden_states=True,
-                                    use_cache=False).hidden_states
+        with lsg.attach(backbone, {}, record_sinks_upto=backbone.num_layers - 1) as run, \
+                backbone.layer_inputs() as hidden:  # entering each layer, DeepStack included
+            backbone.model(**backbone.model_inputs(batch), use_cache=False)
             masks = [dict(zip(have, data.group_masks(run.ctx, layer, have))) for layer in layers]  # (B, T) each
         for g in groups:  # one layer at a time: a float32 copy of every layer's states would not fit a 7B model
             sums[g].append(torch.stack([torch.einsum("bt,btd->bd", masks[i][g].float(), hidden[layer].float()).cpu()

@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from lsg.analysis.common import AnalysisResult, identity_of, is_done, mark_done, mean_ci, plt_agg, save_png
+from lsg.analysis.common import (AnalysisResult, identity_of, is_done, mark_done, mean_ci, plt_agg, save_png,
+                                 stack_label)
 from lsg.analysis.data import jsonable, observe, resolve_groups, resolve_layers
 from lsg.files import read_json, write_json
 
@@ -108,7 +109,7 @@ def profile_figure(data: dict):
                 bx, by = _band(layers, pick("low"), pick("high"))
                 fig.add_trace(go.Scatter(x=bx, y=by, mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line=dict(width=0),
                                          hoverinfo="skip", showlegend=False, legendgroup=f"{spec}/{group}"), 1, c)
-                fig.add_trace(go.Scatter(x=layers, y=pick("mean"), mode="lines+markers", name=f"{spec}: {group}",
+                fig.add_trace(go.Scatter(x=layers, y=pick("mean"), mode="lines+markers", name=f"{stack_label(spec)}: {group}",
                                          legendgroup=f"{spec}/{group}", showlegend=c == 1,
                                          line=dict(color=color, dash=DASHES[s % len(DASHES)])), 1, c)
     fig.update_xaxes(title_text="decoder layer")
@@ -129,7 +130,7 @@ def profile_png(data: dict):
             for g, group in enumerate(data["groups"]):
                 mean, low, high = (f([row[g] for row in stats[metric][k]]) for k in ("mean", "low", "high"))
                 ls = ["-", "--", ":", "-."][s % 4]
-                ax.plot(layers, mean, ls, color=COLORS[group], label=f"{spec}: {group}", marker=".")
+                ax.plot(layers, mean, ls, color=COLORS[group], label=f"{stack_label(spec)}: {group}", marker=".")
                 ax.fill_between(layers, low, high, color=COLORS[group], alpha=0.15)
             ax.set_title(METRICS[metric], fontsize=9)
             ax.set_xlabel("decoder layer")

@@ -34,7 +34,8 @@ def evaluate_benchmark(backbone: Backbone, benchmark: Benchmark, specs: Sequence
 
     Args:
         overhead: also time a prefill per batch with each stack and without (`measure_overhead`,
-            `timing_batches` batches, `timing_repeats` passes).
+            `timing_batches` batches, `timing_repeats` rounds, each timing every stack once in a
+            shuffled order; ratios paired by round with a `level` CI).
 
     Returns:
         {"benchmark": identity, "backbone", "fingerprint", "rows": `paired_rows` (+ overhead),
@@ -51,7 +52,7 @@ def evaluate_benchmark(backbone: Backbone, benchmark: Benchmark, specs: Sequence
                             progress=benchmark.name)
     rows = paired_rows(results, BASELINE, samples, level)
     if overhead:
-        timing = measure_overhead(backbone, items, stacks, batch_size, timing_batches, timing_repeats)
+        timing = measure_overhead(backbone, items, stacks, batch_size, timing_batches, timing_repeats, level)
         for row in rows:
             row.update(timing[row["method"]])
     per_item = [{"id": it.id, "subtask": it.subtask, "answer": it.answer if isinstance(it.answer, (str, int, float))

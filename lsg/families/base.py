@@ -106,6 +106,23 @@ class Family:
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 
+    def layer_additions(self, model, language_kwargs: dict, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """What the language model adds to decoder layers' outputs besides the layers themselves
+        (Qwen3-VL's DeepStack), as `{layer: (B, T, D)}`, read from the keyword arguments of its
+        call; `hidden` `(B, T, D)` is its input embeddings. `lsg.prefix.run_suffix` adds those of
+        the layers it runs. Default: nothing."""
+        return {}
+
+    def decoder_attention_mask(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                               position_ids: torch.Tensor | None, vis: torch.Tensor):
+        """The `attention_mask` argument of the language model when it runs on its own from cached
+        hidden states `inputs_embeds (B, T, D)` (`lsg.prefix.run_suffix`), with the padding mask
+        `attention_mask (B, T)` and the visual tokens `vis (B, T)`. Default: the padding mask, from
+        which the language model builds the same causal masks as in the full forward. A family
+        whose multimodal model builds other masks (Gemma 3's bidirectional image block) builds
+        them here."""
+        return attention_mask
+
     # ---- vision: V-sinks -----------------------------------------------------------------
     def vit_module(self, model) -> torch.nn.Module:
         """The module whose forward output holds the ViT features the projector reads."""
@@ -116,6 +133,12 @@ class Family:
         batch, in visual-token order (`patches_to_tokens` groups consecutive patches), from a
         forward hook on `vit_module` (its positional and keyword inputs and its output)."""
         raise NotImplementedError
+
+    def patches_per_image(self, model, batch: dict) -> list[int] | None:
+        """ViT patches (rows of `vit_features`) of each image of `batch` (its model inputs), in
+        order, when the batch alone does not tell them (`lsg.analysis` splits the ViT features
+        per image with it); None by default: the analysis splits by the batch's own layout."""
+        return None
 
     def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:
         """`(module, method name)` whose call arguments `patches_to_tokens` needs and that may run
@@ -171,6 +194,21 @@ class Family:
         """Inputs derived from the padded `input_ids` (e.g. Qwen2-VL's `mm_token_type_ids`; keys
         among `image_inputs`)."""
         return batch
+
+
+def require_outputs(encoding: dict, keys: Sequence[str], family: str) -> None:
+    """Check that a processor's output `encoding` holds every one of `keys` (what family `family`'s
+    `pixel_inputs` reads).
+
+    Raises:
+        ValueError: some are missing; the message names them, the keys the processor gave and
+            how to fix it.
+    """
+    missing = [k for k in keys if encoding.get(k) is None]
+    if missing:
+        raise ValueError(f"The processor's output lacks {missing} (it gave {sorted(encoding)}), which family "
+                         f"'{family}' needs: load the checkpoint's own processor (a save_pretrained folder with "
+                         f"its processor / preprocessor config) or one that returns {list(keys)}.")
 
 
 def read_config(hf_id: str) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lsg.families.base import Family, register_family
+from lsg.families.base import Family, register_family, require_outputs
 
 NEWLINE_FLAG = -1.0  # what a newline token's "feature" is while mapping flags
 
@@ -83,16 +83,30 @@ class LlavaOnevisionFamily(Family):
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         if inputs is None or inputs.get("image_sizes") is None:
-            raise ValueError("LLaVA-OneVision maps ViT patches to tokens with the batch's image_sizes.")
-        config, mm = model.config, model.model
+            raise ValueError(f"Family '{self.name}' maps ViT patches to tokens with the batch's image_sizes; "
+                             f"this call gave none (pass the batch's image_sizes, Family.layout_inputs).")
+        config = model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         per_image = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
                      for size in inputs["image_sizes"]]
         flags = patch_flags.float().reshape(-1, side * side, 1)
-        packed, _ = mm.pack_image_features(list(torch.split(flags, per_image)), inputs["image_sizes"],
-                                           image_newline=flags.new_full((1,), NEWLINE_FLAG),
-                                           vision_aspect_ratio=config.vision_aspect_ratio)
+        packed = self.pack(model, list(torch.split(flags, per_image)), inputs["image_sizes"])
         return torch.cat([p[:, 0] >= 0.5 for p in packed])
+
+    def pack(self, model, crops: list[torch.Tensor], image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """The model's own `pack_image_features` run on per-crop values instead of features.
+
+        Args:
+            crops: per image, `(n_crops, side * side, 1)` values of its crops' patches.
+            image_sizes: `(N_images, 2)` (height, width) of the original images.
+
+        Returns:
+            per image, `(N_visual_tokens, 1)`: the values in token order, `NEWLINE_FLAG` on newlines.
+        """
+        packed, _ = model.model.pack_image_features(crops, image_sizes,
+                                                    image_newline=crops[0].new_full((1,), NEWLINE_FLAG),
+                                                    vision_aspect_ratio=model.config.vision_aspect_ratio)
+        return packed
 
     def token_grid(self, model, batch: dict) -> list[torch.Tensor]:
         """Panel 0: the base crop's `side x side` grid; panel 1: the stitched AnyRes sub-crop grid
@@ -100,16 +114,14 @@ class LlavaOnevisionFamily(Family):
         `pack_image_features` on a base-crop flag, as `patches_to_tokens` does."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        config, mm = model.config, model.model
+        config = model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
         out = []
         for size in batch["image_sizes"]:
             n_crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             flags = torch.zeros(n_crops, side * side, 1)
             flags[0] = 1.0  # the base crop
-            packed, _ = mm.pack_image_features([flags], size[None], image_newline=flags.new_full((1,), NEWLINE_FLAG),
-                                               vision_aspect_ratio=config.vision_aspect_ratio)
-            flag = packed[0][:, 0]
+            flag = self.pack(model, [flags], size[None])[0][:, 0]
             base, newline = flag > 0.5, flag < -0.5
             coords = torch.full((len(flag), 3), -1, dtype=torch.long)
             k = torch.arange(int(base.sum()))
@@ -123,6 +135,13 @@ class LlavaOnevisionFamily(Family):
         return out
 
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """`pixel_values (B, max crops, 3, H, W)` (each image's crops, zero-padded to the most
+        crops) and `image_sizes (B, 2)`.
+
+        Raises:
+            ValueError: the processor gave no `pixel_values` or no `image_sizes`.
+        """
+        require_outputs(encoding, self.image_inputs, self.name)
         crops = [np.asarray(p) for p in encoding["pixel_values"]]  # per image: (n_crops, 3, H, W)
         most = max(c.shape[0] for c in crops)
         stacked = np.zeros((len(crops), most, *crops[0].shape[1:]), dtype=crops[0].dtype)

@@ -2,8 +2,8 @@
 
 A gate is an `nn.Module` that declares which attention hook points it needs and
 edits only those (peft tuner / TransformerLens hook-point style). The attention
-path (`lsg.attention`) reads the declarations to choose SDPA whenever no active gate
-needs the attention matrix.
+path (`lsg.attention`) reads the declarations to keep the backbone's own kernel (SDPA,
+FlashAttention) whenever no active gate needs the attention matrix (`lsg.attention.layer_kernel`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ class HookPoint(str, Enum):
     """Places in a decoder layer a gate may read or edit."""
 
     HIDDEN = "hidden_states"  # the hidden state entering the layer (read, at prefill)
-    KEYS = "keys"  # key vectors, scaled per key position, for every query (SDPA)
-    ROW_KEYS = "row_keys"  # key vectors scaled per key position for chosen query rows only (SDPA)
-    VALUES = "values"  # value vectors, edited per key position (SDPA)
-    MASK = "mask"  # the boolean attention mask (SDPA with an explicit mask)
+    KEYS = "keys"  # key vectors, scaled per key position, for every query (the base kernel)
+    ROW_KEYS = "row_keys"  # key vectors scaled per key position for chosen query rows only (the base kernel, per row span)
+    VALUES = "values"  # value vectors, edited per key position (the base kernel)
+    MASK = "mask"  # the boolean attention mask (SDPA with the edited 4-D mask)
     LOGITS = "logits"  # pre-softmax attention logits (explicit path, chosen rows only)
     WEIGHTS = "weights"  # post-softmax attention weights (explicit path, chosen rows only)
     HEAD_OUTPUTS = "head_outputs"  # per-head attention outputs before o_proj
@@ -211,7 +211,7 @@ class Gate(nn.Module):
 
     def matrix_rows(self, view: LayerView, state: Any) -> torch.Tensor:
         """LOGITS/WEIGHTS: `(B, T_q)` bool query rows whose attention matrix the gate edits.
-        Rows before the first such row (over the batch) stay on SDPA."""
+        Rows before the first such row (over the batch) stay on the base kernel."""
         return torch.ones(view.segments.vis.shape[0], view.n_queries, dtype=torch.bool,
                           device=view.segments.vis.device)
 
