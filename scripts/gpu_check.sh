@@ -39,13 +39,21 @@ from lsg.specs import parse_stack
 from tests.conftest import samples
 from tests.hand import generate_and_recompute
 from tests.tiny_families import save_tiny_onevision, save_tiny_qwen2_vl
+from tests.tiny_gemma3 import save_tiny_gemma3
+from tests.tiny_idefics3 import save_tiny_idefics3
+from tests.tiny_internvl import save_tiny_internvl
+from tests.tiny_llava_next import save_tiny_llava_next
+from tests.tiny_qwen3_vl import save_tiny_qwen3_vl
 
 sinks = {"vit_dims": [0, 1], "llm_dims": [0, 1], "tau_vit": 1.5, "tau_llm": 1.2, "normalisation": "rms",
          "lsink_scope": "layer"}
 work = Path(sys.argv[1])
 dirs = {"llava-1.5-7b": work / "hub", "qwen2-vl": save_tiny_qwen2_vl(work / "qwen2"),
         "qwen2.5-vl": save_tiny_qwen2_vl(work / "qwen25", image_size=64, version="2.5"),
-        "llava-onevision": save_tiny_onevision(work / "ov")}
+        "llava-onevision": save_tiny_onevision(work / "ov"), "llava-next": save_tiny_llava_next(work / "next"),
+        "qwen3-vl": save_tiny_qwen3_vl(work / "qwen3"), "internvl3": save_tiny_internvl(work / "internvl"),
+        "gemma3": save_tiny_gemma3(work / "gemma3"), "smolvlm2": save_tiny_idefics3(work / "smolvlm", seed=1,
+                                                                                     family="smolvlm")}
 for name, folder in dirs.items():
     for dtype, tol in (("float32", 1e-4), ("bfloat16", 3e-2)):
         bb = lsg.load_backbone(name, hf_id=str(folder), dtype=dtype, device="cuda", sinks=sinks)
@@ -93,7 +101,8 @@ AttentionInterface.register(FA, counted)
 work = Path(sys.argv[1])
 images, questions, answers = samples(3)
 questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]  # different lengths: padding
-for name, folder in {"llava-1.5-7b": work / "hub", "qwen2-vl": work / "qwen2"}.items():
+for name, folder in {"llava-1.5-7b": work / "hub", "qwen2-vl": work / "qwen2", "llava-next": work / "next",
+                     "internvl3": work / "internvl", "qwen3-vl": work / "qwen3"}.items():  # Gemma 3 has no FA2
     flash, sdpa = (lsg.load_backbone(name, hf_id=str(folder), dtype="bfloat16", device=DEVICE, sinks=SINKS,
                                      attn_implementation=impl) for impl in (FA, "sdpa"))
     for spec in SPECS:
