@@ -4,8 +4,9 @@ A model config (`conf/model/<name>.yaml`, the same file Hydra's `model=` uses) n
 the model and which family adapter knows its layout:
 
 - `builder: hub` loads a hub-format checkpoint (`hf_id:` a hub id or a `save_pretrained`
-  folder) of `family:` `llava`, `llava-onevision`, `qwen2-vl` or `qwen2.5-vl`
-  (`llava-1.5-7b`, `llava-1.5-13b`, ...);
+  folder) of a registered `family:` (`lsg.families.supported_families()`: `llava`,
+  `llava-next`, `llava-onevision`, `qwen2-vl`, `qwen2.5-vl`, `qwen3-vl`, `internvl`, `gemma3`,
+  `idefics3`, `smolvlm`), e.g. `llava-1.5-7b`, `internvl3`, `gemma3`;
 - `builder: embedded` is the embedded default (`smol-llava`: SmolLM2-135M-Instruct + a small
   CLIP tower, see `lsg.embedded`);
 - `builder: tiny` is a tiny random LLaVA built in-process in about a second, for unit tests.

@@ -14,16 +14,17 @@ import pytest
 import torch
 
 import lsg
-from lsg.analysis.data import available_groups, load_questions, observe
-from lsg.gates import KeyScaleGate, LSGGate
-from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
-from lsg.scoring import answer_loss, decoder_hidden
+from lsg.analysis.data import load_questions
+from lsg.gates import KeyScaleGate
+from lsg.scoring import decoder_hidden
 from lsg.segments import Segments
 from lsg.sinks import SinkConfig
 from lsg.specs import parse_stack
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
-from tests.tiny_families import SINKS, SPECS, check_user_commands, real
+from tests.tiny_families import (SINKS, SPECS, assert_cached_suffix_matches_full_forward, assert_gate_refused_by,
+    assert_maps_match_eager, assert_padding_invariant, assert_suffix_matches_full_forward, check_user_commands,
+    load_tiny)
 from tests.tiny_gemma3 import (
     GEMMA3_SPECIAL,
     IMAGE_PX,
@@ -48,13 +49,12 @@ def gemma_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gemma(gemma_dir):
-    return lsg.load_backbone("gemma3", hf_id=str(gemma_dir), dtype="float32", sinks=SINKS)
+    return load_tiny("gemma3", gemma_dir)
 
 
 @pytest.fixture(scope="module")
 def gemma_eager(gemma_dir):
-    return lsg.load_backbone("gemma3", hf_id=str(gemma_dir), dtype="float32", sinks=SINKS,
-                             attn_implementation="eager")
+    return load_tiny("gemma3", gemma_dir, attn_implementation="eager")
 
 
 def batch_of(bb, answers=True, side="left", n=3):
@@ -251,15 +251,11 @@ def test_a_key_scaling_gate_on_sdpa_rows_equals_the_hand_computation(gemma, laye
 
 # --------------------------------------------------------------------------- gates end to end
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(gemma):
-    stack = parse_stack("oracle@2:0.3/0.5/0.9+var@1", gemma)
-    losses = {}
-    for side in ("left", "right"):
-        batch = batch_of(gemma, side=side)
+    def check(batch):
         seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], gemma.image_token_id, batch["labels"])
         assert seg.vis.sum(1).tolist() == [SOFT_TOKENS] * 3 and torch.equal(batch["token_type_ids"].bool(), seg.vis)
-        with torch.no_grad(), lsg.attach(gemma, stack.layers):
-            losses[side] = answer_loss(gemma, batch)
-    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+
+    assert_padding_invariant(gemma, lambda side: batch_of(gemma, side=side), check=check)
 
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
@@ -273,23 +269,9 @@ def test_suffix_from_a_prefix_equals_the_full_gated_forward(gemma, spec):
     """The suffix runs the language model alone: it must get the image block and the windows
     (`Family.decoder_attention_mask`); layer 0's prefix holds the scaled embeddings."""
     batch = batch_of(gemma)
-    stack = parse_stack(spec, gemma)
-    with torch.no_grad():
-        with lsg.attach(gemma, stack.layers):
-            plain = decoder_hidden(gemma, batch)
-        start = min(stack.layers)
-        prefix = compute_prefixes(gemma, batch, [start])[0][start]
-        torch.testing.assert_close(real(run_suffix(gemma, prefix, stack.layers), batch), real(plain, batch),
-                                   atol=2e-5, rtol=1e-4)
-        cache = PrefixCache(gemma, start)  # per-sample entries reassembled with another padding side
-        cache.prefix(batch, ["a", "b", "c"])
-        other = batch_of(gemma, side="right")
-        cached = cache.prefix(other, ["a", "b", "c"])
-        assert cache.stats()["hits"] == 3
-        with lsg.attach(gemma, stack.layers):
-            plain_other = decoder_hidden(gemma, other)
-        torch.testing.assert_close(real(run_suffix(gemma, cached, stack.layers), other), real(plain_other, other),
-                                   atol=2e-5, rtol=1e-4)
+    layers, _, _ = assert_suffix_matches_full_forward(gemma, batch, spec)
+    # per-sample entries reassembled with another padding side
+    assert_cached_suffix_matches_full_forward(gemma, layers, batch, batch_of(gemma, side="right"), ["a", "b", "c"])
 
 
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(gemma, gemma_eager):
@@ -302,11 +284,7 @@ def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(gemma_dir,
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(gemma, tiny, tmp_path):
-    gate = LSGGate(gemma.hidden_size, "vsink-lsink-ordinary")
-    gate.save(tmp_path / "g.safetensors", backbone=gemma.name, backbone_fingerprint=gemma.fingerprint, layer=2,
-              sinks=gemma.sinks.to_dict())
-    with pytest.raises(ValueError, match="gemma3"):
-        parse_stack(f"lsg:{tmp_path / 'g.safetensors'}", tiny)
+    assert_gate_refused_by(gemma, tiny, tmp_path, match="gemma3")
 
 
 def test_the_family_declares_the_inputs_its_batches_hold(gemma):
@@ -321,20 +299,8 @@ def test_the_family_declares_the_inputs_its_batches_hold(gemma):
 # --------------------------------------------------------------------------- analysis
 def test_attention_maps_and_group_mass_match_eager_output_attentions(gemma, gemma_eager, tmp_path_factory):
     questions = load_questions({"name": "shapes", "root": str(tmp_path_factory.getbasetemp() / "shapes"), "n": 6}, 3)
-    layers = list(range(gemma.num_layers))
-    groups = available_groups(gemma)
-    obs = observe(gemma, questions, None, layers, groups, "last", batch_size=2)
-    batch = gemma_eager.build_batch([r.load_image() for r in questions], [r.question for r in questions])
-    with torch.no_grad():
-        attn = torch.stack(gemma_eager.model(**gemma_eager.model_inputs(batch), output_attentions=True).attentions)
-    seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], gemma.image_token_id)
-    for b, o in enumerate(obs):
-        rows = attn[:, b, :, seg.last_prompt[b]]  # (L, H, T)
-        np.testing.assert_allclose(np.stack([o.maps[l] for l in layers]), rows[:, :, seg.vis[b]].numpy(),
-                                   atol=2e-5, rtol=1e-4)
-        vis_groups = [groups.index(g) for g in ("vsink", "lsink", "ordinary") if g in groups]
-        np.testing.assert_allclose(np.nansum(o.attn_mass[:, vis_groups], 1),
-                                   rows.mean(1)[:, seg.vis[b]].sum(-1).numpy(), atol=2e-5)
+    obs, _, _, _ = assert_maps_match_eager(gemma, gemma_eager, questions, visual_mass=True)
+    for o in obs:
         np.testing.assert_allclose(o.attn_mass.sum(1), 1.0, atol=1e-4)
 
 

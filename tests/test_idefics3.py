@@ -14,16 +14,13 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.analysis.data import available_groups, load_questions, observe
+from lsg.analysis.data import load_questions, observe
 from lsg.data.record import VQARecord
-from lsg.gates import LSGGate
-from lsg.prefix import compute_prefixes, run_suffix
-from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
-from lsg.specs import parse_stack
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
-from tests.tiny_families import SINKS, SPECS, check_user_commands, real
+from tests.tiny_families import (SPECS, assert_gate_refused_by, assert_maps_match_eager, assert_padding_invariant,
+    assert_suffix_matches_full_forward, check_user_commands, decoder_inputs, load_tiny)
 from tests.tiny_idefics3 import PATCH_PX, ROW_COL, SCALE, TILE_PX, save_tiny_idefics3
 
 # model config -> (family, transformers class, config.json model_type)
@@ -50,29 +47,12 @@ def folder(tmp_path_factory, variant):
 
 @pytest.fixture(scope="module")
 def bb(folder, variant):
-    return lsg.load_backbone(variant, hf_id=str(folder), dtype="float32", sinks=SINKS)
+    return load_tiny(variant, folder)
 
 
 @pytest.fixture(scope="module")
 def eager(folder, variant):
-    return lsg.load_backbone(variant, hf_id=str(folder), dtype="float32", sinks=SINKS, attn_implementation="eager")
-
-
-def decoder_inputs(bb, batch, plant=None) -> torch.Tensor:
-    """`(B, T, D)` input embeddings of the decoder (the model's own merge of image features into
-    the text), with `plant` as a forward hook on the ViT if given."""
-    seen = {}
-    handles = [bb.family.language_model(bb.model).register_forward_pre_hook(
-        lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)]
-    if plant is not None:
-        handles.append(bb.family.vit_module(bb.model).register_forward_hook(plant))
-    try:
-        with torch.no_grad():
-            bb.model(**bb.model_inputs(batch))
-    finally:
-        for h in handles:
-            h.remove()
-    return seen["embeds"]
+    return load_tiny(variant, folder, attn_implementation="eager")
 
 
 def test_the_checkpoint_loads_in_its_family_and_is_refused_by_the_others(bb, folder, variant, tmp_path):
@@ -148,12 +128,7 @@ def test_a_planted_vit_sink_lands_where_the_model_places_its_patch_and_on_its_gr
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(bb):
     images, questions, answers = samples(3)
     questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
-    stack = parse_stack("oracle@2:0.3/0.5/0.9+var@1", bb)
-    losses = {}
-    for side in ("left", "right"):
-        with torch.no_grad(), lsg.attach(bb, stack.layers):
-            losses[side] = answer_loss(bb, bb.build_batch(images, questions, answers, padding_side=side))
-    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+    assert_padding_invariant(bb, lambda side: bb.build_batch(images, questions, answers, padding_side=side))
 
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
@@ -165,14 +140,7 @@ def test_every_gate_generates_through_the_kv_cache_as_full_recompute(bb, spec):
 def test_suffix_from_a_prefix_equals_the_full_gated_forward(bb, spec):
     images, questions, answers = samples(3)
     batch = bb.build_batch(images, [q + " ?" * i for i, q in enumerate(questions)], answers, padding_side="left")
-    stack = parse_stack(spec, bb)
-    with torch.no_grad():
-        with lsg.attach(bb, stack.layers):
-            plain = decoder_hidden(bb, batch)
-        start = min(stack.layers)
-        prefix = compute_prefixes(bb, batch, [start])[0][start]
-        torch.testing.assert_close(real(run_suffix(bb, prefix, stack.layers), batch), real(plain, batch),
-                                   atol=2e-5, rtol=1e-4)
+    assert_suffix_matches_full_forward(bb, batch, spec)
 
 
 @pytest.mark.slow
@@ -191,18 +159,9 @@ def test_attention_maps_and_group_mass_match_eager_output_attentions(bb, eager, 
     """`lsg.analysis.observe` (inside attach, SDPA) against transformers' eager weights of the last
     prompt token over the visual tokens, and the token grid it reads is the family's."""
     records = load_questions({"name": "shapes", "root": str(tmp_path_factory.getbasetemp() / "shapes"), "n": 6}, 2)
-    layers = list(range(bb.num_layers))
-    groups = available_groups(bb)
-    obs = observe(bb, records, None, layers, groups, "last", batch_size=2)
-    batch = eager.build_batch([r.load_image() for r in records], [r.question for r in records])
-    with torch.no_grad():
-        attn = torch.stack(eager.model(**eager.model_inputs(batch), output_attentions=True).attentions)
-    seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], eager.image_token_id)
+    obs, batch, _, _ = assert_maps_match_eager(bb, eager, records)
     grids = eager.family.token_grid(eager.model, batch)
     for b, o in enumerate(obs):
-        rows = attn[:, b, :, seg.last_prompt[b]]  # (L, H, T)
-        np.testing.assert_allclose(np.stack([o.maps[l] for l in layers]), rows[:, :, seg.vis[b]].numpy(),
-                                   atol=2e-5, rtol=1e-4)
         np.testing.assert_allclose(o.attn_mass.sum(1), 1.0, atol=1e-4)  # the groups cover every key
         assert np.array_equal(o.grid, grids[b].numpy()) and sorted(set(o.grid[:, 0])) == [0, 1]
 
@@ -234,11 +193,7 @@ def test_the_vit_activation_profile_reads_each_image_s_own_tiles(bb):
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(bb, tiny, tmp_path):
-    gate = LSGGate(bb.hidden_size, "vsink-lsink-ordinary")
-    gate.save(tmp_path / "g.safetensors", backbone=bb.name, backbone_fingerprint=bb.fingerprint, layer=2,
-              sinks=bb.sinks.to_dict())
-    with pytest.raises(ValueError, match=bb.name):
-        parse_stack(f"lsg:{tmp_path / 'g.safetensors'}", tiny)
+    assert_gate_refused_by(bb, tiny, tmp_path, match=bb.name)
 
 
 def test_the_family_declares_the_inputs_its_batches_hold(bb):

@@ -15,19 +15,16 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.analysis.data import available_groups, load_questions, observe
-from lsg.gates import LSGGate
-from lsg.prefix import compute_prefixes, run_suffix
-from lsg.scoring import answer_loss, decoder_hidden
+from lsg.analysis.data import load_questions
 from lsg.segments import Segments
-from lsg.specs import parse_stack
 from tests.conftest import samples
 from tests.hand import (
     assert_eager_matches_sdpa,
     assert_spec_generates_as_recompute,
     vsinks_with_planted_patch,
 )
-from tests.tiny_families import SINKS, SPECS, check_user_commands, real
+from tests.tiny_families import (SPECS, assert_gate_refused_by, assert_maps_match_eager, assert_padding_invariant,
+    assert_suffix_matches_full_forward, assert_vit_profile_matches, check_user_commands, decoder_inputs, load_tiny)
 from tests.tiny_llava_next import save_tiny_llava_next
 
 # 96x60 px (W x H): best pinpoint 64x64, so a base crop + 2x2 sub-crops whose stitched 8x8 patch
@@ -45,35 +42,17 @@ def next_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def nxt(next_dir):
-    return lsg.load_backbone("llava-next", hf_id=str(next_dir), dtype="float32", sinks=SINKS)
+    return load_tiny("llava-next", next_dir)
 
 
 @pytest.fixture(scope="module")
 def nxt_eager(next_dir):
-    return lsg.load_backbone("llava-next", hf_id=str(next_dir), dtype="float32", sinks=SINKS,
-                             attn_implementation="eager")
+    return load_tiny("llava-next", next_dir, attn_implementation="eager")
 
 
 def batch_of(bb, answers=True, side="left"):
     images, questions, replies = samples(2)
     return bb.build_batch([images[0], UNPADDED], questions, replies if answers else None, padding_side=side)
-
-
-def decoder_inputs(bb, batch, plant=None):
-    """`(B, T, D)` input embeddings of the decoder (the model's own placement of every image
-    feature), with `plant` as a forward hook on the ViT if given."""
-    seen = {}
-    lm = bb.family.language_model(bb.model)
-    handles = [lm.register_forward_pre_hook(lambda m, a, k: seen.update(embeds=k["inputs_embeds"]), with_kwargs=True)]
-    if plant is not None:
-        handles.append(bb.family.vit_module(bb.model).register_forward_hook(plant))
-    try:
-        with torch.no_grad():
-            bb.model(**bb.model_inputs(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen["embeds"]
 
 
 def test_the_checkpoint_loads_as_llava_next_and_is_refused_by_other_families(nxt, next_dir, tmp_path):
@@ -148,12 +127,7 @@ def test_token_grid_places_a_planted_vsink_on_its_image_cell(nxt, crop, patch, c
 
 
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(nxt):
-    stack = parse_stack("oracle@2:0.3/0.5/0.9+var@1", nxt)
-    losses = {}
-    for side in ("left", "right"):
-        with torch.no_grad(), lsg.attach(nxt, stack.layers):
-            losses[side] = answer_loss(nxt, batch_of(nxt, side=side))
-    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+    assert_padding_invariant(nxt, lambda side: batch_of(nxt, side=side))
 
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
@@ -163,15 +137,7 @@ def test_every_gate_generates_through_the_kv_cache_as_full_recompute(nxt, spec):
 
 @pytest.mark.parametrize("spec", ["var", "outro", "var@2-3+oracle@1:0.2"])
 def test_suffix_from_a_prefix_equals_the_full_gated_forward(nxt, spec):
-    batch = batch_of(nxt)
-    stack = parse_stack(spec, nxt)
-    with torch.no_grad():
-        with lsg.attach(nxt, stack.layers):
-            plain = decoder_hidden(nxt, batch)
-        start = min(stack.layers)
-        prefix = compute_prefixes(nxt, batch, [start])[0][start]
-        torch.testing.assert_close(real(run_suffix(nxt, prefix, stack.layers), batch), real(plain, batch),
-                                   atol=2e-5, rtol=1e-4)
+    assert_suffix_matches_full_forward(nxt, batch_of(nxt), spec)
 
 
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(nxt, nxt_eager):
@@ -186,31 +152,9 @@ def test_analysis_maps_and_group_mass_match_eager_output_attentions(nxt, nxt_eag
     questions = load_questions({"name": "shapes", "root": str(tmp_path_factory.getbasetemp() / "shapes"), "n": 6},
                                2)
     questions[1] = dataclasses.replace(questions[1], image_loader=lambda: TWO_CROPS)
-    layers = list(range(nxt.num_layers))
-    groups = available_groups(nxt)
-    obs = observe(nxt, questions, None, layers, groups, "last", batch_size=2, vit=True)
-    batch = nxt_eager.build_batch([r.load_image() for r in questions], [r.question for r in questions])
-    feats = []
-    vit = nxt_eager.family.vit_module(nxt_eager.model)
-    handle = vit.register_forward_hook(lambda m, a, k, out: feats.append(
-        nxt_eager.family.vit_features(nxt_eager.model, a, k, out)), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            attn = torch.stack(nxt_eager.model(**nxt_eager.model_inputs(batch), output_attentions=True).attentions)
-    finally:
-        handle.remove()
-    for o, x in zip(obs, torch.split(feats[0], [CROPS * SIDE**2, 3 * SIDE**2])):
-        sink = x[:, SINKS["vit_dims"]].abs().amax(-1) / x.pow(2).mean(-1).sqrt() >= SINKS["tau_vit"]
-        hand = [x[sel].abs().mean(0) if sel.any() else torch.full((x.shape[1],), torch.nan) for sel in (sink, ~sink)]
-        np.testing.assert_allclose(o.vit_abs_x, torch.stack(hand).numpy(), rtol=1e-5, atol=1e-6)
-    seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], nxt.image_token_id)
-    vis_groups = [groups.index(g) for g in ("vsink", "lsink", "ordinary") if g in groups]
+    obs, _, seg, feats = assert_maps_match_eager(nxt, nxt_eager, questions, vit=True, visual_mass=True)
+    assert_vit_profile_matches(obs, torch.split(feats, [CROPS * SIDE**2, 3 * SIDE**2]))
     for b, o in enumerate(obs):
-        rows = attn[:, b, :, seg.last_prompt[b]]  # (L, H, T)
-        np.testing.assert_allclose(np.stack([o.maps[l] for l in layers]), rows[:, :, seg.vis[b]].numpy(),
-                                   atol=2e-5, rtol=1e-4)
-        np.testing.assert_allclose(np.nansum(o.attn_mass[:, vis_groups], 1),
-                                   rows.mean(1)[:, seg.vis[b]].sum(-1).numpy(), atol=2e-5)
         assert o.grid.shape == (seg.vis[b].sum(), 3)
 
 
@@ -220,11 +164,7 @@ def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(next_dir, 
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(nxt, tmp_path):
-    gate = LSGGate(nxt.hidden_size, "vsink-lsink-ordinary")
-    gate.save(tmp_path / "g.safetensors", backbone=nxt.name, backbone_fingerprint=nxt.fingerprint, layer=2,
-              sinks=nxt.sinks.to_dict())
-    with pytest.raises(ValueError, match="llava-next"):
-        parse_stack(f"lsg:{tmp_path / 'g.safetensors'}", lsg.load_backbone("tiny-random"))
+    assert_gate_refused_by(nxt, lsg.load_backbone("tiny-random"), tmp_path, match="llava-next")
 
 
 def test_the_family_declares_the_inputs_its_batches_hold_and_its_token_map_reads(nxt):

@@ -10,14 +10,11 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.specs import parse_stack
-from lsg.gates import LSGGate
-from lsg.prefix import compute_prefixes, run_suffix
-from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
-from tests.tiny_families import SINKS, SPECS, check_user_commands, real, save_tiny_onevision, save_tiny_qwen2_vl
+from tests.tiny_families import (SPECS, assert_gate_refused_by, assert_padding_invariant,
+    assert_suffix_matches_full_forward, check_user_commands, load_tiny, save_tiny_onevision, save_tiny_qwen2_vl)
 
 WIDE = Image.new("RGB", (60, 30), (200, 30, 30))  # best pinpoint 32x64: base crop + 1x2 sub-crops, no unpadding
 
@@ -29,7 +26,7 @@ def ov_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ov(ov_dir):
-    return lsg.load_backbone("llava-onevision", hf_id=str(ov_dir), dtype="float32", sinks=SINKS)
+    return load_tiny("llava-onevision", ov_dir)
 
 
 def batch_of(ov, answers=True, side="left"):
@@ -84,12 +81,7 @@ def test_a_planted_vit_sink_lands_on_its_token_through_the_crops(ov, crop, patch
 
 
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(ov):
-    stack = parse_stack("oracle@2:0.3/0.5/0.9+var@1", ov)
-    losses = {}
-    for side in ("left", "right"):
-        with torch.no_grad(), lsg.attach(ov, stack.layers):
-            losses[side] = answer_loss(ov, batch_of(ov, side=side))
-    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+    assert_padding_invariant(ov, lambda side: batch_of(ov, side=side))
 
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
@@ -99,15 +91,7 @@ def test_every_gate_generates_through_the_kv_cache_as_full_recompute(ov, spec):
 
 @pytest.mark.parametrize("spec", ["var", "outro", "var@2-3+oracle@1:0.2"])
 def test_suffix_from_a_prefix_equals_the_full_gated_forward(ov, spec):
-    batch = batch_of(ov)
-    stack = parse_stack(spec, ov)
-    with torch.no_grad():
-        with lsg.attach(ov, stack.layers):
-            plain = decoder_hidden(ov, batch)
-        start = min(stack.layers)
-        prefix = compute_prefixes(ov, batch, [start])[0][start]
-        torch.testing.assert_close(real(run_suffix(ov, prefix, stack.layers), batch), real(plain, batch),
-                                   atol=2e-5, rtol=1e-4)
+    assert_suffix_matches_full_forward(ov, batch_of(ov), spec)
 
 
 @pytest.mark.slow
@@ -116,19 +100,12 @@ def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(ov_dir, tm
 
 
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(ov, ov_dir):
-    eager = lsg.load_backbone("llava-onevision", hf_id=str(ov_dir), dtype="float32", sinks=SINKS,
-                              attn_implementation="eager")
-    assert_eager_matches_sdpa(ov, eager, batch_of)
+    assert_eager_matches_sdpa(ov, load_tiny("llava-onevision", ov_dir, attn_implementation="eager"), batch_of)
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(ov, ov_dir, tmp_path):
-    gate = LSGGate(ov.hidden_size, "vsink-lsink-ordinary")
-    gate.save(tmp_path / "g.safetensors", backbone=ov.name, backbone_fingerprint=ov.fingerprint, layer=2,
-              sinks=ov.sinks.to_dict())
-    qwen = lsg.load_backbone("qwen2-vl", hf_id=str(save_tiny_qwen2_vl(tmp_path / "qwen")), dtype="float32",
-                             sinks=SINKS)
-    with pytest.raises(ValueError, match="llava-onevision"):
-        parse_stack(f"lsg:{tmp_path / 'g.safetensors'}", qwen)
+    qwen = load_tiny("qwen2-vl", save_tiny_qwen2_vl(tmp_path / "qwen"))
+    assert_gate_refused_by(ov, qwen, tmp_path, match="llava-onevision")
 
 
 def test_the_family_declares_the_inputs_its_batches_hold_and_its_token_map_reads(ov):

@@ -13,13 +13,11 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.specs import parse_stack
-from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
-from lsg.scoring import answer_loss, decoder_hidden
 from lsg.segments import Segments
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, vsinks_with_planted_patch
-from tests.tiny_families import SINKS, SPECS, check_user_commands, real, save_tiny_qwen2_vl
+from tests.tiny_families import (SPECS, assert_cached_suffix_matches_full_forward, assert_padding_invariant,
+    assert_suffix_matches_full_forward, check_user_commands, load_tiny, save_tiny_qwen2_vl)
 
 # model config -> (tiny checkpoint version, image px, merged tokens per side). Qwen2.5-VL gets 64 px
 # images so its 32 px attention windows reorder the ViT's patch groups.
@@ -39,7 +37,7 @@ def qwen_dir(tmp_path_factory, variant):
 
 @pytest.fixture(scope="module")
 def qwen(qwen_dir, variant):
-    return lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS)
+    return load_tiny(variant, qwen_dir)
 
 
 def test_the_checkpoint_loads_in_its_family_and_is_refused_by_the_others(qwen, qwen_dir, variant):
@@ -113,15 +111,13 @@ def test_a_planted_vit_sink_marks_its_merged_visual_token(qwen, variant):
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(qwen, variant):
     images, questions, answers = samples(3)
     questions = [q + " ?" * (3 * i) for i, q in enumerate(questions)]
-    stack = parse_stack("oracle@2:0.3/0.5/0.9+var@1", qwen)
-    losses = {}
-    for side in ("left", "right"):
-        batch = qwen.build_batch(images, questions, answers, padding_side=side)
+
+    def check(batch):
         seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], qwen.image_token_id, batch["labels"])
         assert seg.vis.sum(1).tolist() == [VARIANTS[variant][2] ** 2] * 3
-        with torch.no_grad(), lsg.attach(qwen, stack.layers):
-            losses[side] = answer_loss(qwen, batch)
-    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+
+    assert_padding_invariant(qwen, lambda side: qwen.build_batch(images, questions, answers, padding_side=side),
+                             check=check)
 
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
@@ -133,26 +129,12 @@ def test_every_gate_generates_through_the_kv_cache_as_full_recompute(qwen, spec)
 def test_suffix_from_a_prefix_equals_the_full_gated_forward(qwen, spec):
     images, questions, answers = samples(3)
     batch = qwen.build_batch(images, [q + " ?" * i for i, q in enumerate(questions)], answers, padding_side="left")
-    stack = parse_stack(spec, qwen)
-    with torch.no_grad():
-        with lsg.attach(qwen, stack.layers):
-            plain = decoder_hidden(qwen, batch)
-        start = min(stack.layers)
-        prefix = compute_prefixes(qwen, batch, [start])[0][start]
-        assert prefix.position_ids is not None and prefix.position_ids.shape[0] >= 3  # M-RoPE ids kept
-        torch.testing.assert_close(real(run_suffix(qwen, prefix, stack.layers), batch), real(plain, batch),
-                                   atol=2e-5, rtol=1e-4)
-        # The per-sample cache, reassembled into a batch of another width and padding side.
-        cache = PrefixCache(qwen, start)
-        cache.prefix(batch, ["a", "b", "c"])
-        other = qwen.build_batch(images[1:], [q + " ?" * i for i, q in enumerate(questions)][1:], answers[1:],
-                                 padding_side="right")
-        cached = cache.prefix(other, ["b", "c"])
-        assert cache.stats()["hits"] == 2
-        with lsg.attach(qwen, stack.layers):
-            plain_other = decoder_hidden(qwen, other)
-        torch.testing.assert_close(real(run_suffix(qwen, cached, stack.layers), other), real(plain_other, other),
-                                   atol=2e-5, rtol=1e-4)
+    layers, prefix, _ = assert_suffix_matches_full_forward(qwen, batch, spec)
+    assert prefix.position_ids is not None and prefix.position_ids.shape[0] >= 3  # M-RoPE ids kept
+    # The per-sample cache, reassembled into a batch of another width and padding side.
+    other = qwen.build_batch(images[1:], [q + " ?" * i for i, q in enumerate(questions)][1:], answers[1:],
+                             padding_side="right")
+    assert_cached_suffix_matches_full_forward(qwen, layers, batch, other, ["b", "c"])
 
 
 @pytest.mark.slow
@@ -163,8 +145,7 @@ def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(qwen_dir, 
 def test_eager_attention_gives_what_sdpa_gives_with_every_kind_of_gate(qwen, qwen_dir, variant):
     """Key-only gates stay on SDPA, gates that need the attention matrix (VAR, VAF, knockout) get
     it; under eager attention every path must agree with SDPA, in scoring and in generation."""
-    eager = lsg.load_backbone(variant, hf_id=str(qwen_dir), dtype="float32", sinks=SINKS,
-                              attn_implementation="eager")
+    eager = load_tiny(variant, qwen_dir, attn_implementation="eager")
     images, questions, answers = samples(3)
     assert_eager_matches_sdpa(qwen, eager, lambda bb: bb.build_batch(images, questions, answers, padding_side="left"))
 

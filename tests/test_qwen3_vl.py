@@ -15,17 +15,19 @@ import torch
 from PIL import Image
 
 import lsg
-from lsg.analysis.data import available_groups, load_questions, observe
+from lsg.analysis.data import load_questions
 from lsg.gates import KeyScaleGate, LSGGate
 from lsg.gates.base import Gate
-from lsg.prefix import PrefixCache, compute_prefixes, run_suffix
-from lsg.scoring import answer_loss, decoder_hidden
+from lsg.prefix import compute_prefixes, run_suffix
+from lsg.scoring import decoder_hidden
 from lsg.segments import Segments
 from lsg.specs import parse_stack
 from tests.conftest import samples
 from tests.hand import assert_eager_matches_sdpa, assert_spec_generates_as_recompute, hand_sinks, \
     vsinks_with_planted_patch
-from tests.tiny_families import SINKS, SPECS, check_user_commands, real
+from tests.tiny_families import (SINKS, SPECS, assert_cached_suffix_matches_full_forward, assert_gate_refused_by,
+    assert_maps_match_eager, assert_padding_invariant, assert_suffix_matches_full_forward, check_user_commands,
+    load_tiny, real)
 from tests.tiny_qwen3_vl import DEEPSTACK_VISUAL_INDEXES, MERGE, PATCH_PX, save_tiny_qwen3_vl
 
 SIZE = 48  # image px: 6x6 patches of 8 px, 3x3 visual tokens
@@ -41,13 +43,12 @@ def q3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q3(q3_dir):
-    return lsg.load_backbone("qwen3-vl", hf_id=str(q3_dir), dtype="float32", sinks=SINKS)
+    return load_tiny("qwen3-vl", q3_dir)
 
 
 @pytest.fixture(scope="module")
 def q3_eager(q3_dir):
-    return lsg.load_backbone("qwen3-vl", hf_id=str(q3_dir), dtype="float32", sinks=SINKS,
-                             attn_implementation="eager")
+    return load_tiny("qwen3-vl", q3_dir, attn_implementation="eager")
 
 
 def batch_of(bb, n=3, answers=True, side="left"):
@@ -266,44 +267,28 @@ def test_suffix_from_a_prefix_inside_the_deepstack_range_equals_the_full_gated_f
     start = min(layers)
     # a key scale at the start layer, so that the stack surely moves the output of the tiny random model
     layers = {**layers, start: [*layers[start], KeyScaleGate([0.5, 2.0, 1.0], "vsink-lsink-ordinary")]}
+    _, prefix, plain = assert_suffix_matches_full_forward(q3, batch, layers)
     with torch.no_grad():
         baseline = decoder_hidden(q3, batch)
-        with lsg.attach(q3, layers):
-            plain = decoder_hidden(q3, batch)
-        assert (real(plain, batch) - real(baseline, batch)).abs().amax() > 1e-4, "the gates must change the output"
-        prefix = compute_prefixes(q3, batch, [start])[0][start]
-        assert sorted(prefix.additions) == list(range(start, N_DEEPSTACK))  # DeepStack still to add
-        torch.testing.assert_close(real(run_suffix(q3, prefix, layers), batch), real(plain, batch),
-                                   atol=2e-5, rtol=1e-4)
-        # The per-sample cache (host memory; disk shards read back by a new cache), reassembled into
-        # a batch of another width and padding side.
-        other = batch_of(q3, side="right")
-        other = {k: (v[1:] if k not in ("pixel_values", "image_grid_thw") else v) for k, v in other.items()}
-        other["image_grid_thw"] = other["image_grid_thw"][1:]
-        other["pixel_values"] = other["pixel_values"][PATCHES:]
-        with lsg.attach(q3, layers):
-            plain_other = decoder_hidden(q3, other)
-        for disk in (None, tmp_path / "disk"):
-            cache = PrefixCache(q3, start, disk_dir=disk)
-            cache.prefix(batch, ["a", "b", "c"])
-            cache.flush()
-            cache = PrefixCache(q3, start, disk_dir=disk) if disk else cache
-            cached = cache.prefix(other, ["b", "c"])
-            assert cache.stats()["hits"] == 2 and sorted(cached.additions) == sorted(prefix.additions)
-            torch.testing.assert_close(real(run_suffix(q3, cached, layers), other), real(plain_other, other),
-                                       atol=2e-5, rtol=1e-4)
+    assert (real(plain, batch) - real(baseline, batch)).abs().amax() > 1e-4, "the gates must change the output"
+    assert sorted(prefix.additions) == list(range(start, N_DEEPSTACK))  # DeepStack still to add
+    # The per-sample cache (host memory; disk shards read back by a new cache), reassembled into
+    # a batch of another width and padding side.
+    other = batch_of(q3, side="right")
+    other = {k: (v[1:] if k not in ("pixel_values", "image_grid_thw") else v) for k, v in other.items()}
+    other["image_grid_thw"] = other["image_grid_thw"][1:]
+    other["pixel_values"] = other["pixel_values"][PATCHES:]
+    for disk in (None, tmp_path / "disk"):
+        cached = assert_cached_suffix_matches_full_forward(q3, layers, batch, other, ["b", "c"], disk_dir=disk)
+        assert sorted(cached.additions) == sorted(prefix.additions)
 
 
 def test_left_and_right_padding_give_the_same_loss_under_a_gate(q3):
-    stack = parse_stack("oracle@1:0.3/0.5/0.9+var@0", q3)
-    losses = {}
-    for side in ("left", "right"):
-        batch = batch_of(q3, side=side)
+    def check(batch):
         seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], q3.image_token_id, batch["labels"])
         assert seg.vis.sum(1).tolist() == [SIDE * SIDE] * 3
-        with torch.no_grad(), lsg.attach(q3, stack.layers):
-            losses[side] = answer_loss(q3, batch)
-    torch.testing.assert_close(losses["left"], losses["right"], atol=1e-5, rtol=1e-4)
+
+    assert_padding_invariant(q3, lambda side: batch_of(q3, side=side), spec="oracle@1:0.3/0.5/0.9+var@0", check=check)
 
 
 @pytest.mark.parametrize("spec", SPECS + ["lsg@2"])
@@ -321,21 +306,13 @@ def test_analysis_maps_match_eager_attention_and_l_sinks_are_read_with_deepstack
     input (DeepStack included), computed by hand."""
     root = tmp_path_factory.getbasetemp() / "shapes"  # the split tests/test_analysis.py writes, when run with it
     questions = load_questions({"name": "shapes", "root": str(root), "n": 6}, 3)
-    layers = list(range(q3.num_layers))
-    obs = observe(q3, questions, None, layers, available_groups(q3), "last", batch_size=2)
-    batch = q3_eager.build_batch([r.load_image() for r in questions], [r.question for r in questions])
-    with torch.no_grad():
-        attn = torch.stack(q3_eager.model(**q3_eager.model_inputs(batch), output_attentions=True).attentions)
+    obs, batch, seg, _ = assert_maps_match_eager(q3, q3_eager, questions)
     inputs, _ = model_layer_inputs(q3, q3.model_inputs(batch))
-    seg = Segments.from_batch(batch["input_ids"], batch["attention_mask"], q3.image_token_id)
-    for b, o in enumerate(obs):
-        rows = attn[:, b, :, seg.last_prompt[b]]  # (L, H, T)
-        np.testing.assert_allclose(np.stack([o.maps[l] for l in layers]), rows[:, :, seg.vis[b]].numpy(),
-                                   atol=2e-5, rtol=1e-4)
+    for o in obs:
         assert o.grid.shape == (SIDE * SIDE, 3)
     vsink = torch.zeros_like(seg.vis)
     vsink[seg.vis] = torch.as_tensor(np.concatenate([o.vsink for o in obs]))
-    for l in layers:
+    for l in range(q3.num_layers):
         expected = hand_sinks(q3, inputs[l], seg.vis) & ~vsink
         assert np.array_equal(np.concatenate([o.lsink[l] for o in obs]), expected[seg.vis].numpy()), l
 
@@ -346,11 +323,7 @@ def test_train_compare_evaluate_and_calibrate_run_as_a_user_runs_them(q3_dir, tm
 
 
 def test_a_gate_checkpoint_is_refused_by_another_family(q3, tiny, tmp_path):
-    gate = LSGGate(q3.hidden_size, "vsink-lsink-ordinary")
-    gate.save(tmp_path / "g.safetensors", backbone=q3.name, backbone_fingerprint=q3.fingerprint, layer=2,
-              sinks=q3.sinks.to_dict())
-    with pytest.raises(ValueError, match="qwen3-vl"):
-        parse_stack(f"lsg:{tmp_path / 'g.safetensors'}", tiny)
+    assert_gate_refused_by(q3, tiny, tmp_path, match="qwen3-vl")
 
 
 def test_the_family_declares_the_inputs_its_batches_hold(q3):

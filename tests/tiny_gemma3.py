@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_families import word_tokenizer
+from tests.tiny_families import save_checkpoint, word_tokenizer
 
 GEMMA3_SPECIAL = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
                   "<image_soft_token>"]
@@ -52,12 +52,8 @@ def save_tiny_gemma3(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
     for norm in (m for m in model.modules() if type(m).__name__ == "Gemma3RMSNorm"):
         torch.nn.init.normal_(norm.weight, std=0.3)  # random norms (zeros at init: 1 + w = 1 everywhere)
     torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)  # zeros at init
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [ids("<eos>"), ids("<end_of_turn>")]
     hub_template = "{{ bos_token }}" + GEMMA3_TEMPLATE
     tokenizer.chat_template = hub_template
     processor = Gemma3Processor(Gemma3ImageProcessorPil(size={"height": IMAGE_PX, "width": IMAGE_PX}), tokenizer,
                                 chat_template=hub_template, image_seq_length=SOFT_TOKENS)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return Path(folder)
+    return save_checkpoint(folder, model, processor, tokenizer, eos_token_id=[ids("<eos>"), ids("<end_of_turn>")])

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, pre_tokenizers
 
-from tests.tiny_families import word_tokenizer
+from tests.tiny_families import save_checkpoint, word_tokenizer
 
 # The chat format of the hub checkpoints (Idefics3-8B-Llama3 starts with <|begin_of_text|>,
 # SmolVLM2 with <|im_start|>): "User:<image>question<end_of_utterance>\nAssistant: answer...".
@@ -71,10 +71,7 @@ def save_tiny_idefics3(folder: Path, seed: int = 0, num_layers: int = 4, family:
         model = transformers.SmolVLMForConditionalGeneration(config)
         processor = smolvlm_processor_class()(SmolVLMImageProcessorPil(**processor_kwargs), tokenizer,
                                               image_seq_len=image_seq_len, chat_template=tokenizer.chat_template)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_checkpoint(folder, model, processor, tokenizer)
     if family == "smolvlm":  # the hub's processor_config.json: SmolVLMProcessor, with its video processor
         from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 

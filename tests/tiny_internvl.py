@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tests.tiny_families import word_tokenizer
+from tests.tiny_families import save_checkpoint, word_tokenizer
 
 # OpenGVLab/InternVL3-*-hf's chat format: ChatML, an image as "<IMG_CONTEXT>\n" (the processor
 # expands it into <img> + one <IMG_CONTEXT> per token of every tile + </img>).
@@ -52,13 +52,10 @@ def save_tiny_internvl(folder: Path, seed: int = 0, num_layers: int = 4, max_til
         image_token_id=tokenizer.context_image_token_id, image_seq_length=4, downsample_ratio=0.5,
         vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
     model = InternVLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     image_processor = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
                                                max_patches=max_tiles)
     processor = pil_processor_class()(image_processor, tokenizer, image_seq_length=4, chat_template=INTERNVL_TEMPLATE)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_checkpoint(folder, model, processor, tokenizer)
     # the hub's processor class (what AutoProcessor loads where torchvision is installed)
     path = Path(folder) / "processor_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "processor_class": "InternVLProcessor"}, indent=2))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_families import word_tokenizer
+from tests.tiny_families import save_checkpoint, word_tokenizer
 
 # llava-hf/llava-v1.6-mistral-7b-hf's conversation format: "[INST] <image>\n{question} [/INST]",
 # the answer after a space, ended by "</s>".
@@ -50,13 +50,9 @@ def save_tiny_llava_next(folder: Path, seed: int = 0, num_layers: int = 4) -> Pa
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=PINPOINTS,
         vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=16)
     model = LlavaNextForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                                  image_grid_pinpoints=PINPOINTS, do_pad=True)
     tokenizer.chat_template = MISTRAL_TEMPLATE
     processor = LlavaNextProcessor(image_processor, tokenizer, patch_size=8, vision_feature_select_strategy="default",
                                    chat_template=MISTRAL_TEMPLATE, num_additional_image_tokens=1)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return Path(folder)
+    return save_checkpoint(folder, model, processor, tokenizer)

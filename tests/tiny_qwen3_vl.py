@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_families import QWEN_SPECIAL, word_tokenizer
+from tests.tiny_families import QWEN_SPECIAL, qwen_processor, save_checkpoint, word_tokenizer
 
 # ViT blocks whose outputs DeepStack adds into decoder layers 0, 1 (block i -> decoder layer i).
 DEEPSTACK_VISUAL_INDEXES = [0, 1]
@@ -26,9 +26,6 @@ def save_tiny_qwen3_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_s
         `folder`, holding config.json, the weights, the image processor, tokenizer and chat template.
     """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from lsg.families.qwen2_vl import CHATML_TEMPLATE, PilQwenProcessor
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(QWEN_SPECIAL, eos="<|im_end|>")
@@ -44,13 +41,5 @@ def save_tiny_qwen3_vl(folder: Path, seed: int = 0, num_layers: int = 4, image_s
     config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                            vision_end_token_id=ids("<|vision_end|>"))
-    model = Qwen3VLForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    pixels = image_size * image_size
-    processor = PilQwenProcessor(
-        Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH_PX, merge_size=MERGE,
-                                 temporal_patch_size=2), tokenizer, CHATML_TEMPLATE)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return Path(folder)
+    return save_checkpoint(folder, Qwen3VLForConditionalGeneration(config),
+                           qwen_processor(tokenizer, image_size, PATCH_PX, MERGE), tokenizer)
