@@ -170,14 +170,11 @@ class Gemma3Family(Family):
             ValueError: a sample's soft-token count is not one image's (`mm_tokens_per_image`).
         """
         side = model.model.multi_modal_projector.tokens_per_side
-        out = []
         for n in (batch["input_ids"] == self.image_token_id(model)).sum(1).tolist():
             if n != side * side:
                 raise ValueError(f"{n} image soft tokens in a sample; Gemma 3 gives {side * side} per image and lsg "
                                  f"reads one image per prompt.")
-            k = torch.arange(n)
-            out.append(torch.stack([torch.zeros_like(k), k // side, k % side], 1))
-        return out
+        return super().token_grid(model, batch)  # one square grid, raster order
 
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """`pixel_values (B, 3, H, W)`, one image per prompt (`token_type_ids` come from
