@@ -13,6 +13,8 @@ The block's live state is one typed object, `lsg.context.RunState`, reachable fr
 - pre-hooks on decoder layers `start_layer..max(gated layer)` that, at prefill
   (`ForwardContext.is_prefill`), record the sink values of the hidden state entering the layer
   and let gates `prepare` (LSG reads `x_last` here);
+- `generate` gets a KV cache that keeps every position of sliding-window layers too (gates
+  index keys by position; `_full_length_cache`);
 - each decoder layer's attention module gets a `LayerBinding`, and the text model's
   attention implementation is switched to the registered lsg function whose masks match the
   backbone's own implementation (`lsg` for SDPA's 4-D masks, `lsg_padding` for FlashAttention's
@@ -51,6 +53,10 @@ from lsg.sinks import SinkConfig, sink_value
 # The KV cache's keyword in `LlavaModel.forward`: transformers >= 5.24 passes `cache`,
 # earlier releases `past_key_values` (accepted, deprecated, until 5.40).
 CACHE_KWARGS = ("cache", "past_key_values")
+
+
+# `generate`'s cache preparation, wrapped inside attach (`_full_length_cache`).
+PREPARE_CACHE = "_prepare_cache_for_generation"
 
 
 def kv_cache_of(kwargs: Mapping) -> object | None:
@@ -176,9 +182,12 @@ class GateHooks:
         """Every hook in place within the block, all removed on exit (even on error)."""
         model, family, layers = self.model, self.family, self.backbone.decoder_layers
         with ExitStack() as undo:
-            for owner, name in family.layout_calls(model):  # on the instance, restored on exit
+            wrapped = [(owner, name, self.record_layout) for owner, name in family.layout_calls(model)]
+            if hasattr(model, PREPARE_CACHE):
+                wrapped.append((model, PREPARE_CACHE, _full_length_cache))
+            for owner, name, wrap in wrapped:  # on the instance, restored on exit
                 saved = vars(owner).get(name)
-                setattr(owner, name, self.record_layout(getattr(owner, name)))
+                setattr(owner, name, wrap(getattr(owner, name)))
                 undo.callback(_restore_attribute, owner, name, saved)
             handles = []
             undo.callback(lambda: [h.remove() for h in handles])
@@ -210,6 +219,28 @@ class GateHooks:
             if self.start_layer > 0:
                 undo.enter_context(self.backbone.skip_decoder_layers(range(self.start_layer)))
             yield
+
+
+def _full_length_cache(prepare):
+    """`generate`'s cache preparation (`PREPARE_CACHE`), then, in place of the dynamic cache it made
+    when that cache keeps only the last window of a sliding-window layer's keys (Gemma 3, Mistral
+    with `sliding_window`), a dynamic cache that keeps every position: gates index keys by position
+    from 0 (`lsg.context.LayerView`), and the window still applies through the mask. A cache the
+    caller passes, or another `cache_implementation`, is kept as it is (the attention path refuses
+    a gated layer whose keys do not cover every position)."""
+    from transformers import DynamicCache
+
+    @functools.wraps(prepare)
+    def wrapped(generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(generation_config, model_kwargs, *args, **kwargs)
+        for key in CACHE_KWARGS:
+            cache = model_kwargs.get(key)
+            if (type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                    and generation_config.cache_implementation in (None, "dynamic")
+                    and any(getattr(layer, "is_sliding", False) for layer in cache.layers)):
+                model_kwargs[key] = DynamicCache()  # no config: every layer keeps every position
+        return result
+    return wrapped
 
 
 def _restore_attribute(owner, name: str, saved) -> None:

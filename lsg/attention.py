@@ -323,8 +323,8 @@ def lsg_attention_forward(
         raise RuntimeError(
             f"Decoder layer {binding.layer} attends over {n_kv} keys but the gate context holds "
             f"{run.ctx.total_len} positions: the KV cache drops or pads keys (a sliding-window or static cache). "
-            f"Generate with a full-length DynamicCache inside lsg.attach (the family's adapter can swap "
-            f"generate's cache for one, as lsg/families/gemma3.py does).")
+            f"Inside lsg.attach, let generate make its own cache (attach makes it keep every position) or pass "
+            f"a DynamicCache() without a config.")
     view = LayerView(binding.layer, run.ctx, n_kv - n_q, n_q)
     states = [run.ctx.gate_state.get((binding.layer, i)) for i in range(len(gates))]
     hooks = set().union(*(g.hook_points for g in gates))

@@ -304,13 +304,16 @@ def test_attention_maps_and_group_mass_match_eager_output_attentions(gemma, gemm
         np.testing.assert_allclose(o.attn_mass.sum(1), 1.0, atol=1e-4)
 
 
-def test_a_cache_that_drops_sliding_keys_is_refused_inside_attach(gemma, monkeypatch):
-    """Without the adapter's full-length cache, transformers' cache keeps only a sliding layer's
-    window; a gate there would scale the wrong keys, so the attention path refuses it."""
-    prepare = gemma.model._prepare_cache_for_generation
-    monkeypatch.setattr(gemma.model, "_prepare_cache_for_generation", prepare.args[0])  # the model's own
+def test_a_cache_that_drops_sliding_keys_is_refused_inside_attach(gemma):
+    """attach replaces the cache generate makes by one that keeps every position, but keeps a cache
+    the caller passes: transformers' sliding-window cache keeps only a sliding layer's window, a
+    gate there would scale the wrong keys, so the attention path refuses it."""
+    from transformers import DynamicCache
+
     stack = parse_stack(f"oracle@{SLIDING}:0.3", gemma)
     batch = batch_of(gemma, answers=False)
     assert batch["input_ids"].shape[1] > gemma.model.config.text_config.sliding_window
+    sliding = DynamicCache(config=gemma.model.config.get_text_config(decoder=True))
+    assert any(layer.is_sliding for layer in sliding.layers)
     with torch.no_grad(), lsg.attach(gemma, stack.layers), pytest.raises(RuntimeError, match="drops or pads keys"):
-        gemma.model.generate(**batch, max_new_tokens=3, do_sample=False)
+        gemma.model.generate(**batch, cache=sliding, max_new_tokens=3, do_sample=False)

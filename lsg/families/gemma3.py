@@ -24,8 +24,9 @@ Gemma 3 decoder whose sliding-window layers sit beside global ones.
   `decoder_attention_mask` gives `lsg.prefix.run_suffix` the model's own per-layer-type masks.
 - **KV cache.** transformers keeps only the last `sliding_window - 1` keys of a sliding layer in
   the cache; gates index keys by absolute position (`lsg.context.LayerView`), so inside an
-  `lsg.attach` block `generate` gets a cache that keeps every position (the window is still
-  applied by the mask). Outside `attach` the model's own cache is used.
+  `lsg.attach` block `generate` gets a cache that keeps every position, for every family with
+  sliding-window layers (`lsg.attach`; the window is still applied by the mask). Outside `attach`
+  the model's own cache is used.
 - **Scales.** Token embeddings are multiplied by sqrt(hidden_size) inside `embed_tokens` (hidden
   states, prefixes and sink values see the scaled ones); attention logits are scaled by
   `query_pre_attn_scalar ** -0.5`, which the model passes to the attention function (the `lsg`
@@ -38,8 +39,6 @@ Gemma 3 decoder whose sliding-window layers sit beside global ones.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 import torch
@@ -90,23 +89,6 @@ def processor_class():
     return OneImagePerPromptGemma3Processor
 
 
-def _prepare_full_length_cache(prepare, model, generation_config, model_kwargs, *args, **kwargs):
-    """`generate`'s cache preparation, then, inside an `lsg.attach` block, a cache that keeps every
-    position in place of the dynamic cache that keeps only a sliding layer's window (module
-    docstring). A cache the caller passes (`generate(cache=...)`) is kept as it is."""
-    from transformers import DynamicCache
-
-    from lsg.context import run_state
-
-    result = prepare(generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("cache")
-    if (run_state(model) is not None and generation_config.cache_implementation in (None, "dynamic")
-            and type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
-            and any(getattr(layer, "is_sliding", False) for layer in cache.layers)):
-        model_kwargs["cache"] = DynamicCache()  # no config: every layer keeps every position
-    return result
-
-
 @register_family
 class Gemma3Family(Family):
     name = "gemma3"
@@ -117,8 +99,7 @@ class Gemma3Family(Family):
     image_inputs = ("pixel_values", "token_type_ids")
 
     def load(self, hf_id: str, dtype: str, attn_implementation: str, **load_kwargs):
-        """`(model, processor)` as `Family.load`, with `generate` keeping every position in the KV
-        cache inside `lsg.attach` (module docstring).
+        """`(model, processor)` as `Family.load`.
 
         Raises:
             ValueError: another family's checkpoint, or a FlashAttention implementation (Gemma 3
@@ -128,10 +109,7 @@ class Gemma3Family(Family):
             raise ValueError(f"attn_implementation={attn_implementation!r}: Gemma 3 does not support FlashAttention "
                              f"(transformers: it would drop the bidirectional mask over image tokens). Use sdpa or "
                              f"eager (model.attn_implementation=sdpa).")
-        model, processor = super().load(hf_id, dtype, attn_implementation, **load_kwargs)
-        model._prepare_cache_for_generation = functools.partial(
-            _prepare_full_length_cache, model._prepare_cache_for_generation, model)
-        return model, processor
+        return super().load(hf_id, dtype, attn_implementation, **load_kwargs)
 
     def load_processor(self, hf_id: str, model):
         """The checkpoint's processor (one image per prompt, `processor_class`; no torchvision
