@@ -147,11 +147,12 @@ class Backbone:
             yield
 
     @contextmanager
-    def layer_inputs(self) -> Iterator[dict[int, torch.Tensor]]:
+    def layer_inputs(self, layers: Sequence[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
         """Within the block, the yielded dict holds `{layer: (B, T, D)}`, the hidden state entering
-        each decoder layer in the last forward (pre-hooks, removed on exit): what sink values and a
-        gate's `prepare` read. transformers' `output_hidden_states[l]` is layer l-1's output, which
-        lacks what the language model adds between layers (Qwen3-VL's DeepStack features)."""
+        each of decoder `layers` (default: all) in the last forward (pre-hooks, removed on exit):
+        what sink values and a gate's `prepare` read. transformers' `output_hidden_states[l]` is
+        layer l-1's output, which lacks what the language model adds between layers (Qwen3-VL's
+        DeepStack features). Only the asked layers' states are kept alive."""
         entering: dict[int, torch.Tensor] = {}
 
         def keep(layer: int):
@@ -159,8 +160,8 @@ class Backbone:
                 entering[layer] = args[0] if args else kwargs["hidden_states"]
             return hook
 
-        handles = [layer.register_forward_pre_hook(keep(l), with_kwargs=True)
-                   for l, layer in enumerate(self.decoder_layers)]
+        layers = range(self.num_layers) if layers is None else layers
+        handles = [self.decoder_layers[l].register_forward_pre_hook(keep(l), with_kwargs=True) for l in layers]
         try:
             yield entering
         finally:

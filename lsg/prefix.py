@@ -114,13 +114,6 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
     sinks = sinks if sinks is not None else backbone.sinks
     inputs = backbone.on_device(backbone.model_inputs(batch))
     stop = max(layers, default=-1)
-    entering: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):
-        def hook(module, args, kwargs):
-            entering[layer] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
     positions: dict[str, torch.Tensor | None] = {}
     additions: dict[int, torch.Tensor] = {}
 
@@ -129,18 +122,16 @@ def compute_prefixes(backbone: Backbone, batch: Mapping[str, Any], layers: Seque
         if kwargs.get("inputs_embeds") is not None:
             additions.update(backbone.family.layer_additions(backbone.model, kwargs, kwargs["inputs_embeds"]))
 
-    handles = [backbone.decoder_layers[l].register_forward_pre_hook(keep(l), with_kwargs=True)
-               for l in layers]
-    handles.append(backbone.family.language_model(backbone.model).register_forward_pre_hook(keep_positions,
-                                                                                             with_kwargs=True))
+    handle = backbone.family.language_model(backbone.model).register_forward_pre_hook(keep_positions,
+                                                                                       with_kwargs=True)
     above = [] if to_end else range(stop + 1, backbone.num_layers)
     try:
-        with attach(backbone, {}, sinks, record_sinks_upto=stop) as run, backbone.skip_decoder_layers(above):
+        with attach(backbone, {}, sinks, record_sinks_upto=stop) as run, backbone.skip_decoder_layers(above), \
+                backbone.layer_inputs(layers) as entering:
             final = decoder_hidden(backbone, inputs)
             ctx = run.ctx
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     prefixes = {
         l: Prefix(l, entering[l], inputs["attention_mask"], ctx.segments, sinks, ctx.vsink,
                   {k: v for k, v in ctx.sink_phi.items() if k < l}, positions.get("ids"),

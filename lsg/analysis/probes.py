@@ -257,7 +257,7 @@ def pooled_features(backbone: Backbone, images: Sequence, prompts: Sequence[str]
         batch = backbone.on_device(backbone.build_batch(images[start:start + batch_size],
                                                         prompts[start:start + batch_size]))
         with lsg.attach(backbone, {}, record_sinks_upto=backbone.num_layers - 1) as run, \
-                backbone.layer_inputs() as hidden:  # entering each layer, DeepStack included
+                backbone.layer_inputs(layers) as hidden:  # entering each layer, DeepStack included
             backbone.model(**backbone.model_inputs(batch), use_cache=False)
             masks = [dict(zip(have, data.group_masks(run.ctx, layer, have))) for layer in layers]  # (B, T) each
         for g in groups:  # one layer at a time: a float32 copy of every layer's states would not fit a 7B model
