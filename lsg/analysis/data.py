@@ -237,18 +237,9 @@ class Observation:
     vit_abs_x: np.ndarray | None = None
 
 
-def _vit_split(batch: dict, n_patches: int, n_images: int) -> list[int]:
-    """Patches per image of a batch: from `image_grid_thw` when present; else, for per-image views
-    `pixel_values (B, views, 3, H, W)` padded with all-zero views (Idefics3's tiles, OneVision's
-    crops), the image's non-zero views; else an equal split (every image the same number of
-    crops), else the whole batch as one unit."""
-    if batch.get("image_grid_thw") is not None:
-        return batch["image_grid_thw"].prod(-1).tolist()
-    pixels = batch.get("pixel_values")
-    if pixels is not None and pixels.dim() == 5:
-        views = pixels.flatten(2).ne(0).any(-1).sum(1)  # (B,) real views per image
-        if n_patches % int(views.sum()) == 0:
-            return (views * (n_patches // int(views.sum()))).tolist()
+def _vit_split(n_patches: int, n_images: int) -> list[int]:
+    """Patches per image of a batch whose family does not tell them (`Family.patches_per_image`):
+    an equal split (every image the same number of patches), else the whole batch as one unit."""
     return [n_patches // n_images] * n_images if n_patches % n_images == 0 else [n_patches]
 
 
@@ -332,7 +323,7 @@ def _vit_rows(backbone: Backbone, captured: list[torch.Tensor], batch: dict, n_i
     sinks = backbone.sinks
     flags = (sink_value(feats, sinks.vit_dims, sinks.normalisation) >= sinks.tau_vit) if sinks.has_vsinks \
         else torch.zeros(len(feats), dtype=torch.bool, device=feats.device)
-    split = backbone.family.patches_per_image(backbone.model, batch) or _vit_split(batch, len(feats), n_images)
+    split = backbone.family.patches_per_image(backbone.model, batch) or _vit_split(len(feats), n_images)
     rows = []
     for f, s in zip(torch.split(feats.abs(), split), torch.split(flags, split)):
         mean = lambda sel: (f[sel].mean(0) if sel.any() else torch.full((f.shape[1],), torch.nan))  # noqa: E731

@@ -136,8 +136,8 @@ class Family:
 
     def patches_per_image(self, model, batch: dict) -> list[int] | None:
         """ViT patches (rows of `vit_features`) of each image of `batch` (its model inputs), in
-        order, when the batch alone does not tell them (`lsg.analysis` splits the ViT features
-        per image with it); None by default: the analysis splits by the batch's own layout."""
+        order (`lsg.analysis` splits the ViT features per image with it); None by default: every
+        image has the same number of patches (LLaVA-1.5's one crop), and the analysis splits equally."""
         return None
 
     def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:

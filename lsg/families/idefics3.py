@@ -186,6 +186,15 @@ class Idefics3Family(Family):
         feats = output.last_hidden_state  # (tiles, side^2, D)
         return feats.reshape(-1, feats.shape[-1])
 
+    def patches_per_image(self, model, batch: dict) -> list[int]:
+        """Per sample, its tiles (its visual tokens / `(side / s)^2` per tile) x `side^2` patches:
+        samples of one batch have different numbers of tiles (all-zero tiles pad `pixel_values`)."""
+        vision = model.config.vision_config
+        per_tile = (vision.image_size // vision.patch_size) ** 2
+        tokens_per_tile = per_tile // model.config.scale_factor ** 2
+        tiles = (batch["input_ids"] == int(model.config.image_token_id)).sum(1) // tokens_per_tile
+        return (tiles * per_tile).tolist()
+
     def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         """`(tiles x (side / s)^2,)` flags from `(tiles x side^2,)`: the connector's own
         `pixel_shuffle` run on the flags; a merged token is a V-sink if any of its `s x s` patches is."""

@@ -79,6 +79,16 @@ class LlavaOnevisionFamily(Family):
     def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:
         return [(model.model, "get_image_features")]  # generate() calls it with image_sizes before any forward
 
+    def patches_per_image(self, model, batch: dict) -> list[int]:
+        """Per sample, its crops (base + AnyRes sub-crops, `image_size_to_num_patches` of its
+        `image_sizes`, as the model counts them) x `side^2` patches."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        return [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                * side * side for size in batch["image_sizes"]]
+
     def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 

@@ -108,6 +108,10 @@ class Qwen2VLFamily(Family):
     def vit_features(self, model, args: tuple, kwargs: dict, output) -> torch.Tensor:
         return output.last_hidden_state  # (N_patches, D): the merger's input, 4 patches per visual token
 
+    def patches_per_image(self, model, batch: dict) -> list[int]:
+        """Per sample, `t x h x w` patches of its `image_grid_thw`."""
+        return batch["image_grid_thw"].prod(-1).tolist()
+
     def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
         merge = model.config.vision_config.spatial_merge_size ** 2
         return patch_flags.reshape(-1, merge).any(-1)
