@@ -79,28 +79,30 @@ class LlavaOnevisionFamily(Family):
     def layout_calls(self, model) -> list[tuple[torch.nn.Module, str]]:
         return [(model.model, "get_image_features")]  # generate() calls it with image_sizes before any forward
 
-    def patches_per_image(self, model, batch: dict) -> list[int]:
-        """Per sample, its crops (base + AnyRes sub-crops, `image_size_to_num_patches` of its
-        `image_sizes`, as the model counts them) x `side^2` patches."""
+    def patch_side(self, model) -> int:
+        """ViT patches per crop side."""
+        return model.config.vision_config.image_size // model.config.vision_config.patch_size
+
+    def crops(self, model, image_sizes) -> list[int]:
+        """Per image of `image_sizes (N_images, 2)`, its crops (base + AnyRes sub-crops), as the model
+        counts them (`image_size_to_num_patches`)."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         config = model.config
-        side = config.vision_config.image_size // config.vision_config.patch_size
         return [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                * side * side for size in batch["image_sizes"]]
+                for size in image_sizes]
+
+    def patches_per_image(self, model, batch: dict) -> list[int]:
+        """Per sample, its crops (`crops`) x `side^2` patches."""
+        return [n * self.patch_side(model) ** 2 for n in self.crops(model, batch["image_sizes"])]
 
     def patches_to_tokens(self, model, patch_flags: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
         if inputs is None or inputs.get("image_sizes") is None:
             raise ValueError(f"Family '{self.name}' maps ViT patches to tokens with the batch's image_sizes; "
                              f"this call gave none (pass the batch's image_sizes, Family.layout_inputs).")
-        config = model.config
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        per_image = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-                     for size in inputs["image_sizes"]]
-        flags = patch_flags.float().reshape(-1, side * side, 1)
-        packed = self.pack(model, list(torch.split(flags, per_image)), inputs["image_sizes"])
+        flags = patch_flags.float().reshape(-1, self.patch_side(model) ** 2, 1)
+        packed = self.pack(model, list(torch.split(flags, self.crops(model, inputs["image_sizes"]))),
+                           inputs["image_sizes"])
         return torch.cat([p[:, 0] >= 0.5 for p in packed])
 
     def pack(self, model, crops: list[torch.Tensor], image_sizes: torch.Tensor) -> list[torch.Tensor]:
@@ -122,13 +124,9 @@ class LlavaOnevisionFamily(Family):
         """Panel 0: the base crop's `side x side` grid; panel 1: the stitched AnyRes sub-crop grid
         as packed (unpadded, shrunk, rows ended by a newline: -1). Read by running the model's own
         `pack_image_features` on a base-crop flag, as `patches_to_tokens` does."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-        config = model.config
-        side = config.vision_config.image_size // config.vision_config.patch_size
+        side = self.patch_side(model)
         out = []
-        for size in batch["image_sizes"]:
-            n_crops = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        for size, n_crops in zip(batch["image_sizes"], self.crops(model, batch["image_sizes"])):
             flags = torch.zeros(n_crops, side * side, 1)
             flags[0] = 1.0  # the base crop
             flag = self.pack(model, [flags], size[None])[0][:, 0]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lsg.families.base import Family, register_family
+from lsg.families.base import Family, register_family, require_outputs
 
 CHATML_TEMPLATE = (  # Qwen2-VL's chat format, one image per conversation
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -128,6 +128,12 @@ class Qwen2VLFamily(Family):
         return out
 
     def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """`pixel_values (N_patches, C * temporal_patch * patch^2)` and `image_grid_thw (N_images, 3)`.
+
+        Raises:
+            ValueError: the processor did not return both (the message names the missing ones).
+        """
+        require_outputs(encoding, ("pixel_values", "image_grid_thw"), self.name)
         return {"pixel_values": torch.as_tensor(encoding["pixel_values"]).to(dtype),
                 "image_grid_thw": torch.as_tensor(encoding["image_grid_thw"])}
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from lsg.families.base import register_family, require_outputs
+from lsg.families.base import register_family
 from lsg.families.qwen2_vl import Qwen2VLFamily
 
 
@@ -37,15 +37,6 @@ class Qwen3VLFamily(Qwen2VLFamily):
     name = "qwen3-vl"
     model_types = ("qwen3_vl",)
     model_class = "Qwen3VLForConditionalGeneration"
-
-    def pixel_inputs(self, encoding: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """`pixel_values (N_patches, C * temporal_patch * patch^2)` and `image_grid_thw (N_images, 3)`.
-
-        Raises:
-            ValueError: the processor did not return both (the message names the missing ones).
-        """
-        require_outputs(encoding, ("pixel_values", "image_grid_thw"), self.name)
-        return super().pixel_inputs(encoding, dtype)
 
     def layer_additions(self, model, language_kwargs: dict, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
         """DeepStack: `{decoder layer i: (B, T, D)}` the language model adds to layer i's output,
